@@ -1,0 +1,78 @@
+# The project's commands. Two do all the set-up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FN ?= create_todo
+
+.PHONY: help install services services-down services-status migrate run func-run test test-unit lint \
+        format bench relay-once rebuild dead-letters dead-letters-resend consume clean
+
+help:  ## list the commands
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(STAMP)  ## create .venv with the pinned dependencies
+
+services: $(STAMP)  ## start (or reuse) local MariaDB, Redis and Kafka
+	$(PY) -m local.services start
+
+services-down: $(STAMP)  ## stop the local services this project started
+	$(PY) -m local.services stop
+
+services-status: $(STAMP)  ## show the local services
+	$(PY) -m local.services status
+
+migrate: services  ## apply the schema migrations of both databases
+	$(PY) -m todo_cqrs.migrations upgrade
+
+run: $(STAMP)  ## run the whole system in the foreground (Ctrl-C stops it)
+	$(PY) -m local.run
+
+func-run: migrate  ## run one function alone on its local port: make func-run FN=get_todos
+	$(PY) -m local.func_run $(FN)
+
+test: $(STAMP)  ## every test: unit, integration (real MariaDB, Redis, Kafka), end to end
+	$(PY) -m pytest
+
+test-unit: $(STAMP)  ## only the tests that need no service
+	$(PY) -m pytest tests/unit
+
+lint: $(STAMP)  ## ruff (lint and format check) and mypy on the core
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)  ## measure every path against its limit (see README, Performance)
+	$(PY) -m local.bench
+
+relay-once: migrate  ## publish every pending outbox event now
+	$(PY) -m todo_cqrs.command.relay
+
+rebuild: migrate  ## empty the read model and the cache, replay the outbox history
+	$(PY) -m todo_cqrs.projection.rebuild
+
+dead-letters: $(STAMP)  ## list the events the KafkaSource could not deliver
+	$(PY) -m todo_cqrs.dead_letter list
+
+dead-letters-resend: $(STAMP)  ## re-send dead letters to project_event
+	$(PY) -m todo_cqrs.dead_letter resend
+
+consume: $(STAMP)  ## print the events on the topic, from the beginning (Ctrl-C stops)
+	$(PY) -m local.consume
+
+clean: services-down  ## stop the services and delete .local (data) and .venv
+	rm -rf .local $(VENV)
+
+-include mk/deploy.mk

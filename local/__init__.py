@@ -1,0 +1,1 @@
+"""Local tooling: services, runner, gateway, local KafkaSource, bench. Never deployed to a cluster."""

@@ -1,0 +1,51 @@
+"""The local system in one declarative place: every function, its port, its Knative Service name,
+and the gateway's routes (the original sample's API) onto those functions."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+GATEWAY_PORT = int(os.environ.get("GATEWAY_PORT", "8080"))
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str  # folder under functions/ and the functions-framework target
+    service: str  # Knative Service name (kafka-source.yaml and knative/ refer to it)
+    port: int
+    signature: str  # "http" or "cloudevent"
+
+    @property
+    def source(self) -> Path:
+        return REPO / "functions" / self.name / "main.py"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+_BASE_PORT = int(os.environ.get("FUNCTIONS_BASE_PORT", "8081"))
+FUNCTIONS = [
+    Function("create_todo", "create-todo", _BASE_PORT + 0, "http"),
+    Function("update_todo", "update-todo", _BASE_PORT + 1, "http"),
+    Function("delete_todo", "delete-todo", _BASE_PORT + 2, "http"),
+    Function("get_todos", "get-todos", _BASE_PORT + 3, "http"),
+    Function("project_event", "project-event", _BASE_PORT + 4, "cloudevent"),
+    Function("relay_outbox", "relay-outbox", _BASE_PORT + 5, "http"),
+    Function("dead_letter", "dead-letter", _BASE_PORT + 6, "cloudevent"),
+]
+BY_NAME = {f.name: f for f in FUNCTIONS}
+BY_SERVICE = {f.service: f for f in FUNCTIONS}
+
+# Gateway: (method, path pattern, function). "{id}" matches one path segment.
+ROUTES = [
+    ("POST", "/todo", "create_todo"),
+    ("GET", "/todo", "get_todos"),
+    ("PATCH", "/todo/{id}", "update_todo"),
+    ("DELETE", "/todo/{id}", "delete_todo"),
+    ("GET", "/todo/{id}", "get_todos"),
+]

@@ -1,0 +1,26 @@
+"""Fixtures shared by every test folder.
+
+Tests under tests/integration and tests/e2e use the real local MariaDB, Redis and Kafka: the
+`services` fixture starts what is not running (and stops, at the end of the session, only what it
+started), then applies the migrations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[None]:
+    from local import services as local_services
+    from todo_cqrs.migrations import upgrade
+
+    before = set(local_services.running_services())
+    local_services.ensure_services()
+    upgrade()
+    yield
+    started_here = [name for name in local_services.running_services() if name not in before]
+    if started_here:
+        local_services.stop_services(started_here)

@@ -1,0 +1,48 @@
+"""SQLAlchemy engines for the write and the read database: created lazily, once per process."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from todo_cqrs.domain.errors import DependencyUnavailable
+from todo_cqrs.settings import settings
+
+
+def create_engine(url: str) -> Engine:
+    """An engine with bounded connect/read/write timeouts, so a frozen database gives 503, not a hang."""
+    s = settings()
+    timeout = max(1, round(s.db_timeout_s))
+    return sa.create_engine(
+        url,
+        pool_size=s.db_pool_size,
+        max_overflow=s.db_pool_size,
+        pool_timeout=s.db_timeout_s,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+        connect_args={"connect_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout},
+    )
+
+
+@cache
+def write_engine() -> Engine:
+    return create_engine(settings().write_db_url)
+
+
+@cache
+def read_engine() -> Engine:
+    return create_engine(settings().read_db_url)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True when a database error means the server is down or frozen rather than a bug in a statement."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def unavailable(what: str, exc: BaseException) -> DependencyUnavailable:
+    return DependencyUnavailable(f"the {what} database is unreachable", cause=exc)

@@ -1,0 +1,77 @@
+"""The small set of domain errors; `todo_cqrs.http` maps each to one HTTP status in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TodoError(Exception):
+    """Base of every error a client can be told about."""
+
+    code = "error"
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class BadRequest(TodoError):
+    """The request cannot be read: not JSON, not an object, a path id that is not a positive integer."""
+
+    code = "bad_request"
+
+
+class ValidationFailed(TodoError):
+    """Well-formed input that breaks the rules of the todo (422)."""
+
+    code = "validation_failed"
+
+
+class NotFound(TodoError):
+    code = "not_found"
+
+
+class MethodNotAllowed(TodoError):
+    code = "method_not_allowed"
+
+    def __init__(self, allowed: list[str]) -> None:
+        super().__init__(f"method not allowed; use {', '.join(allowed)}")
+        self.allowed = allowed
+
+
+class VersionMismatch(TodoError):
+    """`If-Match` named another version than the current one (412)."""
+
+    code = "version_mismatch"
+
+
+class PayloadTooLarge(TodoError):
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(TodoError):
+    code = "unsupported_media_type"
+
+
+class DependencyUnavailable(TodoError):
+    """A database, Redis or Kafka the request needs is unreachable (503 with Retry-After)."""
+
+    code = "dependency_unavailable"
+
+    def __init__(self, message: str, cause: BaseException | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.retry_after_s = retry_after_s
+
+
+class NotYetConsistent(DependencyUnavailable):
+    """The read model did not reach the asked version within the wait bound (503)."""
+
+    code = "not_yet_consistent"
+
+
+class InvalidEvent(TodoError):
+    """An event the projection can never apply (400: to the dead-letter sink, no retry)."""
+
+    code = "invalid_event"

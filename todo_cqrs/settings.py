@@ -1,0 +1,102 @@
+"""The one settings object, read from the environment once per process.
+
+Every default points at the local services that `make services` starts (loopback, standard ports).
+In a cluster the same names come from the ConfigMap and the Secret in `knative/`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+# The local services keep their state here (git-ignored); the DB password is generated into it.
+LOCAL_DIR = Path(os.environ.get("TODO_LOCAL_DIR", Path(__file__).resolve().parent.parent / ".local"))
+LOCAL_DB_PASSWORD_FILE = LOCAL_DIR / "secrets" / "db-password"
+
+
+def _db_password() -> str:
+    if "DB_PASSWORD" in os.environ:
+        return os.environ["DB_PASSWORD"]
+    try:
+        return LOCAL_DB_PASSWORD_FILE.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _db_url(database: str) -> str:
+    host = os.environ.get("DB_HOST", "127.0.0.1")
+    port = os.environ.get("DB_PORT", "3306")
+    user = os.environ.get("DB_USER", "todo")
+    return f"mysql+pymysql://{user}:{_db_password()}@{host}:{port}/{database}?charset=utf8mb4"
+
+
+def _float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+@dataclass(frozen=True)
+class Settings:
+    write_db_url: str
+    read_db_url: str
+    db_timeout_s: float
+    db_pool_size: int
+    redis_url: str
+    redis_timeout_s: float
+    kafka_bootstrap_servers: str
+    topic: str
+    topic_partitions: int
+    event_source: str
+    publish_timeout_s: float
+    publish_backoff_s: float
+    relay_batch_size: int
+    cache_ttl_s: int
+    list_cache_ttl_s: int
+    min_version_wait_s: float
+    dead_letter_bucket: str
+    dead_letter_prefix: str
+    dead_letter_s3_endpoint: str
+    dead_letter_dir: str
+    dead_letter_store: str
+    project_event_url: str
+    function_name: str
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            write_db_url=os.environ.get("WRITE_DB_URL")
+            or _db_url(os.environ.get("WRITE_DB_NAME", "todo_write")),
+            read_db_url=os.environ.get("READ_DB_URL") or _db_url(os.environ.get("READ_DB_NAME", "todo_read")),
+            db_timeout_s=_float("DB_TIMEOUT_SECONDS", 2.0),
+            db_pool_size=_int("DB_POOL_SIZE", 8),
+            redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            redis_timeout_s=_float("REDIS_TIMEOUT_SECONDS", 0.25),
+            kafka_bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+            topic=os.environ.get("TODO_EVENTS_TOPIC", "todo-events"),
+            topic_partitions=_int("TODO_EVENTS_PARTITIONS", 3),
+            event_source=os.environ.get("EVENT_SOURCE", "/todo-cqrs/commands"),
+            publish_timeout_s=_float("PUBLISH_TIMEOUT_SECONDS", 1.0),
+            publish_backoff_s=_float("PUBLISH_BACKOFF_SECONDS", 2.0),
+            relay_batch_size=_int("RELAY_BATCH_SIZE", 500),
+            cache_ttl_s=_int("CACHE_TTL_SECONDS", 300),
+            list_cache_ttl_s=_int("LIST_CACHE_TTL_SECONDS", 60),
+            min_version_wait_s=_float("MIN_VERSION_WAIT_SECONDS", 2.0),
+            dead_letter_bucket=os.environ.get("DEAD_LETTER_BUCKET", "todo-dead-letters"),
+            dead_letter_prefix=os.environ.get("DEAD_LETTER_PREFIX", "dead-letters/"),
+            dead_letter_s3_endpoint=os.environ.get("DEAD_LETTER_S3_ENDPOINT", ""),
+            dead_letter_dir=os.environ.get("DEAD_LETTER_DIR", str(LOCAL_DIR / "dead-letters")),
+            dead_letter_store=os.environ.get("DEAD_LETTER_STORE", "dir"),
+            project_event_url=os.environ.get("PROJECT_EVENT_URL", "http://127.0.0.1:8085"),
+            function_name=os.environ.get("K_SERVICE") or os.environ.get("FUNCTION_TARGET", "todo"),
+        )
+
+
+@cache
+def settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings.from_env()
