@@ -1,0 +1,111 @@
+"""Kafka publishing of outbox rows as CloudEvents in binary content mode (one producer per process)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from cloudevents.http import CloudEvent
+from cloudevents.kafka import to_binary
+from confluent_kafka import KafkaError, Producer
+
+from todo_cqrs.domain.todo import format_time
+from todo_cqrs.settings import settings
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    """A pending outbox row, as the publisher needs it."""
+
+    outbox_id: int
+    event_id: str
+    event_type: str
+    todo_id: int
+    occurred_at: datetime
+    payload: str
+
+
+def to_kafka_message(
+    record: OutboxRecord, source: str
+) -> tuple[bytes, bytes, list[tuple[str, str | bytes | None]]]:
+    """Key, value and headers of the record: key = todo id, so one todo's events share a partition."""
+    event = CloudEvent(
+        {
+            "id": record.event_id,
+            "source": source,
+            "type": record.event_type,
+            "subject": str(record.todo_id),
+            "time": format_time(record.occurred_at),
+            "datacontenttype": "application/json",
+        },
+        record.payload.encode(),
+    )
+    message = to_binary(event, data_marshaller=lambda data: data, key_mapper=lambda _: str(record.todo_id))
+    key = message.key.encode() if isinstance(message.key, str) else message.key
+    value = message.value.encode() if isinstance(message.value, str) else message.value
+    assert key is not None
+    return key, value, list(message.headers.items())
+
+
+def producer_config(bootstrap_servers: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap_servers,
+        "acks": "all",
+        "enable.idempotence": True,
+        # Java clients' partitioner, so any Kafka client agrees on which partition holds a todo.
+        "partitioner": "murmur2_random",
+        "linger.ms": 1,
+        # Bounded: a message nobody could deliver fails instead of waiting for minutes.
+        "message.timeout.ms": 30000,
+        "socket.connection.setup.timeout.ms": 3000,
+        "reconnect.backoff.max.ms": 1000,
+    }
+
+
+class Publisher:
+    """Publishes records and says which were acknowledged by Kafka within the wait bound."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, source: str) -> None:
+        self._producer = Producer(producer_config(bootstrap_servers))
+        self._topic = topic
+        self._source = source
+        self._lock = threading.Lock()  # one batch at a time: delivery reports are matched per batch
+
+    def publish(self, records: Sequence[OutboxRecord], timeout_s: float) -> list[int]:
+        """Outbox ids delivered (acks=all) within timeout_s; undelivered ones are purged, never sent later."""
+        delivered: list[int] = []
+
+        def on_delivery(outbox_id: int) -> Callable[[KafkaError | None, Any], None]:
+            def report(err: KafkaError | None, _msg: Any) -> None:
+                if err is None:
+                    delivered.append(outbox_id)
+
+            return report
+
+        with self._lock:
+            for record in records:
+                key, value, headers = to_kafka_message(record, self._source)
+                self._producer.produce(
+                    self._topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    on_delivery=on_delivery(record.outbox_id),
+                )
+            remaining = self._producer.flush(timeout_s)
+            if remaining:
+                # Kafka did not answer in time: drop what is queued so it cannot arrive after a later
+                # retry by the relay, which would reorder one todo's events.
+                self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+                self._producer.flush(0)
+        return delivered
+
+
+@cache
+def publisher() -> Publisher:
+    s = settings()
+    return Publisher(s.kafka_bootstrap_servers, s.topic, s.event_source)

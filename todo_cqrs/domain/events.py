@@ -1,0 +1,102 @@
+"""Events of the todo: immutable values with a version, and how the projection reads them back.
+
+`data` of created/updated is the whole todo after the change; `data` of deleted is the id and the
+version the deletion produced. Upcasting of older event versions belongs in `read_change`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from todo_cqrs.domain.errors import InvalidEvent
+from todo_cqrs.domain.todo import Status, Todo, format_time
+
+TODO_CREATED = "todo.created.v1"
+TODO_UPDATED = "todo.updated.v1"
+TODO_DELETED = "todo.deleted.v1"
+EVENT_TYPES = (TODO_CREATED, TODO_UPDATED, TODO_DELETED)
+
+
+@dataclass(frozen=True)
+class TodoEvent:
+    """One change of one todo, as it goes into the outbox and onto Kafka."""
+
+    event_id: str
+    type: str
+    todo_id: int
+    version: int
+    time: datetime
+    data: dict[str, Any]
+
+    @property
+    def payload(self) -> bytes:
+        return json.dumps(self.data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _event(type_: str, todo_id: int, version: int, time: datetime, data: dict[str, Any]) -> TodoEvent:
+    return TodoEvent(str(uuid.uuid4()), type_, todo_id, version, time, data)
+
+
+def todo_created(todo: Todo) -> TodoEvent:
+    return _event(TODO_CREATED, todo.id, todo.version, todo.updated_at, todo.to_dict())
+
+
+def todo_updated(todo: Todo) -> TodoEvent:
+    return _event(TODO_UPDATED, todo.id, todo.version, todo.updated_at, todo.to_dict())
+
+
+def todo_deleted(todo: Todo, now: datetime) -> TodoEvent:
+    version = todo.version + 1
+    return _event(
+        TODO_DELETED,
+        todo.id,
+        version,
+        now,
+        {"id": todo.id, "version": version, "deleted_at": format_time(now)},
+    )
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one event means for the read model: a todo at a version, or its tombstone."""
+
+    todo_id: int
+    version: int
+    todo: Todo | None  # None for a deletion
+
+    @property
+    def deleted(self) -> bool:
+        return self.todo is None
+
+
+def _positive_int(data: dict[str, Any], field: str) -> int:
+    value = data.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidEvent(f"data.{field} must be a positive integer")
+    return value
+
+
+def read_change(event_type: str, data: Any) -> Change:
+    """The change an event carries; raises InvalidEvent for one that can never be applied."""
+    if event_type not in EVENT_TYPES:
+        raise InvalidEvent(f"unknown event type {event_type!r}; expected one of {', '.join(EVENT_TYPES)}")
+    if isinstance(data, bytes | str):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise InvalidEvent("data is not JSON") from exc
+    if not isinstance(data, dict):
+        raise InvalidEvent("data must be a JSON object")
+    todo_id, version = _positive_int(data, "id"), _positive_int(data, "version")
+    if event_type == TODO_DELETED:
+        return Change(todo_id, version, None)
+    try:
+        todo = Todo.from_dict(data)
+        Status(todo.status)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidEvent(f"data is not a whole todo: {exc}") from exc
+    return Change(todo_id, version, todo)

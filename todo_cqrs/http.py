@@ -1,0 +1,221 @@
+"""HTTP edges of the functions: routing, request reading, and the one mapping of errors to statuses."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import cloudevents.http
+import flask
+import werkzeug.exceptions
+
+from todo_cqrs import logs
+from todo_cqrs.domain import errors
+from todo_cqrs.domain.todo import Todo
+
+MAX_BODY_BYTES = 64 * 1024
+GATEWAY_PREFIX = "todo"  # each function also answers the gateway's path (/todo, /todo/{id})
+HEALTH_PATHS = ("/healthz", "/readyz")
+MAX_ID = 2**63 - 1
+
+STATUS_OF: dict[type[errors.TodoError], int] = {
+    errors.BadRequest: 400,
+    errors.InvalidEvent: 400,
+    errors.NotFound: 404,
+    errors.MethodNotAllowed: 405,
+    errors.VersionMismatch: 412,
+    errors.PayloadTooLarge: 413,
+    errors.UnsupportedMediaType: 415,
+    errors.ValidationFailed: 422,
+    errors.DependencyUnavailable: 503,
+}
+
+View = Callable[[flask.Request, int | None], flask.Response]
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> flask.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
+    return flask.Response(data, status=status, headers=headers, content_type="application/json")
+
+
+def status_of(error: errors.TodoError) -> int:
+    return next(code for cls, code in STATUS_OF.items() if isinstance(error, cls))
+
+
+def error_response(error: errors.TodoError) -> flask.Response:
+    headers: dict[str, str] = {}
+    if isinstance(error, errors.MethodNotAllowed):
+        headers["Allow"] = ", ".join(error.allowed)
+    if isinstance(error, errors.DependencyUnavailable):
+        headers["Retry-After"] = str(error.retry_after_s)
+    body = {"error": {"code": error.code, "message": error.message, "details": error.details}}
+    return json_response(status_of(error), body, headers)
+
+
+def todo_response(todo: Todo, status: int = 200, *, location: bool = False) -> flask.Response:
+    headers = {"ETag": f'"{todo.version}"'}
+    if location:
+        headers["Location"] = f"/todo/{todo.id}"
+    return json_response(status, todo.to_dict(), headers)
+
+
+def parse_id(segment: str) -> int:
+    if not segment.isascii() or not segment.isdigit() or int(segment) < 1:
+        raise errors.BadRequest(f"todo id must be a positive integer, not {segment!r}")
+    if int(segment) > MAX_ID:
+        raise errors.NotFound(f"todo {segment} does not exist")
+    return int(segment)
+
+
+def read_json_object(request: flask.Request) -> dict[str, Any]:
+    """The body as a JSON object: 413 when too large, 415 when not JSON, 400 when unreadable."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise errors.PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
+    raw = request.stream.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise errors.PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
+    if raw and request.mimetype != "application/json":
+        raise errors.UnsupportedMediaType("the body must be application/json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.BadRequest(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise errors.BadRequest("the body must be a JSON object")
+    return body
+
+
+def _version_tags(header: str | None) -> list[str] | None:
+    if header is None:
+        return None
+    return [tag.strip().removeprefix("W/").strip('"') for tag in header.split(",")]
+
+
+def if_match_version(request: flask.Request) -> int | None:
+    """The version `If-Match` requires (None without the header). `*` matches any existing todo."""
+    tags = _version_tags(request.headers.get("If-Match"))
+    if tags is None or "*" in tags:
+        return None
+    numeric = [int(t) for t in tags if t.isdigit()]
+    return numeric[0] if len(numeric) == 1 and len(tags) == 1 else -1
+
+
+def none_match(request: flask.Request, version: int) -> bool:
+    tags = _version_tags(request.headers.get("If-None-Match"))
+    return tags is not None and ("*" in tags or str(version) in tags)
+
+
+def _route(
+    path: str, collection: tuple[str, ...], item: tuple[str, ...]
+) -> tuple[tuple[str, ...], int | None]:
+    """(allowed methods, todo id) for the path; raises NotFound/BadRequest."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == [GATEWAY_PREFIX]:
+        parts = parts[1:]
+    if not parts and collection:
+        return collection, None
+    if len(parts) == 1 and item:
+        return item, parse_id(parts[0])
+    raise errors.NotFound(f"no route for {path}")
+
+
+def endpoint(collection: Iterable[str] = (), item: Iterable[str] = ()) -> Callable[[View], Any]:
+    """Wrap a view: route `/` or `/{id}` (also under `/todo`), health paths, errors, one log line.
+
+    The view gets (request, todo_id) with todo_id None on the collection path.
+    """
+    on_collection, on_item = tuple(collection), tuple(item)
+
+    def decorate(view: View) -> Callable[[flask.Request], flask.Response]:
+        @functools.wraps(view)
+        def handle(request: flask.Request) -> flask.Response:
+            started = time.perf_counter()
+            record = logs.start_record(method=request.method, path=request.path)
+            try:
+                if request.path in HEALTH_PATHS and request.method in ("GET", "HEAD"):
+                    response = json_response(200, {"status": "ok"})
+                else:
+                    allowed, todo_id = _route(request.path, on_collection, on_item)
+                    if request.method not in allowed:
+                        raise errors.MethodNotAllowed(list(allowed))
+                    response = view(request, todo_id)
+            except errors.TodoError as error:
+                if isinstance(error, errors.DependencyUnavailable) and error.cause is not None:
+                    record["cause"] = repr(error.cause)[:300]
+                response = error_response(error)
+            except Exception:  # noqa: BLE001 - the client gets a JSON 500, the log gets the trace
+                traceback.print_exc(file=sys.stderr)
+                response = json_response(
+                    500, {"error": {"code": "internal", "message": "internal error", "details": []}}
+                )
+            record.update(
+                status=response.status_code, latency_ms=round((time.perf_counter() - started) * 1000, 2)
+            )
+            logs.write(record)
+            return response
+
+        return handle
+
+    return decorate
+
+
+def prepare_cloud_event_app(app: flask.Flask) -> None:
+    """For CloudEvent functions, whose routes functions-framework owns: health paths, and a 400 (never
+    a retried 5xx or a 415) for a request that is not a CloudEvent at all, so it is dead-lettered."""
+    for path in HEALTH_PATHS:
+        app.add_url_rule(path, path, lambda: json_response(200, {"status": "ok"}), methods=["GET"])
+
+    @app.before_request
+    def reject_what_is_not_a_cloud_event() -> flask.Response | None:
+        if flask.request.method != "POST":
+            return None
+        try:
+            cloudevents.http.from_http(flask.request.headers, flask.request.get_data())
+        except Exception as exc:  # noqa: BLE001 - every parse failure means the same: not a CloudEvent
+            response = error_response(errors.InvalidEvent(f"not a CloudEvent: {exc}"))
+            logs.write(
+                {
+                    **logs.start_record(method="POST", path=flask.request.path),
+                    "status": 400,
+                    "error": str(exc)[:300],
+                }
+            )
+            return response
+        return None
+
+
+def cloud_event_endpoint(handle_event: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wrap a CloudEvent handler: errors become statuses a KafkaSource understands, one log line each.
+
+    400 for an event that can never be applied (dead-lettered, not retried); 503 when a dependency
+    is down (retried); 500 for anything unexpected (retried).
+    """
+
+    @functools.wraps(handle_event)
+    def handle(event: Any) -> None:
+        started = time.perf_counter()
+        record = logs.start_record(
+            event_id=event["id"], event_type=event["type"], subject=event.get("subject")
+        )
+        status = 200
+        try:
+            handle_event(event)
+        except errors.TodoError as error:
+            status = status_of(error)
+            record["error"] = error.message
+            exception = werkzeug.exceptions.HTTPException
+            raise exception(response=error_response(error)) from error
+        except Exception as exc:
+            status = 500
+            traceback.print_exc(file=sys.stderr)
+            raise werkzeug.exceptions.InternalServerError("internal error") from exc
+        finally:
+            record.update(status=status, latency_ms=round((time.perf_counter() - started) * 1000, 2))
+            logs.write(record)
+
+    return handle
