@@ -1,0 +1,61 @@
+# One Dockerfile for every image of the system.
+#
+#   function image:  docker build --build-arg FUNCTION=get_todos -t todo-cqrs-get-todos .
+#   ops image:       docker build --target ops -t todo-cqrs-ops .   (the Jobs: migrations, rebuild, dead letters)
+#
+# `make images` builds all of them (mk/deploy.mk). A function image holds only that function's
+# third-party packages (functions/$FUNCTION/requirements.txt), the shared package todo_cqrs/ and
+# functions/$FUNCTION/. requirements.lock is used as a pip *constraint*: it installs nothing by itself,
+# it only fixes the versions of whatever the requirements pull in transitively.
+
+# Pinned to an exact patch release. To pin the digest as well, resolve it once and pass it:
+#   docker build --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest> ...
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+# todo_cqrs is imported from /app (PYTHONPATH) rather than pip-installed: no build backend to fetch,
+# and the alembic scripts under todo_cqrs/migrations/ are there exactly as in the repository.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PYTHONPATH=/app
+# A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+RUN groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin app
+WORKDIR /app
+COPY requirements.lock /tmp/constraints.txt
+
+# ---- ops: the Jobs of knative/ (migrations) and knative/ops/ (read-model rebuild, dead letters) ---------
+FROM base AS ops
+# Package names only: the versions come from requirements.lock. mk/deploy.mk passes the same list.
+ARG OPS_PACKAGES="alembic SQLAlchemy PyMySQL redis boto3 requests cloudevents"
+RUN pip install ${OPS_PACKAGES} -c /tmp/constraints.txt && rm /tmp/constraints.txt
+COPY todo_cqrs/ /app/todo_cqrs/
+USER 10001:10001
+CMD ["python", "-m", "todo_cqrs.migrations", "upgrade"]
+
+# ---- one function (the default target) -----------------------------------------------------------------
+FROM base AS function
+ARG FUNCTION
+RUN test -n "${FUNCTION}" || { echo "build with --build-arg FUNCTION=<folder under functions/>" >&2; exit 1; }
+# Dependencies first, so editing code does not invalidate the pip layer.
+COPY functions/${FUNCTION}/requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
+ && rm /tmp/requirements.txt /tmp/constraints.txt
+COPY todo_cqrs/ /app/todo_cqrs/
+COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
+# FUNCTION_TARGET is also what functions-framework and todo_cqrs.settings read for the function's name.
+# Concurrency: one gunicorn worker with THREADS threads; each Knative Service sets THREADS to match
+# its containerConcurrency (knative/services/*.yaml). PORT is set by Knative (default 8080).
+ENV FUNCTION_TARGET=${FUNCTION} \
+    WORKERS=1 \
+    THREADS=8 \
+    PORT=8080
+USER 10001:10001
+EXPOSE 8080
+# Shell form so the variables expand; exec so gunicorn is PID 1 and gets SIGTERM directly.
+# tests/deploy/test_manifests.py runs this exact line locally against the function.
+CMD exec functions-framework --target "$FUNCTION_TARGET" --source "functions/$FUNCTION_TARGET/main.py"

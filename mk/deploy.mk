@@ -1,0 +1,205 @@
+# Images and deployment to a Knative cluster (docs/deploy.md). Included by the root Makefile.
+#
+#   make images  IMAGE_REGISTRY=ghcr.io/me IMAGE_TAG=v1 IMAGE_PUSH=1
+#   DB_PASSWORD=... AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... make secret
+#   make deploy  IMAGE_REGISTRY=ghcr.io/me IMAGE_TAG=v1
+#
+# IMAGE_REGISTRY and IMAGE_TAG are the one place that says which images run: the manifests carry
+# logical names (todo-cqrs-<service>, todo-cqrs-ops) and `make deploy` maps them through a kustomize
+# overlay it writes under build/ (git-ignored).
+
+# dev.local: Knative does not resolve tags of this registry to digests, so images loaded straight
+# into the nodes (`kind load docker-image`, minikube's docker) run without any registry.
+IMAGE_REGISTRY ?= dev.local
+ifeq ($(origin IMAGE_TAG),undefined)
+IMAGE_TAG := $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+endif
+IMAGE_PUSH ?= 0
+NAMESPACE ?= todo
+KAFKA_NAMESPACE ?= kafka
+CONTAINER_CLI ?= docker
+PACK_BUILDER ?= gcr.io/buildpacks/builder:v1
+DEPLOY_TIMEOUT ?= 300s
+# What the ops image installs (versions from requirements.lock): migrations, read-model rebuild,
+# dead-letter list/resend. Passed to the Dockerfile, whose default is the same list.
+OPS_PACKAGES := alembic SQLAlchemy PyMySQL redis boto3 requests cloudevents
+
+# A function is a folder of functions/ with a main.py; its image is named after its Knative Service.
+FUNCTIONS := $(sort $(patsubst functions/%/main.py,%,$(wildcard functions/*/main.py)))
+IMAGE_NAMES := $(subst _,-,$(FUNCTIONS)) ops
+image_of = $(IMAGE_REGISTRY)/todo-cqrs-$(subst _,-,$(1)):$(IMAGE_TAG)
+
+DEPLOY_DIR := build/deploy
+OPS_DIR := build/ops
+KAFKA_SOURCE_DIR := build/kafka-source
+KUSTOMIZE := kubectl kustomize --load-restrictor LoadRestrictionsNone
+
+.PHONY: images images-cli images-pack secret deploy deploy-render cluster-rebuild cluster-dead-letters \
+        cluster-resend
+
+# ---- images ------------------------------------------------------------------------------------------
+
+# Deferred (=): probed only when `make images` runs, not on every make.
+IMAGE_BUILDER = $(shell if $(CONTAINER_CLI) info >/dev/null 2>&1; then echo cli; \
+                        elif command -v pack >/dev/null 2>&1; then echo pack; else echo none; fi)
+
+images:  ## build an image per function and the ops image (IMAGE_REGISTRY, IMAGE_TAG; IMAGE_PUSH=1 pushes)
+	@case "$(IMAGE_BUILDER)" in \
+	  cli) $(MAKE) --no-print-directory images-cli ;; \
+	  pack) $(MAKE) --no-print-directory images-pack ;; \
+	  *) echo "make images: no image builder. It needs a running Docker daemon (or Podman:" \
+	          "CONTAINER_CLI=podman), or the pack CLI. '$(CONTAINER_CLI) info' failed and 'pack' is not" \
+	          "on PATH. Install one, or build the images elsewhere (CI) from the Dockerfile and" \
+	          "deploy them with IMAGE_REGISTRY/IMAGE_TAG." >&2; exit 1 ;; \
+	esac
+
+images-cli: $(addprefix image-,$(FUNCTIONS)) image-ops
+	@echo "built $(foreach n,$(IMAGE_NAMES),$(IMAGE_REGISTRY)/todo-cqrs-$(n):$(IMAGE_TAG))"
+
+image-ops:
+	$(CONTAINER_CLI) build --target ops --build-arg OPS_PACKAGES="$(OPS_PACKAGES)" -t $(call image_of,ops) .
+	$(if $(filter 1,$(IMAGE_PUSH)),$(CONTAINER_CLI) push $(call image_of,ops))
+
+image-%:
+	$(CONTAINER_CLI) build --build-arg FUNCTION=$* -t $(call image_of,$*) .
+	$(if $(filter 1,$(IMAGE_PUSH)),$(CONTAINER_CLI) push $(call image_of,$*))
+
+# pack (Cloud Native Buildpacks, Google's builder, which runs functions-framework by itself): the
+# function images only. Each is built from a staged folder: the function, the shared package beside
+# it (functions-framework puts main.py's folder on sys.path) and requirements.lock as a constraint.
+# The ops image needs docker or podman: its Jobs set `command:`, which bypasses a buildpack image's
+# launcher.
+images-pack: $(addprefix pack-image-,$(FUNCTIONS))
+	@echo "pack built the function images. The ops image (migrations Job) needs docker or podman:" \
+	      "docker build --target ops -t $(call image_of,ops) . (on any machine), then push it." >&2
+
+pack-image-%:
+	rm -rf build/pack/$* && mkdir -p build/pack/$*
+	cp -R functions/$*/. todo_cqrs build/pack/$*/
+	cp requirements.lock build/pack/$*/constraints.txt
+	echo "-c constraints.txt" >> build/pack/$*/requirements.txt
+	find build/pack/$* -name __pycache__ -prune -exec rm -rf {} +
+	pack build $(call image_of,$*) --builder $(PACK_BUILDER) --path build/pack/$* \
+	  --env GOOGLE_FUNCTION_TARGET=$* --env GOOGLE_PYTHON_VERSION=3.11.x $(if $(filter 1,$(IMAGE_PUSH)),--publish)
+
+# ---- cluster -----------------------------------------------------------------------------------------
+
+define require_kubectl
+@command -v kubectl >/dev/null 2>&1 || { echo "make $@: kubectl is not installed. Install it" \
+  "(https://kubernetes.io/docs/tasks/tools/) and point it at your cluster; see docs/deploy.md." >&2; exit 1; }
+endef
+
+define require_cluster
+@kubectl get --raw /version >/dev/null 2>&1 || { echo "make $@: kubectl cannot reach a cluster" \
+  "(context: $$(kubectl config current-context 2>/dev/null || echo none))." >&2; exit 1; }
+endef
+
+ensure_namespace = kubectl create namespace $(1) --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+
+# $(1): overlay folder build/<name>, $(2): what it renders (paths from the repository root; kustomize
+# wants them relative to the overlay, hence ../../). Writes the overlay
+# that sets the namespace and maps every logical image name to IMAGE_REGISTRY/...:IMAGE_TAG.
+define render
+@mkdir -p $(1)
+@{ echo "# Written by mk/deploy.mk (make $@); do not edit."; \
+   echo "apiVersion: kustomize.config.k8s.io/v1beta1"; echo "kind: Kustomization"; \
+   echo "namespace: $(NAMESPACE)"; echo "resources:"; \
+   $(foreach r,$(2),echo "  - ../../$(r)";) \
+   echo "images:"; \
+   $(foreach n,$(IMAGE_NAMES),echo "  - name: todo-cqrs-$(n)"; \
+     echo "    newName: $(IMAGE_REGISTRY)/todo-cqrs-$(n)"; echo "    newTag: \"$(IMAGE_TAG)\"";) \
+ } > $(1)/kustomization.yaml
+@$(KUSTOMIZE) $(1) > $(1)/all.yaml
+endef
+
+# $(1): Job name. Polls until the Job completes or fails (a Job has no single condition to wait for
+# that covers both), printing its log on failure.
+define wait_job
+@for i in $$(seq 1 120); do \
+  state=$$(kubectl get -n $(NAMESPACE) job/$(1) -o jsonpath='{.status.conditions[?(@.status=="True")].type}'); \
+  case " $$state " in \
+    *" Complete "*) exit 0 ;; \
+    *" Failed "*) kubectl logs -n $(NAMESPACE) job/$(1) --tail=100 >&2 || true; \
+                  echo "make $@: job $(1) failed (log above)" >&2; exit 1 ;; \
+  esac; sleep 5; \
+done; echo "make $@: job $(1) did not finish in 10 minutes" >&2; exit 1
+endef
+
+secret:  ## create or update the Secrets from DB_PASSWORD, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and DB_USER, REDIS_URL)
+	$(require_kubectl)
+	@missing=""; for v in DB_PASSWORD AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY; do \
+	  [ -n "$${!v:-}" ] || missing="$$missing $$v"; done; \
+	if [ -n "$$missing" ]; then echo "make secret: set$$missing in the environment" \
+	  "(DB_USER defaults to todo, REDIS_URL to redis://redis:6379/0; see knative/secret.example.yaml)" >&2; exit 1; fi
+	$(require_cluster)
+	@$(call ensure_namespace,$(NAMESPACE))
+	@kubectl create secret generic todo-cqrs-secrets -n $(NAMESPACE) \
+	  --from-literal=DB_USER="$${DB_USER:-todo}" \
+	  --from-literal=DB_PASSWORD="$$DB_PASSWORD" \
+	  --from-literal=REDIS_URL="$${REDIS_URL:-redis://redis:6379/0}" \
+	  --dry-run=client -o yaml | kubectl apply -f -
+	@kubectl create secret generic todo-cqrs-s3 -n $(NAMESPACE) \
+	  --from-literal=AWS_ACCESS_KEY_ID="$$AWS_ACCESS_KEY_ID" \
+	  --from-literal=AWS_SECRET_ACCESS_KEY="$$AWS_SECRET_ACCESS_KEY" \
+	  --dry-run=client -o yaml | kubectl apply -f -
+
+deploy-render:  ## render what `make deploy` applies into build/ (offline; no cluster needed)
+	$(require_kubectl)
+	$(call render,$(DEPLOY_DIR),knative)
+	$(if $(wildcard kafka-source.yaml),$(call render,$(KAFKA_SOURCE_DIR),kafka-source.yaml))
+	@echo "rendered $(DEPLOY_DIR)/all.yaml and $(KAFKA_SOURCE_DIR)/all.yaml (namespace $(NAMESPACE)," \
+	      "images $(IMAGE_REGISTRY)/todo-cqrs-*:$(IMAGE_TAG))"
+
+deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config, topic, migrations, Services, sources
+	$(require_cluster)
+	@kubectl get crd services.serving.knative.dev pingsources.sources.knative.dev \
+	  kafkasources.sources.knative.dev kafkatopics.kafka.strimzi.io >/dev/null || { \
+	  echo "make deploy: the cluster lacks a CRD above: install Knative Serving, Knative Eventing," \
+	    "the KafkaSource and Strimzi first (docs/deploy.md, steps 1-3)." >&2; exit 1; }
+	@echo "==> namespace $(NAMESPACE) and ConfigMap"
+	@$(call ensure_namespace,$(NAMESPACE))
+	kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=config
+	@kubectl get -n $(NAMESPACE) secret todo-cqrs-secrets todo-cqrs-s3 >/dev/null || { \
+	  echo "make deploy: create the Secrets first: DB_PASSWORD=... AWS_ACCESS_KEY_ID=..." \
+	    "AWS_SECRET_ACCESS_KEY=... make secret NAMESPACE=$(NAMESPACE)" >&2; exit 1; }
+	@echo "==> Kafka topic (namespace $(KAFKA_NAMESPACE))"
+	kubectl apply -n $(KAFKA_NAMESPACE) -f knative/kafka-topic.yaml
+	kubectl wait -n $(KAFKA_NAMESPACE) kafkatopic/todo-events --for=condition=Ready --timeout=$(DEPLOY_TIMEOUT)
+	@echo "==> migrations"
+	kubectl delete -n $(NAMESPACE) job/todo-cqrs-migrate --ignore-not-found --wait=true
+	kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=migrations
+	$(call wait_job,todo-cqrs-migrate)
+	@echo "==> Knative Services"
+	kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=function
+	kubectl wait -n $(NAMESPACE) ksvc -l app.kubernetes.io/part-of=todo-cqrs --for=condition=Ready \
+	  --timeout=$(DEPLOY_TIMEOUT)
+	@echo "==> event sources: KafkaSource (kafka-source.yaml), PingSource"
+	@test -f $(KAFKA_SOURCE_DIR)/all.yaml || { echo "make deploy: kafka-source.yaml is missing" >&2; exit 1; }
+	kubectl apply -n $(NAMESPACE) -f $(KAFKA_SOURCE_DIR)/all.yaml
+	kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=event-source
+	kubectl wait -n $(NAMESPACE) kafkasource,pingsource --all --for=condition=Ready --timeout=$(DEPLOY_TIMEOUT)
+	@kubectl get -n $(NAMESPACE) ksvc
+
+# ---- one-off jobs in the cluster (knative/ops/) ------------------------------------------------------
+
+# $(1): Job name. Re-creates the Job (its pod template is immutable), waits for it, prints its log.
+define run_ops_job
+$(require_cluster)
+$(call render,$(OPS_DIR),knative/ops)
+kubectl delete -n $(NAMESPACE) job/$(1) --ignore-not-found --wait=true
+kubectl apply -n $(NAMESPACE) -f $(OPS_DIR)/all.yaml -l app.kubernetes.io/name=$(1)
+$(call wait_job,$(1))
+@kubectl logs -n $(NAMESPACE) job/$(1)
+endef
+
+cluster-rebuild:  ## in the cluster: empty the read model and the cache, replay the outbox history
+	$(require_kubectl)
+	$(call run_ops_job,todo-cqrs-rebuild-read-model)
+
+cluster-dead-letters:  ## in the cluster: list the dead letters in S3
+	$(require_kubectl)
+	$(call run_ops_job,todo-cqrs-dead-letters-list)
+
+cluster-resend:  ## in the cluster: re-send the dead letters to project-event
+	$(require_kubectl)
+	$(call run_ops_job,todo-cqrs-dead-letters-resend)
