@@ -7,7 +7,6 @@ from typing import Any
 
 from todo_cqrs.adapters.cache import todo_cache
 from todo_cqrs.adapters.read_store import apply_change, read_connection
-from todo_cqrs.domain.errors import InvalidEvent
 from todo_cqrs.domain.events import Change, read_change
 from todo_cqrs.domain.todo import parse_time, utc_now
 from todo_cqrs.logs import annotate
@@ -34,9 +33,3 @@ def project_event(event_type: str, data: Any, time: Any = None) -> Change:
         apply_change(conn, change, _event_time(time))
     todo_cache().invalidate(change.todo_id, change.version)
     return change
-
-
-def require_cloud_event_fields(attributes: dict[str, Any]) -> None:
-    for name in ("id", "type", "source"):
-        if not attributes.get(name):
-            raise InvalidEvent(f"not a CloudEvent: missing {name}")

@@ -100,10 +100,10 @@ def test_stored_event_is_logged_as_one_json_line(
     client.post("/", headers=DEAD_LETTERED, data=BODY)
 
     [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert line["function"] == "dead_letter"
     assert line["event_id"] == DEAD_LETTERED["ce-id"]
-    assert line["type"] == "todo.updated.v1"
+    assert line["event_type"] == "todo.updated.v1"
     assert line["error_code"] == "400"
+    assert line["status"] == 200
 
 
 def test_unwritable_store_answers_503_so_the_event_is_retried(
