@@ -6,7 +6,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
 from typing import Any
 
 from cloudevents.http import CloudEvent
@@ -70,7 +69,8 @@ class Publisher:
     """Publishes records and says which were acknowledged by Kafka within the wait bound."""
 
     def __init__(self, bootstrap_servers: str, topic: str, source: str) -> None:
-        self._producer = Producer(producer_config(bootstrap_servers))
+        self.broken = False  # a fatal error (e.g. of the idempotent producer): only a new producer helps
+        self._producer = Producer({**producer_config(bootstrap_servers), "error_cb": self._on_error})
         self._topic = topic
         self._source = source
         self._lock = threading.Lock()  # one batch at a time: delivery reports are matched per batch
@@ -83,6 +83,8 @@ class Publisher:
             def report(err: KafkaError | None, _msg: Any) -> None:
                 if err is None:
                     delivered.append(outbox_id)
+                elif err.fatal():
+                    self.broken = True
 
             return report
 
@@ -104,8 +106,27 @@ class Publisher:
                 self._producer.flush(0)
         return delivered
 
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.broken = True
 
-@cache
+
+_current: Publisher | None = None
+_current_lock = threading.Lock()
+
+
 def publisher() -> Publisher:
-    s = settings()
-    return Publisher(s.kafka_bootstrap_servers, s.topic, s.event_source)
+    """The process's publisher, created on first use and again only after a fatal producer error."""
+    global _current
+    with _current_lock:
+        if _current is None or _current.broken:
+            s = settings()
+            _current = Publisher(s.kafka_bootstrap_servers, s.topic, s.event_source)
+        return _current
+
+
+def reset_publisher() -> None:
+    """Forget the process's publisher (after a settings change); the next use makes a new one."""
+    global _current
+    with _current_lock:
+        _current = None

@@ -1,0 +1,366 @@
+"""project_event through its functions-framework app, against the real read DB and Redis.
+
+Events are posted the way a KafkaSource delivers them (binary-mode CloudEvents over HTTP; one test uses
+structured mode). Todo ids come from a random high range nobody else writes, and every id a test used
+ends as a tombstone, so the read model still equals the write model for everyone else afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import functions_framework
+import pytest
+import redis
+import sqlalchemy as sa
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from todo_cqrs import db
+from todo_cqrs.adapters import cache as cache_module
+from todo_cqrs.adapters.cache import LIST_GENERATION_KEY, todo_key
+from todo_cqrs.adapters.read_store import todos_view
+from todo_cqrs.projection.handlers import project_event
+from todo_cqrs.settings import settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
+
+CREATED, UPDATED, DELETED = "todo.created.v1", "todo.updated.v1", "todo.deleted.v1"
+HIGH_IDS = 10**12
+FINAL_VERSION = 10**9  # the tombstone each test leaves: newer than any version a test sends
+CLOSED_DB_URL = "mysql+pymysql://todo:x@127.0.0.1:1/todo_read"
+CLOSED_REDIS_URL = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture(scope="module")
+def client() -> FlaskClient:
+    app = functions_framework.create_app(target="project_event", source="functions/project_event/main.py")
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def raw_redis() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings().redis_url, socket_timeout=2)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def new_id() -> Iterator[Callable[[], int]]:
+    """Fresh read-model-only ids; each is tombstoned (through the projection) when the test ends."""
+    used: list[int] = []
+
+    def make() -> int:
+        used.append(HIGH_IDS + secrets.randbelow(HIGH_IDS))
+        return used[-1]
+
+    yield make
+    for todo_id in used:
+        project_event(DELETED, {"id": todo_id, "version": FINAL_VERSION})
+
+
+# --- events -------------------------------------------------------------------------------------------
+
+
+def todo_data(todo_id: int, version: int, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": todo_id, "title": f"v{version}", "description": "", "status": "CREATED", "version": version,
+        "created_at": "2026-11-27T10:00:00.000Z", "updated_at": f"2026-11-27T10:00:{version % 60:02d}.000Z",
+        **fields,
+    }  # fmt: skip
+
+
+def event_data(type_: str, todo_id: int, version: int, **fields: Any) -> dict[str, Any]:
+    return {"id": todo_id, "version": version} if type_ == DELETED else todo_data(todo_id, version, **fields)
+
+
+def post(client: FlaskClient, type_: str, data: Any, *, event_id: str | None = None) -> TestResponse:
+    """POST a binary-mode CloudEvent, as the KafkaSource does; data is JSON-encoded unless bytes."""
+    subject = str(data.get("id", "")) if isinstance(data, dict) else ""
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": event_id or str(uuid.uuid4()),
+        "ce-source": "/test/project-event",
+        "ce-type": type_,
+        "ce-subject": subject,
+        "ce-time": "2026-11-27T10:01:00.000Z",
+        "Content-Type": "application/json",
+    }
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return client.post("/", data=body, headers=headers)
+
+
+def send(client: FlaskClient, type_: str, todo_id: int, version: int, **fields: Any) -> TestResponse:
+    response = post(client, type_, event_data(type_, todo_id, version, **fields))
+    assert 200 <= response.status_code < 300, (response.status_code, response.get_data())
+    return response
+
+
+# --- the read model and the cache ---------------------------------------------------------------------
+
+
+def read_row(todo_id: int) -> dict[str, Any] | None:
+    with db.read_engine().connect() as conn:
+        row = conn.execute(sa.select(todos_view).where(todos_view.c.id == todo_id)).first()
+    return dict(row._mapping) if row else None
+
+
+def live(todo_id: int) -> tuple[int, str] | None:
+    """(version, title) of a live row; None when absent or a tombstone."""
+    row = read_row(todo_id)
+    return (row["version"], row["title"]) if row and not row["deleted"] else None
+
+
+def list_generation(raw_redis: redis.Redis) -> int:
+    return int(raw_redis.get(LIST_GENERATION_KEY) or 0)
+
+
+@contextmanager
+def unreachable(env: str, url: str, *caches: Any) -> Iterator[None]:
+    """Point one setting at a closed port and rebuild the cached clients; restore both afterwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(env, url)
+        settings.cache_clear()
+        for cached in caches:
+            cached.cache_clear()
+        try:
+            yield
+        finally:
+            patch.undo()
+            settings.cache_clear()
+            for cached in caches:
+                cached.cache_clear()
+
+
+def read_db_down() -> Any:
+    return unreachable("READ_DB_URL", CLOSED_DB_URL, db.read_engine)
+
+
+def redis_down() -> Any:
+    return unreachable("REDIS_URL", CLOSED_REDIS_URL, cache_module.todo_cache)
+
+
+# --- applying -----------------------------------------------------------------------------------------
+
+
+def test_created_event_is_applied(client: FlaskClient, new_id: Callable[[], int]) -> None:
+    todo_id = new_id()
+    data = todo_data(todo_id, 1, title="buy milk", description="two litres")
+    response = post(client, CREATED, data)
+    assert 200 <= response.status_code < 300
+    row = read_row(todo_id)
+    assert row is not None
+    assert (row["title"], row["description"], row["status"], row["version"], row["deleted"]) == (
+        "buy milk", "two litres", "CREATED", 1, False
+    )  # fmt: skip
+    assert row["updated_at"].isoformat(timespec="milliseconds") == "2026-11-27T10:00:01.000"
+
+
+def test_structured_mode_event_is_applied(client: FlaskClient, new_id: Callable[[], int]) -> None:
+    todo_id = new_id()
+    event = {
+        "specversion": "1.0", "id": str(uuid.uuid4()), "source": "/test/project-event", "type": CREATED,
+        "subject": str(todo_id), "datacontenttype": "application/json", "data": todo_data(todo_id, 1),
+    }  # fmt: skip
+    response = client.post(
+        "/", data=json.dumps(event), headers={"Content-Type": "application/cloudevents+json"}
+    )
+    assert 200 <= response.status_code < 300, response.get_data()
+    assert live(todo_id) == (1, "v1")
+
+
+def test_update_is_applied(client: FlaskClient, new_id: Callable[[], int]) -> None:
+    todo_id = new_id()
+    send(client, CREATED, todo_id, 1)
+    send(client, UPDATED, todo_id, 2, title="renamed", status="FINISHED")
+    row = read_row(todo_id)
+    assert row is not None
+    assert (row["version"], row["title"], row["status"]) == (2, "renamed", "FINISHED")
+
+
+def test_duplicate_event_answers_2xx_and_changes_nothing(
+    client: FlaskClient, new_id: Callable[[], int]
+) -> None:
+    todo_id = new_id()
+    send(client, CREATED, todo_id, 1)
+    event_id, data = str(uuid.uuid4()), todo_data(todo_id, 2, title="second")
+    assert post(client, UPDATED, data, event_id=event_id).status_code // 100 == 2
+    before = read_row(todo_id)
+
+    redelivered = post(client, UPDATED, data, event_id=event_id)
+    # The same version with other content is still a duplicate: the version decides, not the payload.
+    same_version = post(client, UPDATED, {**data, "title": "not this"})
+
+    assert (redelivered.status_code // 100, same_version.status_code // 100) == (2, 2)
+    assert read_row(todo_id) == before
+    assert live(todo_id) == (2, "second")
+
+
+def test_older_version_answers_2xx_and_changes_nothing(
+    client: FlaskClient, new_id: Callable[[], int]
+) -> None:
+    todo_id = new_id()
+    send(client, CREATED, todo_id, 1)
+    send(client, UPDATED, todo_id, 2, title="newer")
+    send(client, UPDATED, todo_id, 3, title="newest")
+    before = read_row(todo_id)
+    send(client, UPDATED, todo_id, 2, title="stale")
+    send(client, CREATED, todo_id, 1, title="very stale")
+    assert read_row(todo_id) == before
+
+
+def test_out_of_order_events_keep_the_newest(client: FlaskClient, new_id: Callable[[], int]) -> None:
+    todo_id = new_id()
+    send(client, UPDATED, todo_id, 3, title="third")
+    send(client, UPDATED, todo_id, 2, title="second")
+    send(client, CREATED, todo_id, 1, title="first")
+    assert live(todo_id) == (3, "third")
+
+
+def test_late_update_does_not_resurrect_a_deleted_todo(
+    client: FlaskClient, new_id: Callable[[], int]
+) -> None:
+    todo_id = new_id()
+    send(client, CREATED, todo_id, 1)
+    send(client, DELETED, todo_id, 3)
+    send(client, UPDATED, todo_id, 2, title="late")
+    row = read_row(todo_id)
+    assert row is not None
+    assert (row["deleted"], row["version"]) == (True, 3)
+
+
+def test_created_arriving_after_deleted_stays_deleted(client: FlaskClient, new_id: Callable[[], int]) -> None:
+    todo_id = new_id()
+    send(client, DELETED, todo_id, 2)
+    send(client, CREATED, todo_id, 1)
+    row = read_row(todo_id)
+    assert row is not None
+    assert (row["deleted"], row["version"]) == (True, 2)
+
+
+# --- events that can never be applied -----------------------------------------------------------------
+
+
+def test_request_that_is_not_a_cloud_event_is_400(client: FlaskClient, new_id: Callable[[], int]) -> None:
+    todo_id = new_id()
+    response = client.post("/", json=todo_data(todo_id, 1))
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "invalid_event"
+    assert read_row(todo_id) is None
+
+
+@pytest.mark.parametrize(
+    ("type_", "make_data"),
+    [
+        ("todo.renamed.v1", lambda i: todo_data(i, 1)),
+        (CREATED, lambda i: {k: v for k, v in todo_data(i, 1).items() if k != "id"}),
+        (UPDATED, lambda i: {k: v for k, v in todo_data(i, 2).items() if k != "version"}),
+        (DELETED, lambda i: {"id": i}),
+        (UPDATED, lambda i: todo_data(i, 0)),
+        (UPDATED, lambda i: {**todo_data(i, 2), "version": "2"}),
+        (CREATED, lambda i: {"id": i, "version": 1}),
+        (CREATED, lambda i: todo_data(i, 1, status="DONE")),
+        (CREATED, lambda i: b"{not json"),
+        (CREATED, lambda i: [todo_data(i, 1)]),
+    ],
+    ids=[
+        "unknown-type",
+        "no-id",
+        "no-version",
+        "deleted-without-version",
+        "version-zero",
+        "version-string",
+        "not-a-whole-todo",
+        "unknown-status",
+        "data-not-json",
+        "data-not-an-object",
+    ],
+)
+def test_event_that_can_never_be_applied_is_400(
+    client: FlaskClient, new_id: Callable[[], int], type_: str, make_data: Callable[[int], Any]
+) -> None:
+    todo_id = new_id()
+    response = post(client, type_, make_data(todo_id))
+    assert response.status_code == 400, response.get_data()
+    assert response.get_json()["error"]["code"] == "invalid_event"
+    assert read_row(todo_id) is None
+
+
+# --- dependencies down --------------------------------------------------------------------------------
+
+
+def test_read_db_down_is_5xx_and_the_retry_applies(client: FlaskClient, new_id: Callable[[], int]) -> None:
+    todo_id = new_id()
+    data = todo_data(todo_id, 1)
+    with read_db_down():
+        response = post(client, CREATED, data)
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "dependency_unavailable"
+    assert read_row(todo_id) is None
+
+    assert post(client, CREATED, data).status_code // 100 == 2  # the KafkaSource's retry
+    assert live(todo_id) == (1, "v1")
+
+
+def test_redis_down_is_5xx_after_applying_and_the_retry_invalidates(
+    client: FlaskClient, new_id: Callable[[], int], raw_redis: redis.Redis
+) -> None:
+    todo_id = new_id()
+    send(client, CREATED, todo_id, 1)
+    cache_module.todo_cache().store_todo(todo_id, 1, b'{"cached":1}')
+    data = todo_data(todo_id, 2, title="while redis was down")
+    with redis_down():
+        response = post(client, UPDATED, data)
+    assert response.status_code == 503
+    assert live(todo_id) == (2, "while redis was down")  # committed before the invalidation failed
+    assert raw_redis.get(todo_key(todo_id)) == b'1:t:{"cached":1}'  # still stale: hence the 5xx
+
+    generation = list_generation(raw_redis)
+    assert post(client, UPDATED, data).status_code // 100 == 2  # the retry, a duplicate by now
+    assert raw_redis.get(todo_key(todo_id)) == b"2:i:"
+    assert list_generation(raw_redis) > generation
+    assert live(todo_id) == (2, "while redis was down")
+
+
+# --- invalidation -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cached_version", "event_version", "marker"),
+    [(1, 2, b"2:i:"), (2, 2, b"2:i:"), (3, 2, b"3:i:")],
+    ids=["newer", "duplicate", "older"],
+)
+def test_every_accepted_event_invalidates_the_todo_and_the_lists(
+    client: FlaskClient,
+    new_id: Callable[[], int],
+    raw_redis: redis.Redis,
+    cached_version: int,
+    event_version: int,
+    marker: bytes,
+) -> None:
+    todo_id = new_id()
+    send(client, UPDATED, todo_id, cached_version)
+    cache_module.todo_cache().store_todo(todo_id, cached_version, b"{}")
+    assert raw_redis.get(todo_key(todo_id)) == f"{cached_version}:t:{{}}".encode()
+    generation = list_generation(raw_redis)
+
+    send(client, UPDATED, todo_id, event_version)
+
+    # A marker, never an older version: a reader that loaded an older row cannot store it any more.
+    assert raw_redis.get(todo_key(todo_id)) == marker
+    assert list_generation(raw_redis) > generation
+
+
+def test_rejected_event_invalidates_nothing(
+    client: FlaskClient, new_id: Callable[[], int], raw_redis: redis.Redis
+) -> None:
+    todo_id = new_id()
+    send(client, CREATED, todo_id, 1)
+    cache_module.todo_cache().store_todo(todo_id, 1, b"{}")
+    assert post(client, CREATED, {"id": todo_id}).status_code == 400
+    assert raw_redis.get(todo_key(todo_id)) == b"1:t:{}"
