@@ -48,7 +48,7 @@ def status_of(error: errors.TodoError) -> int:
 
 
 def error_response(error: errors.TodoError) -> flask.Response:
-    headers: dict[str, str] = {}
+    headers = dict(error.headers)
     if isinstance(error, errors.MethodNotAllowed):
         headers["Allow"] = ", ".join(error.allowed)
     if isinstance(error, errors.DependencyUnavailable):

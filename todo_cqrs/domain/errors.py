@@ -14,6 +14,7 @@ class TodoError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details or []
+        self.headers: dict[str, str] = {}  # e.g. X-Cache on a query's 404
 
 
 class BadRequest(TodoError):

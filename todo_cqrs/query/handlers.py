@@ -12,7 +12,7 @@ from typing import Any
 
 from todo_cqrs.adapters.cache import CacheUnavailable, todo_cache
 from todo_cqrs.adapters.read_store import get_row, list_rows, read_connection
-from todo_cqrs.domain.errors import NotFound, NotYetConsistent, ValidationFailed
+from todo_cqrs.domain.errors import NotFound, NotYetConsistent, TodoError, ValidationFailed
 from todo_cqrs.domain.todo import Status, Todo
 from todo_cqrs.logs import annotate
 from todo_cqrs.settings import settings
@@ -45,6 +45,11 @@ def _positive_int(value: str, field: str, maximum: int | None = None) -> int:
     return int(value)
 
 
+def _with_cache_state(error: TodoError, state: str) -> TodoError:
+    error.headers["X-Cache"] = state
+    return error
+
+
 def get_todo(todo_id: int, min_version_text: str | None = None) -> Read:
     """One todo. With min_version, wait (bounded) until the read model holds that version or later."""
     annotate(todo_id=todo_id)
@@ -65,16 +70,19 @@ def get_todo(todo_id: int, min_version_text: str | None = None) -> Read:
             todo, version = get_row(conn, todo_id)
         if version is not None and (min_version is None or version >= min_version):
             if todo is None:
-                raise NotFound(f"todo {todo_id} was deleted")
+                raise _with_cache_state(NotFound(f"todo {todo_id} was deleted"), state)
             body = encode(todo.to_dict())
             if state == "miss":
                 cache.store_todo(todo_id, todo.version, body)
             return Read(body, todo.version, state)
         if min_version is None:
-            raise NotFound(f"todo {todo_id} does not exist")
+            raise _with_cache_state(NotFound(f"todo {todo_id} does not exist"), state)
         if time.monotonic() + pause > deadline:
-            raise NotYetConsistent(
-                f"the read model does not hold version {min_version} of todo {todo_id} yet; retry shortly"
+            raise _with_cache_state(
+                NotYetConsistent(
+                    f"the read model does not hold version {min_version} of todo {todo_id} yet; retry shortly"
+                ),
+                state,
             )
         time.sleep(pause)  # polling the read model: the projection usually lands within milliseconds
         pause = min(pause * 2, _POLL_MAX_S)
