@@ -90,23 +90,26 @@ def read_json_object(request: flask.Request) -> dict[str, Any]:
     return body
 
 
-def _version_tags(header: str | None) -> list[str] | None:
+def _version_tags(header: str | None, *, weak_matches: bool) -> list[str] | None:
     if header is None:
         return None
-    return [tag.strip().removeprefix("W/").strip('"') for tag in header.split(",")]
+    tags = [tag.strip() for tag in header.split(",")]
+    if weak_matches:
+        tags = [tag.removeprefix("W/") for tag in tags]
+    return [tag if tag == "*" else tag.strip('"') if tag.startswith('"') else "" for tag in tags]
 
 
-def if_match_version(request: flask.Request) -> int | None:
-    """The version `If-Match` requires (None without the header). `*` matches any existing todo."""
-    tags = _version_tags(request.headers.get("If-Match"))
+def if_match_versions(request: flask.Request) -> frozenset[int] | None:
+    """The versions `If-Match` accepts (strong comparison); None without the header or with `*`."""
+    tags = _version_tags(request.headers.get("If-Match"), weak_matches=False)
     if tags is None or "*" in tags:
         return None
-    numeric = [int(t) for t in tags if t.isdigit()]
-    return numeric[0] if len(numeric) == 1 and len(tags) == 1 else -1
+    return frozenset(int(tag) for tag in tags if tag.isascii() and tag.isdigit())
 
 
 def none_match(request: flask.Request, version: int) -> bool:
-    tags = _version_tags(request.headers.get("If-None-Match"))
+    """`If-None-Match` names the current version (weak comparison, as RFC 9110 says for GET)."""
+    tags = _version_tags(request.headers.get("If-None-Match"), weak_matches=True)
     return tags is not None and ("*" in tags or str(version) in tags)
 
 
@@ -130,6 +133,8 @@ def endpoint(collection: Iterable[str] = (), item: Iterable[str] = ()) -> Callab
     The view gets (request, todo_id) with todo_id None on the collection path.
     """
     on_collection, on_item = tuple(collection), tuple(item)
+    if flask.has_app_context():  # functions-framework imports main.py inside its app's context
+        answer_framework_errors_in_json(flask.current_app)
 
     def decorate(view: View) -> Callable[[flask.Request], flask.Response]:
         @functools.wraps(view)
@@ -137,7 +142,9 @@ def endpoint(collection: Iterable[str] = (), item: Iterable[str] = ()) -> Callab
             started = time.perf_counter()
             record = logs.start_record(method=request.method, path=request.path)
             try:
-                if request.path in HEALTH_PATHS and request.method in ("GET", "HEAD"):
+                if request.path in HEALTH_PATHS:
+                    if request.method not in ("GET", "HEAD"):
+                        raise errors.MethodNotAllowed(["GET", "HEAD"])
                     response = json_response(200, {"status": "ok"})
                 else:
                     allowed, todo_id = _route(request.path, on_collection, on_item)
@@ -164,9 +171,25 @@ def endpoint(collection: Iterable[str] = (), item: Iterable[str] = ()) -> Callab
     return decorate
 
 
+def answer_framework_errors_in_json(app: flask.Flask) -> None:
+    """The framework's own answers (its 404 for /favicon.ico, a 405 on a CloudEvent function's GET)
+    get the same JSON error body as ours."""
+
+    def as_json(error: werkzeug.exceptions.HTTPException) -> Any:
+        if error.response is not None or error.code is None:
+            return error  # already a full response (ours)
+        code = (error.name or "error").lower().replace(" ", "_")
+        body = {"error": {"code": code, "message": error.description or error.name, "details": []}}
+        allowed = getattr(error, "valid_methods", None)
+        return json_response(error.code, body, {"Allow": ", ".join(allowed)} if allowed else {})
+
+    app.register_error_handler(werkzeug.exceptions.HTTPException, as_json)
+
+
 def prepare_cloud_event_app(app: flask.Flask) -> None:
     """For CloudEvent functions, whose routes functions-framework owns: health paths, and a 400 (never
     a retried 5xx or a 415) for a request that is not a CloudEvent at all, so it is dead-lettered."""
+    answer_framework_errors_in_json(app)
     for path in HEALTH_PATHS:
         app.add_url_rule(path, path, lambda: json_response(200, {"status": "ok"}), methods=["GET"])
 

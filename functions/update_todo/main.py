@@ -4,7 +4,7 @@ import flask
 import functions_framework
 
 from todo_cqrs.command import handlers
-from todo_cqrs.http import endpoint, if_match_version, read_json_object, todo_response
+from todo_cqrs.http import endpoint, if_match_versions, read_json_object, todo_response
 
 handlers.warm_up()
 
@@ -13,4 +13,4 @@ handlers.warm_up()
 @endpoint(item=("PATCH",))
 def update_todo(request: flask.Request, todo_id: int) -> flask.Response:
     body = read_json_object(request)
-    return todo_response(handlers.update_todo(todo_id, body, if_match_version(request)))
+    return todo_response(handlers.update_todo(todo_id, body, if_match_versions(request)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -17,12 +18,12 @@ from todo_cqrs.domain.todo import Todo, apply_patch, utc_now, validate_new, vali
 from todo_cqrs.logs import annotate
 
 
-def _locked_todo(conn: Connection, todo_id: int, if_match: int | None) -> Todo:
+def _locked_todo(conn: Connection, todo_id: int, if_match: Collection[int] | None) -> Todo:
     todo = store.load_for_update(conn, todo_id)
     if todo is None:
         raise NotFound(f"todo {todo_id} does not exist")
-    if if_match is not None and if_match != todo.version:
-        raise VersionMismatch(f"todo {todo_id} is at version {todo.version}, not {if_match}")
+    if if_match is not None and todo.version not in if_match:
+        raise VersionMismatch(f"todo {todo_id} is at version {todo.version}, not one If-Match names")
     return todo
 
 
@@ -53,7 +54,7 @@ def create_todo(body: dict[str, Any]) -> Todo:
     return todo
 
 
-def update_todo(todo_id: int, body: dict[str, Any], if_match: int | None) -> Todo:
+def update_todo(todo_id: int, body: dict[str, Any], if_match: Collection[int] | None) -> Todo:
     """Apply a PATCH; a change that alters nothing keeps the version and emits no event."""
     annotate(todo_id=todo_id)
     changes = validate_patch(body)
@@ -72,7 +73,7 @@ def update_todo(todo_id: int, body: dict[str, Any], if_match: int | None) -> Tod
     return todo
 
 
-def delete_todo(todo_id: int, if_match: int | None) -> Todo:
+def delete_todo(todo_id: int, if_match: Collection[int] | None) -> Todo:
     """Delete a todo; answers it as it was, and emits todo.deleted.v1 with the next version."""
     annotate(todo_id=todo_id)
 

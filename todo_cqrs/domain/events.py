@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from todo_cqrs.domain.errors import InvalidEvent
-from todo_cqrs.domain.todo import Status, Todo, format_time
+from todo_cqrs.domain.errors import InvalidEvent, ValidationFailed
+from todo_cqrs.domain.todo import Todo, format_time, validate_snapshot
 
 TODO_CREATED = "todo.created.v1"
 TODO_UPDATED = "todo.updated.v1"
@@ -95,8 +95,7 @@ def read_change(event_type: str, data: Any) -> Change:
     if event_type == TODO_DELETED:
         return Change(todo_id, version, None)
     try:
-        todo = Todo.from_dict(data)
-        Status(todo.status)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidEvent(f"data is not a whole todo: {exc}") from exc
+        todo = validate_snapshot(data)
+    except ValidationFailed as exc:
+        raise InvalidEvent(f"data is not a whole todo: {exc.details}") from exc
     return Change(todo_id, version, todo)

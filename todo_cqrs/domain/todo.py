@@ -36,7 +36,9 @@ def format_time(moment: datetime) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+    """An RFC 3339 time; one without a zone is taken as UTC, whatever the machine's zone."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,25 @@ def validate_patch(body: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise ValidationFailed("the change is not valid", problems)
     return {k: Status(v) if k == "status" else v for k, v in body.items()}
+
+
+def validate_snapshot(data: dict[str, Any]) -> Todo:
+    """A whole todo as an event carries it (id and version checked by the caller), by the same rules."""
+    problems = [
+        _problem(f, "is required") for f in (*PATCH_FIELDS, "created_at", "updated_at") if f not in data
+    ]
+    if not problems:
+        problems += _check_text(data, "title", TITLE_MAX, blank_ok=False)
+        problems += _check_text(data, "description", DESCRIPTION_MAX, blank_ok=True)
+        problems += _check_status(data)
+        for field in ("created_at", "updated_at"):
+            try:
+                parse_time(data[field])
+            except (TypeError, ValueError, AttributeError):
+                problems.append(_problem(field, "must be an RFC 3339 time"))
+    if problems:
+        raise ValidationFailed("not a whole todo", problems)
+    return Todo.from_dict(data)
 
 
 def apply_patch(todo: Todo, changes: dict[str, Any], now: datetime) -> Todo | None:

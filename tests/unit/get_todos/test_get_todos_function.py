@@ -1,0 +1,433 @@
+"""get_todos through functions-framework's Flask app, with a fake in-memory cache and read model."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from tests.unit.fakes import FakeCache, FakeReadModel, UnreachableCache, a_todo, assert_error, function_client
+from todo_cqrs.adapters.cache import CachedTodo
+from todo_cqrs.domain.todo import Status, Todo
+from todo_cqrs.settings import settings
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[FlaskClient]:
+    with function_client("get_todos") as test_client:
+        yield test_client
+
+
+@pytest.fixture(autouse=True)
+def read_model(monkeypatch: pytest.MonkeyPatch) -> FakeReadModel:
+    return FakeReadModel().install(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def cache(monkeypatch: pytest.MonkeyPatch) -> FakeCache:
+    return FakeCache().install(monkeypatch)
+
+
+@pytest.fixture
+def redis_down(monkeypatch: pytest.MonkeyPatch) -> UnreachableCache:
+    return UnreachableCache().install(monkeypatch)  # type: ignore[return-value]
+
+
+@pytest.fixture
+def todo(read_model: FakeReadModel) -> Todo:
+    return read_model.put(a_todo(7, title="buy milk", version=3))
+
+
+@pytest.fixture
+def wait_bound(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[float], None]]:
+    """Set MIN_VERSION_WAIT_SECONDS for one test (settings are cached per process)."""
+
+    def set_bound(seconds: float) -> None:
+        monkeypatch.setenv("MIN_VERSION_WAIT_SECONDS", str(seconds))
+        settings.cache_clear()
+
+    yield set_bound
+    settings.cache_clear()
+
+
+def body_of(response: Any) -> Any:
+    return json.loads(response.get_data())
+
+
+# --- one todo -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/7", "/todo/7", "/todo/7/"])
+def test_todo_from_the_read_db_answers_200_etag_and_x_cache_miss_on_both_paths(
+    client: FlaskClient, cache: FakeCache, todo: Todo, path: str
+) -> None:
+    response = client.get(path)
+
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    assert body_of(response) == todo.to_dict()
+    assert response.headers["ETag"] == '"3"'
+    assert response.headers["X-Cache"] == "miss"
+    assert cache.stored_todos == [(7, 3)]
+
+
+def test_second_read_is_a_cache_hit_with_the_same_body(client: FlaskClient, todo: Todo) -> None:
+    first = client.get("/7")
+    second = client.get("/7")
+
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("miss", "hit")
+    assert second.get_data() == first.get_data()
+    assert second.headers["ETag"] == '"3"'
+
+
+def test_cache_hit_answers_from_the_cache_without_reading_the_db(
+    client: FlaskClient, cache: FakeCache, read_model: FakeReadModel, todo: Todo
+) -> None:
+    cached = a_todo(7, title="cached copy", version=3)
+    cache.todos[7] = CachedTodo(3, json.dumps(cached.to_dict()).encode())
+
+    response = client.get("/7")
+
+    assert response.headers["X-Cache"] == "hit"
+    assert body_of(response)["title"] == "cached copy"
+    assert read_model.reads == 0
+
+
+def test_unreachable_redis_is_bypassed_and_nothing_is_stored(
+    client: FlaskClient, redis_down: UnreachableCache, todo: Todo
+) -> None:
+    response = client.get("/7")
+
+    assert response.status_code == 200
+    assert response.headers["X-Cache"] == "bypass"
+    assert response.headers["ETag"] == '"3"'
+    assert body_of(response) == todo.to_dict()
+    assert redis_down.stored_todos == []
+
+
+@pytest.mark.parametrize("redis_is_down", [False, True])
+def test_unreachable_read_db_answers_503_with_retry_after(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch, read_model: FakeReadModel, redis_is_down: bool
+) -> None:
+    if redis_is_down:
+        UnreachableCache().install(monkeypatch)
+    read_model.unreachable = True
+
+    response = client.get("/7")
+
+    assert_error(response, 503, "dependency_unavailable")
+    assert response.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("redis_is_down", [False, True])
+def test_unknown_todo_answers_404_with_x_cache(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch, cache: FakeCache, todo: Todo, redis_is_down: bool
+) -> None:
+    if redis_is_down:
+        UnreachableCache().install(monkeypatch)
+
+    response = client.get("/8")
+
+    assert_error(response, 404, "not_found")
+    assert response.headers["X-Cache"] == ("bypass" if redis_is_down else "miss")
+    assert cache.stored_todos == []
+
+
+def test_deleted_todo_answers_404(client: FlaskClient, read_model: FakeReadModel) -> None:
+    read_model.tombstone(7, 4)
+
+    response = client.get("/todo/7")
+
+    assert_error(response, 404, "not_found")
+    assert response.headers["X-Cache"] == "miss"
+
+
+@pytest.mark.parametrize("if_none_match", ['"3"', '"1", "3"', "*", 'W/"3"'])
+def test_if_none_match_with_the_current_etag_answers_304(
+    client: FlaskClient, todo: Todo, if_none_match: str
+) -> None:
+    response = client.get("/7", headers={"If-None-Match": if_none_match})
+
+    assert response.status_code == 304
+    assert response.get_data() == b""
+    assert response.headers["ETag"] == '"3"'
+
+
+def test_if_none_match_on_a_cache_hit_answers_304(client: FlaskClient, todo: Todo) -> None:
+    client.get("/7")
+
+    response = client.get("/7", headers={"If-None-Match": '"3"'})
+
+    assert response.status_code == 304
+    assert response.headers["X-Cache"] == "hit"
+
+
+@pytest.mark.parametrize("if_none_match", ['"2"', '"4"', '"x"'])
+def test_if_none_match_with_another_etag_answers_200(
+    client: FlaskClient, todo: Todo, if_none_match: str
+) -> None:
+    response = client.get("/7", headers={"If-None-Match": if_none_match})
+
+    assert response.status_code == 200
+    assert body_of(response) == todo.to_dict()
+
+
+def test_head_answers_the_headers_without_a_body(client: FlaskClient, todo: Todo) -> None:
+    response = client.head("/7")
+
+    assert response.status_code == 200
+    assert response.headers["ETag"] == '"3"'
+    assert response.get_data() == b""
+
+
+@pytest.mark.parametrize("segment", ["abc", "0", "-1", "1.5", "7x"])
+@pytest.mark.parametrize("prefix", ["", "/todo"])
+def test_id_that_is_not_a_positive_integer_answers_400(
+    client: FlaskClient, prefix: str, segment: str
+) -> None:
+    assert_error(client.get(f"{prefix}/{segment}"), 400, "bad_request")
+
+
+@pytest.mark.parametrize("path", ["/foo/bar", "/todo/7/x", "/todo/todo/7"])
+def test_unknown_path_answers_404(client: FlaskClient, todo: Todo, path: str) -> None:
+    assert_error(client.get(path), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/"), ("POST", "/todo"), ("PUT", "/todo/7"), ("DELETE", "/7"), ("PATCH", "/7")],
+)
+def test_other_methods_answer_405_with_allow(client: FlaskClient, todo: Todo, method: str, path: str) -> None:
+    response = client.open(path, method=method, json={"title": "x"})
+
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["Allow"] == "GET, HEAD"
+
+
+# --- min_version (read-your-writes) -------------------------------------------------------------
+
+
+def test_min_version_already_cached_answers_the_hit(
+    client: FlaskClient, read_model: FakeReadModel, todo: Todo
+) -> None:
+    client.get("/7")
+
+    response = client.get("/7?min_version=3")
+
+    assert response.headers["X-Cache"] == "hit"
+    assert read_model.reads == 1
+
+
+def test_min_version_newer_than_the_cache_reads_the_db(
+    client: FlaskClient, cache: FakeCache, read_model: FakeReadModel
+) -> None:
+    cache.todos[7] = CachedTodo(3, json.dumps(a_todo(7, version=3).to_dict()).encode())
+    read_model.put(a_todo(7, title="newer", version=4))
+
+    response = client.get("/7?min_version=4")
+
+    assert response.status_code == 200
+    assert response.headers["ETag"] == '"4"'
+    assert response.headers["X-Cache"] == "miss"
+    assert body_of(response)["title"] == "newer"
+
+
+def test_min_version_waits_until_the_projection_lands(
+    client: FlaskClient, read_model: FakeReadModel, todo: Todo, wait_bound: Callable[[float], None]
+) -> None:
+    wait_bound(5)
+    read_model.arrive_after(2, lambda: read_model.put(a_todo(7, title="landed", version=4)))
+
+    response = client.get("/todo/7?min_version=4")
+
+    assert response.status_code == 200
+    assert body_of(response)["version"] == 4
+    assert read_model.reads == 3
+
+
+def test_min_version_reached_by_the_deletion_answers_404(
+    client: FlaskClient, read_model: FakeReadModel, wait_bound: Callable[[float], None]
+) -> None:
+    wait_bound(0)
+    read_model.tombstone(7, 4)
+
+    assert_error(client.get("/7?min_version=4"), 404, "not_found")
+
+
+@pytest.mark.parametrize("seed", ["older version", "never seen"])
+def test_min_version_not_reached_in_time_answers_503_not_yet_consistent(
+    client: FlaskClient, read_model: FakeReadModel, wait_bound: Callable[[float], None], seed: str
+) -> None:
+    wait_bound(0)
+    if seed == "older version":
+        read_model.put(a_todo(7, version=3))
+
+    response = client.get("/7?min_version=4")
+
+    assert_error(response, 503, "not_yet_consistent")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["X-Cache"] == "miss"
+
+
+@pytest.mark.parametrize("value", ["0", "x", "-1", "", "1.5"])
+def test_min_version_that_is_not_a_positive_integer_answers_422(
+    client: FlaskClient, todo: Todo, value: str
+) -> None:
+    error = assert_error(client.get(f"/7?min_version={value}"), 422, "validation_failed")
+
+    assert [problem["field"] for problem in error["details"]] == ["min_version"]
+
+
+# --- the list -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def five(read_model: FakeReadModel) -> list[Todo]:
+    statuses = [Status.CREATED, Status.FINISHED, Status.CREATED, Status.FINISHED, Status.FINISHED]
+    return [read_model.put(a_todo(i, status=s)) for i, s in zip([2, 4, 5, 9, 11], statuses, strict=True)]
+
+
+def ids(response: Any) -> list[int]:
+    return [item["id"] for item in body_of(response)["items"]]
+
+
+@pytest.mark.parametrize("path", ["/", "/todo", "/todo/"])
+def test_list_answers_items_in_ascending_id_and_no_cursor_when_all_fit(
+    client: FlaskClient, read_model: FakeReadModel, five: list[Todo], path: str
+) -> None:
+    response = client.get(path)
+
+    assert response.status_code == 200
+    body = body_of(response)
+    assert body == {"items": [t.to_dict() for t in five], "next_cursor": None}
+    assert response.headers["X-Cache"] == "miss"
+    assert read_model.list_queries == [(None, 0, 21)]  # default limit 20, one more to know of a next page
+
+
+def test_list_pages_by_key_until_the_cursor_is_null(
+    client: FlaskClient, read_model: FakeReadModel, five: list[Todo]
+) -> None:
+    pages, cursor = [], ""
+    for _ in range(5):
+        body = body_of(client.get("/todo", query_string={"limit": 2, "cursor": cursor}))
+        pages.append([item["id"] for item in body["items"]])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+
+    assert pages == [[2, 4], [5, 9], [11]]
+    assert [after_id for _, after_id, _ in read_model.list_queries] == [0, 4, 9]
+
+
+def test_list_with_exactly_a_page_of_todos_has_no_next_cursor(client: FlaskClient, five: list[Todo]) -> None:
+    assert body_of(client.get("/?limit=5"))["next_cursor"] is None
+    assert body_of(client.get("/?limit=4"))["next_cursor"] is not None
+
+
+def test_list_filters_by_status_across_pages(
+    client: FlaskClient, read_model: FakeReadModel, five: list[Todo]
+) -> None:
+    first = client.get("/?status=FINISHED&limit=2")
+    second = client.get(
+        "/", query_string={"status": "FINISHED", "limit": 2, "cursor": body_of(first)["next_cursor"]}
+    )
+
+    assert (ids(first), ids(second)) == ([4, 9], [11])
+    assert body_of(second)["next_cursor"] is None
+    assert {status for status, _, _ in read_model.list_queries} == {Status.FINISHED}
+
+
+def test_list_of_an_empty_read_model_is_empty(client: FlaskClient) -> None:
+    assert body_of(client.get("/")) == {"items": [], "next_cursor": None}
+
+
+def test_same_page_again_is_a_cache_hit(
+    client: FlaskClient, read_model: FakeReadModel, five: list[Todo]
+) -> None:
+    first = client.get("/?limit=2&status=FINISHED")
+    second = client.get("/?limit=2&status=FINISHED")
+
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("miss", "hit")
+    assert second.get_data() == first.get_data()
+    assert len(read_model.list_queries) == 1
+
+
+def test_another_page_or_filter_is_not_served_from_the_cache(client: FlaskClient, five: list[Todo]) -> None:
+    client.get("/?limit=2")
+
+    assert client.get("/?limit=3").headers["X-Cache"] == "miss"
+    assert client.get("/?limit=2&status=CREATED").headers["X-Cache"] == "miss"
+
+
+def test_list_bypasses_unreachable_redis(
+    client: FlaskClient, redis_down: UnreachableCache, five: list[Todo]
+) -> None:
+    response = client.get("/?limit=2")
+
+    assert response.status_code == 200
+    assert response.headers["X-Cache"] == "bypass"
+    assert ids(response) == [2, 4]
+    assert redis_down.stored_pages == []
+
+
+def test_list_with_the_read_db_unreachable_answers_503(
+    client: FlaskClient, read_model: FakeReadModel
+) -> None:
+    read_model.unreachable = True
+
+    response = client.get("/todo")
+
+    assert_error(response, 503, "dependency_unavailable")
+    assert response.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("limit", ["1", "100"])
+def test_limit_bounds_are_accepted(client: FlaskClient, read_model: FakeReadModel, limit: str) -> None:
+    assert client.get(f"/?limit={limit}").status_code == 200
+    assert read_model.list_queries[-1][2] == int(limit) + 1
+
+
+def cursor_of(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("limit=x", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=", "limit"),
+        ("cursor=garbage!", "cursor"),
+        ("cursor=%FF%FE", "cursor"),
+        (f"cursor={cursor_of('before:3')}", "cursor"),
+        (f"cursor={cursor_of('after:x')}", "cursor"),
+        ("status=bogus", "status"),
+        ("status=finished", "status"),
+        ("status=", "status"),
+    ],
+)
+def test_bad_list_parameter_answers_422_naming_it(
+    client: FlaskClient, read_model: FakeReadModel, query: str, field: str
+) -> None:
+    error = assert_error(client.get(f"/todo?{query}"), 422, "validation_failed")
+
+    assert [problem["field"] for problem in error["details"]] == [field]
+    assert read_model.list_queries == []
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_path_answers_200_without_the_stores(
+    client: FlaskClient, read_model: FakeReadModel, redis_down: UnreachableCache, path: str
+) -> None:
+    read_model.unreachable = True
+
+    response = client.get(path)
+
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
