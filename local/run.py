@@ -8,6 +8,7 @@ schedule (what a PingSource does in a cluster). Each process logs to its own fil
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import subprocess
@@ -19,11 +20,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from confluent_kafka import ConsumerGroupState, KafkaException
+from confluent_kafka.admin import AdminClient
+
 from local import services
+from local.kafkasource import load_spec
 from local.topology import BY_NAME, FUNCTIONS, GATEWAY_PORT, HOST, REPO, Function
-from todo_cqrs.settings import LOCAL_DIR
+from todo_cqrs.settings import LOCAL_DIR, settings
 
 LOG_DIR = LOCAL_DIR / "logs"
+PR_SET_PDEATHSIG = 1
 VENV_BIN = Path(sys.executable).parent
 RELAY_PERIOD_S = float(os.environ.get("RELAY_PERIOD_SECONDS", "1.0"))
 READY_TIMEOUT_S = 60.0
@@ -38,6 +44,12 @@ SERVER_ENV: dict[str, dict[str, str]] = {
 
 def say(message: str) -> None:
     print(f"[run] {message}", file=sys.stderr, flush=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if the runner dies, even by SIGKILL, so nothing is left behind.
+    (The kernel ties it to the spawning thread: spawn from a thread that lives as long as the child.)"""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -56,7 +68,8 @@ class System:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            start_new_session=True,
+            start_new_session=True,  # Ctrl-C reaches the runner only; it stops the children in order
+            preexec_fn=_die_with_parent,
         )
         self.processes.append((name, process))
         return process
@@ -118,6 +131,27 @@ def wait_http_ready(system: System, name: str, url: str, timeout_s: float = READ
         time.sleep(0.1)
 
 
+def wait_consumer_group_assigned(system: System, group: str, timeout_s: float = READY_TIMEOUT_S) -> float:
+    """Poll the consumer group until its members own partitions: only then do events flow."""
+    admin = AdminClient({"bootstrap.servers": settings().kafka_bootstrap_servers})
+    started = time.monotonic()
+    while True:
+        try:
+            group_state = admin.describe_consumer_groups([group])[group].result(timeout=5)
+            if group_state.state == ConsumerGroupState.STABLE and any(
+                member.assignment.topic_partitions for member in group_state.members
+            ):
+                return time.monotonic() - started
+        except KafkaException:
+            pass
+        system.check_alive()
+        if time.monotonic() - started > timeout_s:
+            raise RuntimeError(
+                f"the local KafkaSource did not join {group}; see {LOG_DIR / 'kafkasource.log'}"
+            )
+        time.sleep(0.1)
+
+
 def start(system: System) -> None:
     """Start every process of the local system and wait until each answers."""
     started = time.monotonic()
@@ -149,6 +183,8 @@ def start(system: System) -> None:
         say(f"{function.name:<14} ready on {function.url} ({took:.1f} s)")
     wait_http_ready(system, "gateway", f"http://{HOST}:{GATEWAY_PORT}/healthz")
     system.spawn("kafkasource", [sys.executable, "-m", "local.kafkasource"])
+    took = wait_consumer_group_assigned(system, load_spec(REPO / "kafka-source.yaml").consumer_group)
+    say(f"kafkasource    consuming ({took:.1f} s)")
     threading.Thread(
         target=relay_schedule, args=(system.stopping,), name="relay-schedule", daemon=True
     ).start()

@@ -33,13 +33,15 @@ from urllib.parse import urlsplit
 
 import pymysql
 import redis
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy.engine import make_url
 
 from todo_cqrs.settings import LOCAL_DB_PASSWORD_FILE, LOCAL_DIR, settings
 
 NAMES = ("mariadb", "redis", "kafka")
+# A topic of the local broker's own, for the warm-up of a fresh broker (never the events topic).
+WARMUP_TOPIC = "todo-cqrs-warmup"
 KAFKA_VERSION = "4.1.1"
 KAFKA_ARTIFACT = f"kafka_2.13-{KAFKA_VERSION}"
 # Kafka's slf4j is 1.7 and its own binding does not bind to it; without this one the broker logs nothing.
@@ -535,6 +537,9 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 # Tests create fresh consumer groups constantly; the default 3 s delay would slow every one.
 group.initial.rebalance.delay.ms=0
+# Few partitions for the internal topics: their coordinators load in a moment on a fresh broker.
+offsets.topic.num.partitions=3
+transaction.state.log.num.partitions=3
 """
 
 
@@ -643,6 +648,36 @@ def _ensure_topic(cfg: _Config) -> None:
     _wait_until("kafka", what, has_leaders, pid=None, external=cfg.kafka_external)
 
 
+def _warm_coordinators(cfg: _Config) -> None:
+    """On a broker just started: load the coordinators that an idempotent producer (producer id) and
+    a consumer group need, so the first command's event and the first projection are not delayed."""
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "enable.idempotence": True})
+    delivered: list[bool] = []
+    producer.produce(WARMUP_TOPIC, b"warm-up", on_delivery=lambda err, _msg: delivered.append(err is None))
+    producer.flush(30)
+    if delivered != [True]:
+        raise ServiceError(f"kafka: no idempotent produce within 30 s; see {_log_file('kafka')}")
+    consumer = Consumer(
+        {
+            "bootstrap.servers": cfg.kafka_bootstrap,
+            "group.id": WARMUP_TOPIC,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        consumer.subscribe([WARMUP_TOPIC])
+        deadline = time.monotonic() + 30
+        while not consumer.assignment():
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"kafka: no consumer group assignment within 30 s; see {_log_file('kafka')}"
+                )
+            consumer.poll(0.2)
+    finally:
+        consumer.close()
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -687,6 +722,13 @@ def ensure_services() -> dict[str, int | None]:
         what = f"metadata from {cfg.kafka_bootstrap}" + (" (KAFKA_EXTERNAL=1)" if cfg.kafka_external else "")
         _wait_until("kafka", what, lambda: _kafka_answers(cfg), pids["kafka"], external=cfg.kafka_external)
         _ensure_topic(cfg)
+        if "kafka" in to_start:
+            _wait_until(
+                "kafka",
+                "producer id and consumer group coordinators",
+                lambda: _warm_coordinators(cfg),
+                pids["kafka"],
+            )
     _progress(f"all services ready ({time.monotonic() - started:.1f}s)")
     return pids
 
