@@ -85,9 +85,10 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         return _json(start_response, "404 Not Found", "not_found", f"no route for {path}")
 
     length = int(environ.get("CONTENT_LENGTH") or 0)
-    if length > MAX_BODY_BYTES:
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    body = environ["wsgi.input"].read(MAX_BODY_BYTES + 1) if chunked or length else None
+    if length > MAX_BODY_BYTES or (body is not None and len(body) > MAX_BODY_BYTES):
         return _json(start_response, "413 Payload Too Large", "payload_too_large", "the body is too large")
-    body = environ["wsgi.input"].read(length) if length else None
     headers = {
         key[5:].replace("_", "-").title(): value
         for key, value in environ.items()

@@ -48,9 +48,10 @@ class Client:
         return Answer(status, reply_headers, json.loads(payload) if payload else None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def system(services: None) -> Iterator[run.System]:
-    """Every function, the gateway and the local KafkaSource, as `make run` starts them."""
+    """Every function, the gateway and the local KafkaSource, as `make run` starts them; per module, so
+    that its relay is gone when the integration tests simulate a Kafka outage in-process."""
     system = run.System()
     try:
         run.start(system)
@@ -59,6 +60,6 @@ def system(services: None) -> Iterator[run.System]:
         system.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gateway(system: run.System) -> Client:
     return Client(f"http://{HOST}:{GATEWAY_PORT}")
