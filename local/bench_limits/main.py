@@ -1,0 +1,74 @@
+"""The bench's limits: bare functions-framework functions that bound what the real ones can reach.
+
+`constant` answers a fixed todo-sized JSON body; `redis_get` adds one Redis GET (the cache-hit path's
+floor); `db_commit` adds one INSERT + COMMIT on the write database (a command's floor). They run under
+the same gunicorn settings as the function they are compared with. Local tooling only; never deployed.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cache
+
+import flask
+import functions_framework
+import pymysql
+import redis
+from sqlalchemy.engine import make_url
+
+from todo_cqrs.settings import settings
+
+BODY = (
+    b'{"id":1,"title":"limit","description":"","status":"CREATED","version":1,'
+    b'"created_at":"2026-11-27T10:00:00.123Z","updated_at":"2026-11-27T10:00:00.123Z"}'
+)
+LIMIT_TABLE = "bench_limit"  # created by the bench in the bench write database
+_local = threading.local()
+
+
+def _answer(status: int = 200) -> flask.Response:
+    return flask.Response(BODY, status=status, content_type="application/json")
+
+
+@cache
+def _redis() -> redis.Redis:
+    # Created on first use, i.e. in the worker after gunicorn's fork, like the core's client.
+    return redis.Redis.from_url(settings().redis_url, socket_timeout=1)
+
+
+def _connection() -> pymysql.Connection:
+    # One connection per worker thread: no pool, no pre-ping, nothing between the request and the DB.
+    conn = getattr(_local, "conn", None)
+    if conn is None:
+        url = make_url(settings().write_db_url)
+        conn = _local.conn = pymysql.connect(
+            host=url.host,
+            port=url.port or 3306,
+            user=url.username,
+            password=url.password or "",
+            database=url.database,
+            autocommit=False,
+        )
+    return conn
+
+
+@functions_framework.http
+def constant(request: flask.Request) -> flask.Response:
+    return _answer()
+
+
+@functions_framework.http
+def redis_get(request: flask.Request) -> flask.Response:
+    _redis().get("todo:1")
+    return _answer()
+
+
+@functions_framework.http
+def db_commit(request: flask.Request) -> flask.Response:
+    if request.path == "/healthz":  # the bench's readiness probe must not write
+        return _answer()
+    conn = _connection()
+    with conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {LIMIT_TABLE} (payload) VALUES (%s)", (BODY,))
+    conn.commit()
+    return _answer(201)
