@@ -12,7 +12,7 @@ from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.settings import settings
 
 
-def create_engine(url: str) -> Engine:
+def create_engine(url: str, isolation_level: str = "REPEATABLE READ") -> Engine:
     """An engine with bounded connect/read/write timeouts, so a frozen database gives 503, not a hang."""
     s = settings()
     timeout = max(1, round(s.db_timeout_s))
@@ -23,13 +23,16 @@ def create_engine(url: str) -> Engine:
         pool_timeout=s.db_timeout_s,
         pool_pre_ping=True,
         pool_recycle=3600,
+        isolation_level=isolation_level,
         connect_args={"connect_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout},
     )
 
 
 @cache
 def write_engine() -> Engine:
-    return create_engine(settings().write_db_url)
+    # Commands lock the rows they change (SELECT ... FOR UPDATE); READ COMMITTED spares them gap
+    # locks, and lets the outbox drain see rows committed meanwhile without ending its transaction.
+    return create_engine(settings().write_db_url, isolation_level="READ COMMITTED")
 
 
 @cache

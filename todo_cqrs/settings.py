@@ -53,6 +53,7 @@ class Settings:
     topic_partitions: int
     event_source: str
     publish_timeout_s: float
+    publish_wait_s: float
     publish_backoff_s: float
     relay_batch_size: int
     cache_ttl_s: int
@@ -81,6 +82,7 @@ class Settings:
             topic_partitions=_int("TODO_EVENTS_PARTITIONS", 3),
             event_source=os.environ.get("EVENT_SOURCE", "/todo-cqrs/commands"),
             publish_timeout_s=_float("PUBLISH_TIMEOUT_SECONDS", 1.0),
+            publish_wait_s=_float("PUBLISH_WAIT_SECONDS", 0.0),
             publish_backoff_s=_float("PUBLISH_BACKOFF_SECONDS", 2.0),
             relay_batch_size=_int("RELAY_BATCH_SIZE", 500),
             cache_ttl_s=_int("CACHE_TTL_SECONDS", 300),

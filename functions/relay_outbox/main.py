@@ -13,4 +13,6 @@ RELAY_LOCK_WAIT_S = 5.0
 @functions_framework.http
 @endpoint(collection=("POST",))
 def relay_outbox(request: flask.Request, todo_id: None) -> flask.Response:
-    return json_response(200, {"published": drain_outbox(lock_wait_s=RELAY_LOCK_WAIT_S)})
+    published = drain_outbox(lock_wait_s=RELAY_LOCK_WAIT_S)
+    # None: another drain held the lock all along; it publishes what is pending.
+    return json_response(200, {"published": published or 0, "lock_busy": published is None})

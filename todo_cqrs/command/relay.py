@@ -1,13 +1,15 @@
 """The outbox relay: publish pending outbox rows, oldest first, and mark them published.
 
-Every publisher (each command after its commit, and the scheduled relay) drains under one named
-database lock, so drains never overlap: rows go to Kafka in outbox-id order, which for one todo is
-version order (its commands are serialised by the row lock). A crash between Kafka's ack and the
-`published_at` update publishes the row again later: delivery is at least once.
+Every drain (a process's publisher thread after its commands commit, and the scheduled relay) runs
+under one named database lock, so drains never overlap: rows go to Kafka in outbox-id order, which
+for one todo is version order (its commands are serialised by the row lock). A crash between
+Kafka's ack and the `published_at` update publishes the row again later: delivery is at least once.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 import threading
 import time
@@ -25,12 +27,13 @@ from todo_cqrs.logs import log_event
 from todo_cqrs.settings import settings
 
 LOCK_NAME = "todo_outbox_relay"
-# A drain takes milliseconds; waiting longer only delays a command when another drain is stuck on Kafka.
-INLINE_LOCK_WAIT_S = 0.25
+# The publisher thread waits its turn behind other drains; no request waits on this.
+PUBLISHER_LOCK_WAIT_S = 10.0
+EXIT_FLUSH_S = 2.0
 
 
 class _Backoff:
-    """After Kafka failed, commands skip their inline publish for a while: the relay catches up."""
+    """After Kafka failed, commands stop waiting for their event to be published for a while."""
 
     def __init__(self) -> None:
         self._until = 0.0
@@ -38,6 +41,9 @@ class _Backoff:
 
     def active(self) -> bool:
         return time.monotonic() < self._until
+
+    def remaining(self) -> float:
+        return max(0.0, self._until - time.monotonic())
 
     def trip(self, seconds: float) -> None:
         with self._lock:
@@ -90,24 +96,23 @@ def drain_outbox(
     lock_wait_s: float,
     publish_timeout_s: float | None = None,
     get_publisher: Callable[[], Publisher] = publisher,
-) -> int:
-    """Publish every pending row while holding the relay lock; returns how many were published.
+) -> int | None:
+    """Publish every pending row while holding the relay lock; returns how many were published, or
+    None when another drain kept the lock for lock_wait_s (that drain sees our rows too).
 
-    Waits at most lock_wait_s for another drain to finish (that drain also sees rows committed
-    meanwhile). Stops at the first batch Kafka does not fully acknowledge: those rows stay pending.
+    Stops at the first batch Kafka does not fully acknowledge: those rows stay pending. The write
+    engine reads committed data statement by statement, so each scan sees rows committed meanwhile.
     """
     s = settings()
     timeout = s.publish_timeout_s if publish_timeout_s is None else publish_timeout_s
     published = 0
-    with write_engine().connect().execution_options(isolation_level="READ COMMITTED") as conn:
+    with write_engine().connect() as conn:
         if not _acquire_relay_lock(conn, lock_wait_s, s.db_timeout_s):
             conn.rollback()
-            return 0
+            return None
         try:
-            conn.commit()
             while True:
                 records = _pending(conn, s.relay_batch_size)
-                conn.commit()
                 if not records:
                     kafka_backoff.reset()
                     return published
@@ -127,17 +132,78 @@ def drain_outbox(
                 conn.invalidate()  # closing the session releases the lock anyway
 
 
+class OutboxPublisher:
+    """This process's publisher: one thread that drains the outbox after commits, batching them.
+
+    `publish(wait_s)` wakes the thread and waits at most wait_s until a drain that began after the
+    call has finished (by then the caller's rows are on Kafka, unless Kafka failed: then they stay
+    pending, the thread retries after a backoff, and so does the relay). Commands committed while a
+    drain runs share the next one instead of queueing for the lock one by one.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._asked = 0  # publish() calls so far
+        self._served = 0  # calls covered by a finished drain
+        self._thread: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        # Threads do not survive fork(); the child starts its own on first use.
+        self._changed = threading.Condition()
+        self._thread = None
+
+    def publish(self, wait_s: float) -> None:
+        with self._changed:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
+                self._thread.start()
+            self._asked += 1
+            ticket = self._asked
+            self._changed.notify_all()
+            if wait_s > 0:
+                self._changed.wait_for(lambda: self._served >= ticket, timeout=wait_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._asked > self._served)
+                target = self._asked
+            complete = self._drain()
+            with self._changed:
+                self._served = target
+                self._changed.notify_all()
+                if not complete:
+                    self._asked += 1  # rows may still be pending: try again after the backoff
+            if not complete:
+                time.sleep(max(kafka_backoff.remaining(), settings().publish_backoff_s))
+
+    @staticmethod
+    def _drain() -> bool:
+        try:
+            published = drain_outbox(lock_wait_s=PUBLISHER_LOCK_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - the thread must survive any failure; the row stays pending
+            kafka_backoff.trip(settings().publish_backoff_s)
+            log_event("outbox_publish_failed", error=repr(exc)[:300])
+            return False
+        return published is not None and not kafka_backoff.active()
+
+
+outbox_publisher = OutboxPublisher()
+# A worker that stops (scale-in, redeploy) first gives its publisher a moment to send what it has.
+atexit.register(outbox_publisher.publish, EXIT_FLUSH_S)
+
+
 def publish_after_commit() -> None:
-    """Best effort, right after a command commits: never fails the command (the row stays pending)."""
-    if kafka_backoff.active():
-        return
-    try:
-        drain_outbox(lock_wait_s=INLINE_LOCK_WAIT_S)
-    except Exception as exc:  # noqa: BLE001 - the relay retries whatever this did not publish
-        kafka_backoff.trip(settings().publish_backoff_s)
-        log_event("outbox_publish_failed", error=repr(exc))
+    """Right after a command commits: have its event published; never fails the command.
+
+    By default the command does not wait (its latency is its transaction's): the process's publisher
+    sends it within milliseconds. PUBLISH_WAIT_SECONDS > 0 makes the command wait that long at most.
+    """
+    wait_s = 0.0 if kafka_backoff.active() else settings().publish_wait_s
+    outbox_publisher.publish(wait_s)
 
 
 if __name__ == "__main__":
     # `make relay-once`: publish every pending event now, waiting for any drain in progress.
-    print(f"published {drain_outbox(lock_wait_s=30)} pending events", file=sys.stderr)
+    print(f"published {drain_outbox(lock_wait_s=30) or 0} pending events", file=sys.stderr)
