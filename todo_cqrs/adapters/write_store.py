@@ -53,6 +53,11 @@ outbox = sa.Table(
     mysql_charset="utf8mb4",
 )
 
+# Built once: a statement object per call would be compiled (cache-keyed) again on every command.
+_INSERT_TODO = sa.insert(todos)
+_INSERT_EVENT = sa.insert(outbox)
+
+
 DEADLOCK_RETRIES = 3
 _DEADLOCK_CODES = {1213, 1205}  # deadlock found; lock wait timeout
 
@@ -127,7 +132,7 @@ def load_for_update(conn: Connection, todo_id: int) -> Todo | None:
 
 
 def insert_todo(conn: Connection, values: dict[str, Any]) -> int:
-    result = conn.execute(sa.insert(todos).values(**values))
+    result = conn.execute(_INSERT_TODO, values)
     return int(result.lastrowid)
 
 
@@ -142,12 +147,13 @@ def delete_todo(conn: Connection, todo_id: int) -> None:
 def append_event(conn: Connection, event: TodoEvent) -> None:
     """Add the event to the outbox in the caller's transaction: it commits with the change or not at all."""
     conn.execute(
-        sa.insert(outbox).values(
-            event_id=event.event_id,
-            event_type=event.type,
-            todo_id=event.todo_id,
-            version=event.version,
-            occurred_at=naive_utc(event.time),
-            payload=event.payload.decode(),
-        )
+        _INSERT_EVENT,
+        {
+            "event_id": event.event_id,
+            "event_type": event.type,
+            "todo_id": event.todo_id,
+            "version": event.version,
+            "occurred_at": naive_utc(event.time),
+            "payload": event.payload.decode(),
+        },
     )
