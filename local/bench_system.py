@@ -312,14 +312,16 @@ def _pss_kb(pid: int) -> int:
 
 
 class MemorySampler(threading.Thread):
-    """Every 0.25 s, per server: the RSS (and PSS) summed over the gunicorn master and its workers;
-    keeps the peaks. RSS counts pages the workers share with the master once per process."""
+    """Every 0.25 s, per server: the RSS of its largest process (the worker under load), the RSS summed
+    over the gunicorn master and its workers (which counts the pages a forked worker shares with its
+    master twice), and the PSS sum (shared pages split: what the function's container is charged)."""
 
     def __init__(self, servers: dict[str, tuple[int, str]]) -> None:
         super().__init__(name="memory-sampler", daemon=True)
         self.masters = {name: pid for name, (pid, _) in servers.items()}
         self.peak_rss_kb: dict[str, int] = dict.fromkeys(self.masters, 0)
         self.peak_pss_kb: dict[str, int] = dict.fromkeys(self.masters, 0)
+        self.peak_process_rss_kb: dict[str, int] = dict.fromkeys(self.masters, 0)
         self.processes: dict[str, int] = dict.fromkeys(self.masters, 0)
         self._done = threading.Event()
 
@@ -327,7 +329,9 @@ class MemorySampler(threading.Thread):
         while not self._done.wait(0.25):
             for name, master in self.masters.items():
                 pids = [master, *_children(master)]
-                rss = sum(_status_kb(p, "VmRSS") for p in pids)
+                each = [_status_kb(p, "VmRSS") for p in pids]
+                self.peak_process_rss_kb[name] = max(self.peak_process_rss_kb[name], *each)
+                rss = sum(each)
                 if rss > self.peak_rss_kb[name]:
                     self.peak_rss_kb[name] = rss
                     self.processes[name] = len(pids)
@@ -340,6 +344,7 @@ class MemorySampler(threading.Thread):
             name: {
                 "peak_rss_mb": round(self.peak_rss_kb[name] / 1024, 1),
                 "peak_pss_mb": round(self.peak_pss_kb[name] / 1024, 1),
+                "peak_process_rss_mb": round(self.peak_process_rss_kb[name] / 1024, 1),
                 "processes": self.processes[name],
             }
             for name in self.masters

@@ -53,6 +53,17 @@ _UPSERT = sa.text(
 )
 
 
+# Built once, with bound parameters: the statements compile once per process.
+_GET_ROW = sa.select(todos_view).where(todos_view.c.id == sa.bindparam("todo_id"))
+_PAGE = (
+    sa.select(todos_view)
+    .where(todos_view.c.deleted == sa.false(), todos_view.c.id > sa.bindparam("after_id"))
+    .order_by(todos_view.c.id)
+    .limit(sa.bindparam("limit", type_=sa.Integer, literal_execute=True))
+)
+_PAGE_OF_STATUS = _PAGE.where(todos_view.c.status == sa.bindparam("status"))
+
+
 @contextmanager
 def read_connection() -> Iterator[Connection]:
     """A read-DB connection in a transaction; an unreachable database becomes DependencyUnavailable."""
@@ -96,7 +107,7 @@ def apply_change(conn: Connection, change: Change, event_time: Any) -> None:
 
 def get_row(conn: Connection, todo_id: int) -> tuple[Todo | None, int | None]:
     """(todo, version): the live todo, or (None, tombstone version), or (None, None) when never seen."""
-    row = conn.execute(sa.select(todos_view).where(todos_view.c.id == todo_id)).first()
+    row = conn.execute(_GET_ROW, {"todo_id": todo_id}).first()
     if row is None:
         return None, None
     if row.deleted:
@@ -106,8 +117,10 @@ def get_row(conn: Connection, todo_id: int) -> tuple[Todo | None, int | None]:
 
 def list_rows(conn: Connection, status: Status | None, after_id: int, limit: int) -> list[Todo]:
     """Live todos with id > after_id in id order: an index range scan, the same cost at any depth."""
-    query = sa.select(todos_view).where(todos_view.c.deleted == sa.false(), todos_view.c.id > after_id)
-    if status is not None:
-        query = query.where(todos_view.c.status == status.value)
-    rows = conn.execute(query.order_by(todos_view.c.id).limit(limit)).all()
+    if status is None:
+        rows = conn.execute(_PAGE, {"after_id": after_id, "limit": limit}).all()
+    else:
+        rows = conn.execute(
+            _PAGE_OF_STATUS, {"after_id": after_id, "limit": limit, "status": status.value}
+        ).all()
     return [todo_from_row(row) for row in rows]
