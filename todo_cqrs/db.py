@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from todo_cqrs.domain.errors import DependencyUnavailable
@@ -38,6 +41,28 @@ def write_engine() -> Engine:
 @cache
 def read_engine() -> Engine:
     return create_engine(settings().read_db_url)
+
+
+_DEADLOCK_CODES = {1213, 1205}  # deadlock found; lock wait timeout
+
+
+def is_deadlock(exc: DBAPIError) -> bool:
+    """A transaction lost a lock conflict: its effects were rolled back, running it again is safe."""
+    args: tuple[Any, ...] = getattr(exc.orig, "args", ())
+    return bool(args) and args[0] in _DEADLOCK_CODES
+
+
+@contextmanager
+def transaction(engine: Engine, what: str) -> Iterator[Connection]:
+    """One transaction; a database that is down or frozen becomes DependencyUnavailable (503).
+    A deadlock stays a DBAPIError, for the caller to retry."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except DBAPIError as exc:
+        if is_unreachable(exc) and not is_deadlock(exc):
+            raise unavailable(what, exc) from exc
+        raise
 
 
 def is_unreachable(exc: BaseException) -> bool:

@@ -11,7 +11,6 @@ import json
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import functions_framework
@@ -21,6 +20,7 @@ import sqlalchemy as sa
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from tests.integration.settings_override import overridden_setting
 from todo_cqrs import db
 from todo_cqrs.adapters import cache as cache_module
 from todo_cqrs.adapters.cache import LIST_GENERATION_KEY, todo_key
@@ -120,29 +120,12 @@ def list_generation(raw_redis: redis.Redis) -> int:
     return int(raw_redis.get(LIST_GENERATION_KEY) or 0)
 
 
-@contextmanager
-def unreachable(env: str, url: str, *caches: Any) -> Iterator[None]:
-    """Point one setting at a closed port and rebuild the cached clients; restore both afterwards."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(env, url)
-        settings.cache_clear()
-        for cached in caches:
-            cached.cache_clear()
-        try:
-            yield
-        finally:
-            patch.undo()
-            settings.cache_clear()
-            for cached in caches:
-                cached.cache_clear()
-
-
 def read_db_down() -> Any:
-    return unreachable("READ_DB_URL", CLOSED_DB_URL, db.read_engine)
+    return overridden_setting("READ_DB_URL", CLOSED_DB_URL, db.read_engine)
 
 
 def redis_down() -> Any:
-    return unreachable("REDIS_URL", CLOSED_REDIS_URL, cache_module.todo_cache)
+    return overridden_setting("REDIS_URL", CLOSED_REDIS_URL, cache_module.todo_cache)
 
 
 # --- applying -----------------------------------------------------------------------------------------

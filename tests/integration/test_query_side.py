@@ -22,6 +22,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from local import services
+from tests.integration.settings_override import overridden_setting
 from todo_cqrs.adapters import cache as cache_module
 from todo_cqrs.adapters.cache import todo_key
 from todo_cqrs.adapters.read_store import get_row, read_connection
@@ -96,23 +97,6 @@ def get_until(client: FlaskClient, path: str, cache_state: str, **params: Any) -
 
 
 @contextmanager
-def setting(name: str, value: str, *caches: Any) -> Iterator[None]:
-    """One environment setting changed for the block; the settings and the named cached clients rebuilt."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(name, value)
-        settings.cache_clear()
-        for cached in caches:
-            cached.cache_clear()
-        try:
-            yield
-        finally:
-            patch.undo()
-            settings.cache_clear()
-            for cached in caches:
-                cached.cache_clear()
-
-
-@contextmanager
 def redis_stopped() -> Iterator[None]:
     """Redis unreachable: frozen (SIGSTOP) when local.services runs it, else the client points at a closed
     port. Always resumed, even when the test fails."""
@@ -124,7 +108,7 @@ def redis_stopped() -> Iterator[None]:
         finally:
             services.resume("redis")
     else:
-        with setting("REDIS_URL", CLOSED_REDIS_URL, cache_module.todo_cache):
+        with overridden_setting("REDIS_URL", CLOSED_REDIS_URL, cache_module.todo_cache):
             yield
 
 
@@ -331,7 +315,7 @@ def test_min_version_that_never_arrives_is_503_not_yet_consistent(
 ) -> None:
     [todo_id] = new_ids(1)
     project(todo_id, 1)
-    with setting("MIN_VERSION_WAIT_SECONDS", "0.3"):
+    with overridden_setting("MIN_VERSION_WAIT_SECONDS", "0.3"):
         response = get(client, todo_id, min_version=2)
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "not_yet_consistent"

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import DATETIME
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
 
 from todo_cqrs.adapters.write_store import naive_utc, todo_from_row
-from todo_cqrs.db import is_unreachable, read_engine, unavailable
+from todo_cqrs.db import read_engine, transaction
 from todo_cqrs.domain.events import Change
 from todo_cqrs.domain.todo import Status, Todo
 
@@ -64,16 +62,9 @@ _PAGE = (
 _PAGE_OF_STATUS = _PAGE.where(todos_view.c.status == sa.bindparam("status"))
 
 
-@contextmanager
-def read_connection() -> Iterator[Connection]:
+def read_connection() -> AbstractContextManager[Connection]:
     """A read-DB connection in a transaction; an unreachable database becomes DependencyUnavailable."""
-    try:
-        with read_engine().begin() as conn:
-            yield conn
-    except DBAPIError as exc:
-        if is_unreachable(exc):
-            raise unavailable("read", exc) from exc
-        raise
+    return transaction(read_engine(), "read")
 
 
 def apply_change(conn: Connection, change: Change, event_time: Any) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -13,7 +13,7 @@ from sqlalchemy.dialects.mysql import DATETIME
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from todo_cqrs.db import is_unreachable, unavailable, write_engine
+from todo_cqrs.db import is_deadlock, transaction, unavailable, write_engine
 from todo_cqrs.domain.events import TodoEvent
 from todo_cqrs.domain.todo import Status, Todo
 
@@ -59,7 +59,6 @@ _INSERT_EVENT = sa.insert(outbox)
 
 
 DEADLOCK_RETRIES = 3
-_DEADLOCK_CODES = {1213, 1205}  # deadlock found; lock wait timeout
 
 
 def naive_utc(moment: datetime) -> datetime:
@@ -94,21 +93,9 @@ def todo_values(todo: Todo) -> dict[str, Any]:
     }
 
 
-def _is_deadlock(exc: DBAPIError) -> bool:
-    args: tuple[Any, ...] = getattr(exc.orig, "args", ())
-    return bool(args) and args[0] in _DEADLOCK_CODES
-
-
-@contextmanager
-def write_transaction() -> Iterator[Connection]:
+def write_transaction() -> AbstractContextManager[Connection]:
     """One write-DB transaction; an unreachable database becomes DependencyUnavailable."""
-    try:
-        with write_engine().begin() as conn:
-            yield conn
-    except DBAPIError as exc:
-        if is_unreachable(exc) and not _is_deadlock(exc):
-            raise unavailable("write", exc) from exc
-        raise
+    return transaction(write_engine(), "write")
 
 
 def run_in_transaction(work: Callable[[Connection], T]) -> T:
@@ -118,7 +105,7 @@ def run_in_transaction(work: Callable[[Connection], T]) -> T:
             with write_transaction() as conn:
                 return work(conn)
         except DBAPIError as exc:
-            if not _is_deadlock(exc):
+            if not is_deadlock(exc):
                 raise
             if attempt >= DEADLOCK_RETRIES:
                 raise unavailable("write", exc) from exc

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
@@ -19,6 +21,16 @@ def alembic_config(database: str) -> Config:
     config.set_main_option("script_location", str(HERE / database))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
+
+
+def run_online(context: Any) -> None:
+    """The body of both histories' env.py: migrate over one connection to the configured URL."""
+    url = context.config.get_main_option("sqlalchemy.url") or ""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection, transaction_per_migration=True)
+        with context.begin_transaction():
+            context.run_migrations()
 
 
 def upgrade(revision: str = "head") -> None:
