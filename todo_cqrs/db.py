@@ -18,7 +18,7 @@ from todo_cqrs.settings import settings
 def create_engine(url: str, isolation_level: str = "REPEATABLE READ") -> Engine:
     """An engine with bounded connect/read/write timeouts, so a frozen database gives 503, not a hang."""
     s = settings()
-    timeout = max(1, round(s.db_timeout_s))
+    timeout = s.db_timeout_s
     return sa.create_engine(
         url,
         pool_size=s.db_pool_size,

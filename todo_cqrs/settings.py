@@ -73,7 +73,7 @@ class Settings:
             write_db_url=os.environ.get("WRITE_DB_URL")
             or _db_url(os.environ.get("WRITE_DB_NAME", "todo_write")),
             read_db_url=os.environ.get("READ_DB_URL") or _db_url(os.environ.get("READ_DB_NAME", "todo_read")),
-            db_timeout_s=_float("DB_TIMEOUT_SECONDS", 2.0),
+            db_timeout_s=_float("DB_TIMEOUT_SECONDS", 1.0),
             db_pool_size=_int("DB_POOL_SIZE", 8),
             redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
             redis_timeout_s=_float("REDIS_TIMEOUT_SECONDS", 0.25),
