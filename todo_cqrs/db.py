@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.settings import settings
@@ -63,6 +64,8 @@ def transaction(engine: Engine, what: str) -> Iterator[Connection]:
         if is_unreachable(exc) and not is_deadlock(exc):
             raise unavailable(what, exc) from exc
         raise
+    except PoolTimeout as exc:  # every pooled connection busy for pool_timeout: overloaded, try again
+        raise unavailable(what, exc) from exc
 
 
 def is_unreachable(exc: BaseException) -> bool:
