@@ -149,9 +149,11 @@ class OutboxPublisher:
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        # Threads do not survive fork(); the child starts its own on first use.
+        # Threads do not survive fork(); the child (a gunicorn worker) starts its own on first use,
+        # and when it stops (scale-in, redeploy) first gives it a moment to send what it has.
         self._changed = threading.Condition()
         self._thread = None
+        atexit.register(self.publish, EXIT_FLUSH_S)
 
     def publish(self, wait_s: float) -> None:
         with self._changed:
@@ -190,8 +192,6 @@ class OutboxPublisher:
 
 
 outbox_publisher = OutboxPublisher()
-# A worker that stops (scale-in, redeploy) first gives its publisher a moment to send what it has.
-atexit.register(outbox_publisher.publish, EXIT_FLUSH_S)
 
 
 def publish_after_commit() -> None:
