@@ -154,6 +154,23 @@ def wait_consumer_group_assigned(system: System, group: str, timeout_s: float = 
         time.sleep(0.1)
 
 
+def gateway_argv() -> list[str]:
+    return [
+        str(VENV_BIN / "gunicorn"),
+        "--bind",
+        f"{HOST}:{GATEWAY_PORT}",
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "32",
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+        "local.gateway:app",
+    ]
+
+
 def start(system: System) -> None:
     """Start every process of the local system and wait until each answers."""
     started = time.monotonic()
@@ -163,33 +180,18 @@ def start(system: System) -> None:
     subprocess.run([sys.executable, "-m", "todo_cqrs.migrations", "upgrade"], cwd=REPO, check=True)
     for function in FUNCTIONS:
         system.spawn(function.name, function_argv(function), function_env(function))
-    system.spawn(
-        "gateway",
-        [
-            str(VENV_BIN / "gunicorn"),
-            "--bind",
-            f"{HOST}:{GATEWAY_PORT}",
-            "--worker-class",
-            "gthread",
-            "--threads",
-            "32",
-            "--workers",
-            "1",
-            "--log-level",
-            "warning",
-            "local.gateway:app",
-        ],
-    )
+    system.spawn("kafkasource", [sys.executable, "-m", "local.kafkasource"])
     for function in FUNCTIONS:
         took = wait_http_ready(system, function.name, f"{function.url}/healthz")
         say(f"{function.name:<14} ready on {function.url} ({took:.1f} s)")
-    wait_http_ready(system, "gateway", f"http://{HOST}:{GATEWAY_PORT}/healthz")
-    system.spawn("kafkasource", [sys.executable, "-m", "local.kafkasource"])
     took = wait_consumer_group_assigned(system, load_spec(REPO / "kafka-source.yaml").consumer_group)
     say(f"kafkasource    consuming ({took:.1f} s)")
     threading.Thread(
         target=relay_schedule, args=(system.stopping,), name="relay-schedule", daemon=True
     ).start()
+    # The gateway last: once it answers, every path behind it works, events included.
+    system.spawn("gateway", gateway_argv())
+    wait_http_ready(system, "gateway", f"http://{HOST}:{GATEWAY_PORT}/healthz")
     say(f"everything up in {time.monotonic() - started:.1f} s")
 
 
