@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
-from tests.unit.fakes import FakeWriteStore, PublishRecorder, assert_error, function_client
+from tests.unit.fakes import FakeWriteStore, PublishRecorder, assert_error
 from todo_cqrs.domain.todo import Status, format_time, parse_time
 
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[FlaskClient]:
-    with function_client("create_todo") as test_client:
-        yield test_client
-
-
-@pytest.fixture(autouse=True)
-def store(monkeypatch: pytest.MonkeyPatch) -> FakeWriteStore:
-    return FakeWriteStore().install(monkeypatch)
-
-
-@pytest.fixture(autouse=True)
-def published(monkeypatch: pytest.MonkeyPatch) -> PublishRecorder:
-    return PublishRecorder().install(monkeypatch)
+FUNCTION = "create_todo"
+pytestmark = pytest.mark.usefixtures("store", "published")  # every test on the fakes
 
 
 def post(client: FlaskClient, body: Any, path: str = "/", **kwargs: Any) -> Any:

@@ -10,16 +10,12 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from tests.unit.fakes import FakeCache, FakeReadModel, UnreachableCache, a_todo, assert_error, function_client
+from tests.unit.fakes import FakeCache, FakeReadModel, UnreachableCache, a_todo, assert_error
 from todo_cqrs.adapters.cache import CachedTodo
 from todo_cqrs.domain.todo import Status, Todo
 from todo_cqrs.settings import settings
 
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[FlaskClient]:
-    with function_client("get_todos") as test_client:
-        yield test_client
+FUNCTION = "get_todos"
 
 
 @pytest.fixture(autouse=True)
