@@ -8,7 +8,6 @@ ends as a tombstone, so the read model still equals the write model for everyone
 from __future__ import annotations
 
 import json
-import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,19 +19,21 @@ import sqlalchemy as sa
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from tests.integration.read_model_ids import (
+    CREATED,
+    DELETED,
+    UPDATED,
+    todo_data,
+)
 from tests.integration.settings_override import overridden_setting
 from todo_cqrs import db
 from todo_cqrs.adapters import cache as cache_module
 from todo_cqrs.adapters.cache import LIST_GENERATION_KEY, todo_key
 from todo_cqrs.adapters.read_store import todos_view
-from todo_cqrs.projection.handlers import project_event
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
-CREATED, UPDATED, DELETED = "todo.created.v1", "todo.updated.v1", "todo.deleted.v1"
-HIGH_IDS = 10**12
-FINAL_VERSION = 10**9  # the tombstone each test leaves: newer than any version a test sends
 CLOSED_DB_URL = "mysql+pymysql://todo:x@127.0.0.1:1/todo_read"
 CLOSED_REDIS_URL = "redis://127.0.0.1:1/0"
 
@@ -50,29 +51,7 @@ def raw_redis() -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture
-def new_id() -> Iterator[Callable[[], int]]:
-    """Fresh read-model-only ids; each is tombstoned (through the projection) when the test ends."""
-    used: list[int] = []
-
-    def make() -> int:
-        used.append(HIGH_IDS + secrets.randbelow(HIGH_IDS))
-        return used[-1]
-
-    yield make
-    for todo_id in used:
-        project_event(DELETED, {"id": todo_id, "version": FINAL_VERSION})
-
-
 # --- events -------------------------------------------------------------------------------------------
-
-
-def todo_data(todo_id: int, version: int, **fields: Any) -> dict[str, Any]:
-    return {
-        "id": todo_id, "title": f"v{version}", "description": "", "status": "CREATED", "version": version,
-        "created_at": "2026-11-27T10:00:00.000Z", "updated_at": f"2026-11-27T10:00:{version % 60:02d}.000Z",
-        **fields,
-    }  # fmt: skip
 
 
 def event_data(type_: str, todo_id: int, version: int, **fields: Any) -> dict[str, Any]:

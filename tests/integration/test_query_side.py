@@ -7,7 +7,6 @@ live todo, so list tests start from a cursor just before their own ids and asser
 from __future__ import annotations
 
 import json
-import secrets
 import threading
 import time
 import uuid
@@ -22,6 +21,12 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from local import services
+from tests.integration.read_model_ids import (
+    CREATED,
+    DELETED,
+    UPDATED,
+    todo_data,
+)
 from tests.integration.settings_override import overridden_setting
 from todo_cqrs.adapters import cache as cache_module
 from todo_cqrs.adapters.cache import todo_key
@@ -32,9 +37,6 @@ from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
-CREATED, UPDATED, DELETED = "todo.created.v1", "todo.updated.v1", "todo.deleted.v1"
-HIGH_IDS = 10**12
-FINAL_VERSION = 10**9  # the tombstone each test leaves: newer than any version a test sends
 CLOSED_REDIS_URL = "redis://127.0.0.1:1/0"
 DEADLINE_S = 5.0
 
@@ -51,29 +53,6 @@ def raw_redis() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(settings().redis_url, socket_timeout=2)
     yield client
     client.close()
-
-
-@pytest.fixture
-def new_ids() -> Iterator[Callable[[int], list[int]]]:
-    """n fresh consecutive read-model-only ids; each is tombstoned (through the projection) at the end."""
-    used: list[int] = []
-
-    def make(n: int = 1) -> list[int]:
-        first = HIGH_IDS + secrets.randbelow(HIGH_IDS)
-        used.extend(range(first, first + n))
-        return list(range(first, first + n))
-
-    yield make
-    for todo_id in used:
-        project_event(DELETED, {"id": todo_id, "version": FINAL_VERSION})
-
-
-def todo_data(todo_id: int, version: int, **fields: Any) -> dict[str, Any]:
-    return {
-        "id": todo_id, "title": f"v{version}", "description": "", "status": "CREATED", "version": version,
-        "created_at": "2026-11-27T10:00:00.000Z", "updated_at": f"2026-11-27T10:00:{version % 60:02d}.000Z",
-        **fields,
-    }  # fmt: skip
 
 
 def project(todo_id: int, version: int, **fields: Any) -> dict[str, Any]:
