@@ -365,9 +365,7 @@ class KafkaOutage:
     def end(self) -> None:
         """Kafka is back: the real settings and a producer for the real broker."""
         self._monkeypatch.undo()
-        self._reset_clients()
-        # Its queue is empty (publish purges what it could not deliver); closing stops its reconnect loop.
-        self._dead._producer.close()
+        self._reset_clients()  # closes the dead producer too, which stops its reconnect loop
 
 
 def _pending_under_relay_lock(todo_ids: list[int]) -> list[Any]:

@@ -106,6 +106,11 @@ class Publisher:
                 self._producer.flush(0)
         return delivered
 
+    def close(self) -> None:
+        """Stop the producer's threads and connections (what is queued is dropped: rows stay pending)."""
+        self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+        self._producer.close()
+
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self.broken = True
@@ -126,7 +131,10 @@ def publisher() -> Publisher:
 
 
 def reset_publisher() -> None:
-    """Forget the process's publisher (after a settings change); the next use makes a new one."""
+    """Close the process's publisher (after a settings change, before Kafka goes away); the next use
+    makes a new one."""
     global _current
     with _current_lock:
+        if _current is not None:
+            _current.close()
         _current = None
