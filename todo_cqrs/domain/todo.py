@@ -31,8 +31,8 @@ def utc_now() -> datetime:
 def format_time(moment: datetime) -> str:
     """RFC 3339 in UTC with milliseconds and a `Z`, as the contract shows."""
     if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="milliseconds") + "Z"
 
 
 def parse_time(text: str) -> datetime:
