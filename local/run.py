@@ -245,6 +245,7 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    _die_with_parent()  # if `make` itself is killed, stop everything as on Ctrl-C
     try:
         start(system)
         print(banner(), flush=True)
