@@ -153,7 +153,7 @@ class OutboxPublisher:
         # and when it stops (scale-in, redeploy) first gives it a moment to send what it has.
         self._changed = threading.Condition()
         self._thread = None
-        atexit.register(self.publish, EXIT_FLUSH_S)
+        atexit.register(self._finish, EXIT_FLUSH_S)
 
     def publish(self, wait_s: float) -> None:
         with self._changed:
@@ -165,6 +165,13 @@ class OutboxPublisher:
             self._changed.notify_all()
             if wait_s > 0:
                 self._changed.wait_for(lambda: self._served >= ticket, timeout=wait_s)
+
+    def _finish(self, wait_s: float) -> None:
+        """At exit: wait (bounded) for a drain in progress or asked for; start nothing new."""
+        with self._changed:
+            if self._thread is not None and self._thread.is_alive():
+                target = self._asked
+                self._changed.wait_for(lambda: self._served >= target, timeout=wait_s)
 
     def _run(self) -> None:
         while True:
