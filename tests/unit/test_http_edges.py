@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from flask.testing import FlaskClient
 
-from tests.unit.fakes import function_client
+from tests.unit.fakes import FakeWriteStore, function_client
 
 
 @pytest.fixture(scope="module", params=["update_todo", "project_event"])
@@ -39,3 +39,15 @@ def test_event_that_is_not_a_cloud_event_is_400_for_the_dead_letter_sink() -> No
         response = loaded.post("/", data=b"hello", headers={"Content-Type": "text/plain"})
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "invalid_event"
+
+
+@pytest.mark.parametrize("function", ["create_todo", "update_todo", "delete_todo"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_path_answers_200_without_the_write_store(
+    function: str, path: str, store: FakeWriteStore
+) -> None:
+    """With the fake write store unreachable, health stays cheap: it touches no dependency."""
+    store.unreachable = True
+    with function_client(function) as loaded:
+        response = loaded.get(path)
+    assert (response.status_code, response.get_json()) == (200, {"status": "ok"})

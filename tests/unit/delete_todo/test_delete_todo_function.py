@@ -126,15 +126,3 @@ def test_write_store_unreachable_answers_503_with_retry_after(
     assert_error(response, 503, "dependency_unavailable")
     assert response.headers["Retry-After"] == "1"
     assert_unchanged(store, published, todo)
-
-
-@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-def test_health_path_answers_200_without_the_store(
-    client: FlaskClient, store: FakeWriteStore, path: str
-) -> None:
-    store.unreachable = True
-
-    response = client.get(path)
-
-    assert response.status_code == 200
-    assert response.get_json() == {"status": "ok"}

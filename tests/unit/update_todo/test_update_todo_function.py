@@ -219,18 +219,6 @@ def test_patch_after_the_todo_was_deleted_answers_404(
     assert_error(patch(client, "/7", {"status": "FINISHED"}), 404, "not_found")
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-def test_health_path_answers_200_without_the_store(
-    client: FlaskClient, store: FakeWriteStore, path: str
-) -> None:
-    store.unreachable = True
-
-    response = client.get(path)
-
-    assert response.status_code == 200
-    assert response.get_json() == {"status": "ok"}
-
-
 def test_status_change_is_kept_as_the_enum(client: FlaskClient, store: FakeWriteStore, todo: Todo) -> None:
     patch(client, "/7", {"status": "IN_PROGRESS"})
 
