@@ -47,14 +47,18 @@ def status_of(error: errors.TodoError) -> int:
     return next(code for cls, code in STATUS_OF.items() if isinstance(error, cls))
 
 
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The contract's error body, the same for our errors and the framework's own answers."""
+    return {"error": {"code": code, "message": message, "details": details or []}}
+
+
 def error_response(error: errors.TodoError) -> flask.Response:
     headers = dict(error.headers)
     if isinstance(error, errors.MethodNotAllowed):
         headers["Allow"] = ", ".join(error.allowed)
     if isinstance(error, errors.DependencyUnavailable):
         headers["Retry-After"] = str(error.retry_after_s)
-    body = {"error": {"code": error.code, "message": error.message, "details": error.details}}
-    return json_response(status_of(error), body, headers)
+    return json_response(status_of(error), error_body(error.code, error.message, error.details), headers)
 
 
 def todo_response(todo: Todo, status: int = 200, *, location: bool = False) -> flask.Response:
@@ -157,9 +161,7 @@ def endpoint(collection: Iterable[str] = (), item: Iterable[str] = ()) -> Callab
                 response = error_response(error)
             except Exception:  # noqa: BLE001 - the client gets a JSON 500, the log gets the trace
                 traceback.print_exc(file=sys.stderr)
-                response = json_response(
-                    500, {"error": {"code": "internal", "message": "internal error", "details": []}}
-                )
+                response = json_response(500, error_body("internal", "internal error"))
             record.update(
                 status=response.status_code, latency_ms=round((time.perf_counter() - started) * 1000, 2)
             )
@@ -179,7 +181,7 @@ def answer_framework_errors_in_json(app: flask.Flask) -> None:
         if error.response is not None or error.code is None:
             return error  # already a full response (ours)
         code = (error.name or "error").lower().replace(" ", "_")
-        body = {"error": {"code": code, "message": error.description or error.name, "details": []}}
+        body = error_body(code, error.description or error.name)
         allowed = getattr(error, "valid_methods", None)
         return json_response(error.code, body, {"Allow": ", ".join(allowed)} if allowed else {})
 
