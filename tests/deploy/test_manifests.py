@@ -367,13 +367,11 @@ def test_jobs_run_modules_that_exist() -> None:
     assert migrate[2:] == ["todo_cqrs.migrations", "upgrade"]
 
 
-# ---- kafka-source.yaml (written elsewhere; checked against these manifests) ---------------------------
+# ---- kafka-source.yaml (checked against these manifests) -----------------------------------------------------------
 
 
 @pytest.fixture
 def kafka_source() -> dict[str, Any]:
-    if not KAFKA_SOURCE.exists():
-        pytest.skip("kafka-source.yaml is not written yet")
     (source,) = (doc for doc in load(KAFKA_SOURCE) if doc["kind"] == "KafkaSource")
     return source
 
