@@ -367,7 +367,7 @@ def test_jobs_run_modules_that_exist() -> None:
     assert migrate[2:] == ["todo_cqrs.migrations", "upgrade"]
 
 
-# ---- kafka-source.yaml (checked against these manifests) -----------------------------------------------------------
+# ---- kafka-source.yaml (checked against these manifests) ---------------------------------------------
 
 
 @pytest.fixture
