@@ -92,7 +92,8 @@ def secret_templates() -> dict[str, dict[str, Any]]:
 
 
 def kafka_topic() -> dict[str, Any]:
-    (topic,) = objects("KafkaTopic", "kafka.strimzi.io/v1beta2").values()
+    # Strimzi 1.0 and later serve only kafka.strimzi.io/v1 (make verify-deploy loads that CRD).
+    (topic,) = objects("KafkaTopic", "kafka.strimzi.io/v1").values()
     return topic
 
 
