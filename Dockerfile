@@ -8,9 +8,12 @@
 # functions/$FUNCTION/. requirements.lock is used as a pip *constraint*: it installs nothing by itself,
 # it only fixes the versions of whatever the requirements pull in transitively.
 
-# Pinned to an exact patch release. To pin the digest as well, resolve it once and pass it:
-#   docker build --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest> ...
-ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# Pinned to an exact patch release, and fully qualified so that Podman needs no short-name alias. To pin
+# the digest as well, resolve it once and pass it:
+#   docker build --build-arg PYTHON_IMAGE=docker.io/library/python:3.11.14-slim-bookworm@sha256:<digest> ...
+# Where that registry is unreachable, `make images` builds on a local Debian base instead (make base-image):
+# any base works that has `python` and `pip` on PATH, useradd and groupadd.
+ARG PYTHON_IMAGE=docker.io/library/python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS base
 # todo_cqrs is imported from /app (PYTHONPATH) rather than pip-installed: no build backend to fetch,
@@ -50,12 +53,20 @@ COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
 # FUNCTION_TARGET is also what functions-framework and todo_cqrs.settings read for the function's name.
 # Concurrency: one gunicorn worker with THREADS threads; each Knative Service sets THREADS to match
 # its containerConcurrency (knative/services/*.yaml). PORT is set by Knative (default 8080).
+# XDG_RUNTIME_DIR: gunicorn (25.1+) opens a control socket in $XDG_RUNTIME_DIR, else in $HOME/.gunicorn,
+# and the app user's home is /nonexistent: it logged "Control server error" at every start. The root
+# filesystem is read-only in the cluster (readOnlyRootFilesystem), /tmp is the pod's writable emptyDir
+# (knative/services/*.yaml). functions-framework builds gunicorn through BaseApplication, which reads
+# neither GUNICORN_CMD_ARGS nor a gunicorn.conf.py, so `--no-control-socket` cannot be passed from here.
 ENV FUNCTION_TARGET=${FUNCTION} \
     WORKERS=1 \
     THREADS=8 \
-    PORT=8080
+    PORT=8080 \
+    XDG_RUNTIME_DIR=/tmp
 USER 10001:10001
 EXPOSE 8080
 # Shell form so the variables expand; exec so gunicorn is PID 1 and gets SIGTERM directly.
-# tests/deploy/test_manifests.py runs this exact line locally against the function.
+# tests/deploy/test_manifests.py runs this exact line locally against the function, and
+# tests/deploy/test_images.py runs it in the built image. The ASGI server is this same line with --asgi
+# after functions-framework.
 CMD exec functions-framework --target "$FUNCTION_TARGET" --source "functions/$FUNCTION_TARGET/main.py"

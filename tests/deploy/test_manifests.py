@@ -190,6 +190,17 @@ def test_services_probe_the_health_path_and_bound_their_resources() -> None:
         assert c["securityContext"]["runAsNonRoot"] is True, name
 
 
+def test_workloads_run_on_a_read_only_root_filesystem_with_a_writable_tmp() -> None:
+    # gunicorn writes its workers' heartbeat files and its control socket under /tmp (XDG_RUNTIME_DIR).
+    for name, workload in workloads().items():
+        c = container(workload)
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True, name
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        (tmp,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert "emptyDir" in volumes[tmp["name"]] and not tmp.get("readOnly"), name
+    assert image_env("get_todos")["XDG_RUNTIME_DIR"] == "/tmp"
+
+
 def test_every_service_has_a_thread_for_each_request_slot_and_one_for_the_liveness_probe() -> None:
     for name, service in knative_services().items():
         slots = service["spec"]["template"]["spec"]["containerConcurrency"]
@@ -433,7 +444,9 @@ def args_of(instruction: str, *stage_names: str) -> list[str]:
 
 def test_dockerfile_pins_its_base_image() -> None:
     (base,) = [a for a in args_of("ARG", "") if a.startswith("PYTHON_IMAGE=")]
-    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", base), base
+    # Fully qualified: Podman resolves no short name without a registries.conf alias.
+    pattern = r"PYTHON_IMAGE=docker\.io/library/python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?"
+    assert re.fullmatch(pattern, base), base
 
 
 def test_images_run_as_a_non_root_user() -> None:
@@ -503,11 +516,14 @@ class ImageProcess:
     def __init__(self, function: str) -> None:
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop(), after the process
+        self.tmp = tempfile.TemporaryDirectory(prefix="todo-cqrs-image-tmp-")
         env = {
             **os.environ,
             **image_env(function),
             "PORT": str(self.port),
             "THREADS": "2",
+            # The pod's /tmp emptyDir, one per process: gunicorn's control socket goes there.
+            "XDG_RUNTIME_DIR": self.tmp.name,
             "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
         }
         self.process = subprocess.Popen(
@@ -548,6 +564,7 @@ class ImageProcess:
             self._signal(signal.SIGKILL)
             self.process.wait(timeout=5)
         self.log.close()
+        self.tmp.cleanup()
 
     def _signal(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
