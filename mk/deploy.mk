@@ -18,6 +18,11 @@ IMAGE_PUSH ?= 0
 NAMESPACE ?= todo
 KAFKA_NAMESPACE ?= kafka
 CONTAINER_CLI ?= docker
+# The images' base: the Dockerfile's default. When it cannot be pulled (no registry reachable), the images
+# build on LOCAL_BASE_IMAGE instead, made from Debian packages by `make base-image` and kept by the CLI.
+PYTHON_IMAGE ?= docker.io/library/python:3.11.14-slim-bookworm
+LOCAL_BASE_IMAGE ?= localhost/todo-cqrs-python-base:3.11-bookworm
+BASE_IMAGE_CHOICE := build/base-image
 PACK_BUILDER ?= gcr.io/buildpacks/builder:v1
 DEPLOY_TIMEOUT ?= 300s
 # What the ops image installs (versions from requirements.lock): migrations, read-model rebuild,
@@ -34,8 +39,8 @@ OPS_DIR := build/ops
 KAFKA_SOURCE_DIR := build/kafka-source
 KUSTOMIZE := kubectl kustomize --load-restrictor LoadRestrictionsNone
 
-.PHONY: images images-cli images-pack secret deploy deploy-render cluster-rebuild cluster-dead-letters \
-        cluster-resend
+.PHONY: images images-cli images-pack image-base base-image secret deploy deploy-render verify-deploy \
+        test-images cluster-rebuild cluster-dead-letters cluster-resend
 
 # ---- images ------------------------------------------------------------------------------------------
 
@@ -56,13 +61,38 @@ images:  ## build an image per function and the ops image (IMAGE_REGISTRY, IMAGE
 images-cli: $(addprefix image-,$(FUNCTIONS)) image-ops
 	@echo "built $(foreach n,$(IMAGE_NAMES),$(IMAGE_REGISTRY)/todo-cqrs-$(n):$(IMAGE_TAG))"
 
-image-ops:
-	$(CONTAINER_CLI) build --target ops --build-arg OPS_PACKAGES="$(OPS_PACKAGES)" -t $(call image_of,ops) .
+# Decides the base once per `make images` and writes it to build/base-image for the image-* rules.
+image-base:
+	@mkdir -p $(dir $(BASE_IMAGE_CHOICE))
+	@if $(CONTAINER_CLI) image inspect $(PYTHON_IMAGE) >/dev/null 2>&1 \
+	    || timeout 300 $(CONTAINER_CLI) pull -q $(PYTHON_IMAGE) >/dev/null 2>&1; then \
+	  echo $(PYTHON_IMAGE) > $(BASE_IMAGE_CHOICE); \
+	else \
+	  if [ "$(IMAGE_PUSH)" = 1 ]; then echo "make images: $(PYTHON_IMAGE) cannot be pulled, and an image" \
+	    "on the local base is for this machine only (it trusts this machine's CA bundle): not pushing." >&2; \
+	    exit 1; fi; \
+	  echo "make images: $(PYTHON_IMAGE) cannot be pulled; building on $(LOCAL_BASE_IMAGE) (make base-image)" >&2; \
+	  $(MAKE) --no-print-directory base-image && echo $(LOCAL_BASE_IMAGE) > $(BASE_IMAGE_CHOICE); \
+	fi
+
+base-image:  ## a Python base image from Debian packages only (debootstrap; for machines that reach no registry)
+	local/deploy/base-image.sh "$(CONTAINER_CLI)" "$(LOCAL_BASE_IMAGE)"
+
+image-ops: image-base
+	$(CONTAINER_CLI) build --build-arg PYTHON_IMAGE=$$(cat $(BASE_IMAGE_CHOICE)) --target ops \
+	  --build-arg OPS_PACKAGES="$(OPS_PACKAGES)" -t $(call image_of,ops) .
 	$(if $(filter 1,$(IMAGE_PUSH)),$(CONTAINER_CLI) push $(call image_of,ops))
 
-image-%:
-	$(CONTAINER_CLI) build --build-arg FUNCTION=$* -t $(call image_of,$*) .
+image-%: image-base
+	$(CONTAINER_CLI) build --build-arg PYTHON_IMAGE=$$(cat $(BASE_IMAGE_CHOICE)) --build-arg FUNCTION=$* \
+	  -t $(call image_of,$*) .
 	$(if $(filter 1,$(IMAGE_PUSH)),$(CONTAINER_CLI) push $(call image_of,$*))
+
+# Builds the images (`make images`, with podman or docker, whichever works, or CONTAINER_CLI=...) and runs
+# each as its pod would: non-root, read-only root filesystem, /healthz, no error at start, a clean stop on
+# SIGTERM; one behind Knative's queue-proxy. `make test` runs the same test.
+test-images: $(STAMP)  ## build every image and run each as its pod would (tests/deploy/test_images.py)
+	$(PY) -m pytest tests/deploy/test_images.py
 
 # pack (Cloud Native Buildpacks, Google's builder, which runs functions-framework by itself): the
 # function images only. Each is built from a staged folder: the function, the shared package beside
@@ -147,8 +177,16 @@ deploy-render:  ## render what `make deploy` applies into build/ (offline; no cl
 	$(require_kubectl)
 	$(call render,$(DEPLOY_DIR),knative)
 	$(if $(wildcard kafka-source.yaml),$(call render,$(KAFKA_SOURCE_DIR),kafka-source.yaml))
-	@echo "rendered $(DEPLOY_DIR)/all.yaml and $(KAFKA_SOURCE_DIR)/all.yaml (namespace $(NAMESPACE)," \
-	      "images $(IMAGE_REGISTRY)/todo-cqrs-*:$(IMAGE_TAG))"
+	$(call render,$(OPS_DIR),knative/ops)
+	@echo "rendered $(DEPLOY_DIR)/all.yaml, $(KAFKA_SOURCE_DIR)/all.yaml and $(OPS_DIR)/all.yaml" \
+	      "(namespace $(NAMESPACE), images $(IMAGE_REGISTRY)/todo-cqrs-*:$(IMAGE_TAG))"
+
+# A real kube-apiserver (built once, cached in ~/.cache/todo-cqrs/bin) with the cluster's CRDs, on loopback;
+# every manifest applied with --dry-run=server --validate=strict as make deploy applies it, and each file
+# of tests/deploy/broken/ refused. Stops what it started. See local/deploy_check.py.
+verify-deploy: $(STAMP)  ## apply every manifest to a real API server (dry run) and check the broken ones are refused
+	$(require_kubectl)
+	$(PY) -m local.deploy_check --namespace $(NAMESPACE) --kafka-namespace $(KAFKA_NAMESPACE)
 
 deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config, topic, migrations, Services, sources
 	$(require_cluster)

@@ -447,6 +447,7 @@ def test_dockerfile_pins_its_base_image() -> None:
     # Fully qualified: Podman resolves no short name without a registries.conf alias.
     pattern = r"PYTHON_IMAGE=docker\.io/library/python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?"
     assert re.fullmatch(pattern, base), base
+    assert f"PYTHON_IMAGE ?= {base.partition('=')[2]}" in DEPLOY_MK.read_text(), "mk/deploy.mk's base differs"
 
 
 def test_images_run_as_a_non_root_user() -> None:
@@ -586,3 +587,15 @@ def test_image_command_starts_the_function_and_answers_its_health_path(image_pro
     status, body = image_process.get_health_when_up()
     assert status == 200, body
     assert isinstance(json.loads(body), dict)
+
+
+# ---- tests/deploy/broken (make verify-deploy applies them and wants each refused) ------------------------
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "tests" / "deploy" / "broken").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_each_broken_fixture_names_the_refusal_it_expects(path: Path) -> None:
+    (doc,) = load(path)
+    assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), path
+    assert any(line.startswith("# expect: ") for line in path.read_text().splitlines()), path
