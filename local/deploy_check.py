@@ -272,11 +272,17 @@ def load_crds(server: ApiServer) -> None:
     run = server.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
     if run.returncode != 0:
         raise CheckError(f"loading the CRDs failed:\n{run.stdout}{run.stderr}")
-    names = [f"crd/{d['metadata']['name']}" for d in docs]
-    run = server.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
-    if run.returncode != 0:
-        raise CheckError(f"the CRDs did not become established:\n{run.stdout}{run.stderr}")
-    say(f"CRDs established: {', '.join(d['metadata']['name'] for d in docs)}")
+    # Served once listed: a CRD's resource is in discovery only some time after it is stored, and
+    # `kubectl wait` on a cold API server was seen to fail without a word.
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for name in (d["metadata"]["name"] for d in docs):  # <plural>.<group>, which kubectl get accepts
+        while (run := server.kubectl("get", name, "--all-namespaces", "-o", "name")).returncode != 0:
+            if time.monotonic() > deadline:
+                raise CheckError(
+                    f"{name} is not served after {READY_TIMEOUT_S:.0f} s:\n{run.stdout}{run.stderr}"
+                )
+            time.sleep(0.2)
+    say(f"CRDs served: {', '.join(d['metadata']['name'] for d in docs)}")
 
 
 def load_policies(server: ApiServer) -> None:
