@@ -1,12 +1,13 @@
 """`make verify-deploy`: every manifest applied to a real Kubernetes API server, as `make deploy` applies it.
 
-    python -m local.deploy_check [--namespace todo] [--kafka-namespace kafka] [--keep-going]
+    python -m local.deploy_check [--namespace todo] [--kafka-namespace kafka]
 
-No cluster is needed. It starts etcd (Debian's etcd-server) and kube-apiserver (built once from
-local/deploy/kube-apiserver, cached by local/deploy_tools.py) on free loopback ports, with their data in
-a temporary directory, and loads the CRDs the cluster would have (../shared/schemas/crds: Knative
-Service, PingSource, Strimzi KafkaTopic v1; ../shared/schemas/kafkasource-crd.yaml) and
-local/deploy/admission-policies.yaml (a stand-in for a rule of Knative's webhooks). Then, with
+No cluster is needed. It builds (once; cached by local/deploy_tools.py) kube-apiserver and queue-proxy
+from local/deploy/, starts etcd (Debian's etcd-server) and kube-apiserver on free loopback ports, with
+their data in a temporary directory, and loads the CRDs the cluster would have
+(../shared/schemas/crds: Knative Service, PingSource, Strimzi KafkaTopic v1;
+../shared/schemas/kafkasource-crd.yaml) and local/deploy/admission-policies.yaml (a stand-in for a
+rule of Knative's webhooks). Then, with
 `kubectl apply --dry-run=server --validate=strict`, it applies:
 
 - what `make deploy` applies, phase by phase with the same label selectors: the kustomize output of
@@ -438,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which("kubectl"):
             raise CheckError("kubectl is not installed (https://kubernetes.io/docs/tasks/tools/)")
         render(args.namespace)
+        # Not used here, built here too: one `make verify-deploy` leaves the image tests and the bench
+        # (local/queue_proxy.py) nothing to build.
+        say(f"queue-proxy: {ensure_binary('queue-proxy')}")
         with api_server() as server:
             version = json.loads(server.kubectl("version", "-o", "json").stdout or "{}").get(
                 "serverVersion", {}
