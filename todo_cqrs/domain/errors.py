@@ -47,6 +47,18 @@ class VersionMismatch(TodoError):
     code = "version_mismatch"
 
 
+class Conflict(TodoError):
+    """A request with this Idempotency-Key is still being processed (409: retry later)."""
+
+    code = "idempotency_key_in_flight"
+
+
+class IdempotencyKeyReused(ValidationFailed):
+    """The Idempotency-Key was used before with another request (422)."""
+
+    code = "idempotency_key_reused"
+
+
 class PayloadTooLarge(TodoError):
     code = "payload_too_large"
 

@@ -6,14 +6,17 @@ version the deletion produced. Upcasting of older event versions belongs in `rea
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
+
+from todo_cqrs.domain.clock import format_time
 from todo_cqrs.domain.errors import InvalidEvent, ValidationFailed
-from todo_cqrs.domain.todo import Todo, format_time, validate_snapshot
+from todo_cqrs.domain.numbers import MAX_ID, MAX_VERSION
+from todo_cqrs.domain.todo import Todo, validate_snapshot
 
 TODO_CREATED = "todo.created.v1"
 TODO_UPDATED = "todo.updated.v1"
@@ -34,7 +37,7 @@ class TodoEvent:
 
     @property
     def payload(self) -> bytes:
-        return json.dumps(self.data, separators=(",", ":"), ensure_ascii=False).encode()
+        return orjson.dumps(self.data)
 
 
 def _event(type_: str, todo_id: int, version: int, time: datetime, data: dict[str, Any]) -> TodoEvent:
@@ -73,10 +76,10 @@ class Change:
         return self.todo is None
 
 
-def _positive_int(data: dict[str, Any], field: str) -> int:
+def _positive_int(data: dict[str, Any], field: str, maximum: int) -> int:
     value = data.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidEvent(f"data.{field} must be a positive integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidEvent(f"data.{field} must be an integer from 1 to {maximum}")
     return value
 
 
@@ -86,12 +89,12 @@ def read_change(event_type: str, data: Any) -> Change:
         raise InvalidEvent(f"unknown event type {event_type!r}; expected one of {', '.join(EVENT_TYPES)}")
     if isinstance(data, bytes | str):
         try:
-            data = json.loads(data)
-        except ValueError as exc:
-            raise InvalidEvent("data is not JSON") from exc
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEvent(f"data is not JSON (or not valid Unicode): {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidEvent("data must be a JSON object")
-    todo_id, version = _positive_int(data, "id"), _positive_int(data, "version")
+    todo_id, version = _positive_int(data, "id", MAX_ID), _positive_int(data, "version", MAX_VERSION)
     if event_type == TODO_DELETED:
         return Change(todo_id, version, None)
     try:

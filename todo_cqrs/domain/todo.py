@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from todo_cqrs.domain.clock import format_time, parse_time
 from todo_cqrs.domain.errors import ValidationFailed
 
 TITLE_MAX = 255
@@ -20,25 +21,6 @@ class Status(StrEnum):
     IN_PROGRESS = "IN_PROGRESS"
     FINISHED = "FINISHED"
     CANCELED = "CANCELED"
-
-
-def utc_now() -> datetime:
-    """Now in UTC, truncated to the millisecond the API and the databases keep."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def format_time(moment: datetime) -> str:
-    """RFC 3339 in UTC with milliseconds and a `Z`, as the contract shows."""
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment.isoformat(timespec="milliseconds") + "Z"
-
-
-def parse_time(text: str) -> datetime:
-    """An RFC 3339 time; one without a zone is taken as UTC, whatever the machine's zone."""
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -84,6 +66,17 @@ class NewTodo:
         return Todo(todo_id, self.title, self.description, Status.CREATED, 1, now, now)
 
 
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's "\\ud800"), which no database can store."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _problem(field: str, message: str) -> dict[str, str]:
     return {"field": field, "message": message}
 
@@ -96,6 +89,8 @@ def _check_text(body: dict[str, Any], field: str, limit: int, *, blank_ok: bool)
     value = body[field]
     if not isinstance(value, str):
         return [_problem(field, "must be a string")]
+    if not is_unicode(value):
+        return [_problem(field, "must be valid Unicode (it holds a lone surrogate)")]
     if len(value) > limit:
         return [_problem(field, f"must be at most {limit} characters")]
     if not blank_ok and not value.strip():
@@ -163,7 +158,10 @@ def validate_snapshot(data: dict[str, Any]) -> Todo:
 
 
 def apply_patch(todo: Todo, changes: dict[str, Any], now: datetime) -> Todo | None:
-    """The todo after the changes, one version later; None when nothing would change."""
+    """The todo after the changes, one version later; None when nothing would change.
+
+    `updated_at` never goes back, even if the clock that gave `now` did.
+    """
     if all(getattr(todo, field) == value for field, value in changes.items()):
         return None
-    return replace(todo, **changes, version=todo.version + 1, updated_at=now)
+    return replace(todo, **changes, version=todo.version + 1, updated_at=max(now, todo.updated_at))

@@ -11,6 +11,7 @@ import pytest
 
 from todo_cqrs.domain import events
 from todo_cqrs.domain.errors import InvalidEvent
+from todo_cqrs.domain.numbers import MAX_ID, MAX_VERSION
 from todo_cqrs.domain.todo import Status, Todo
 
 T0 = datetime(2026, 11, 27, 10, 0, 0, 123000, tzinfo=UTC)
@@ -147,6 +148,41 @@ def test_id_or_version_that_is_not_a_positive_integer_is_invalid(field: str, val
 
     with pytest.raises(InvalidEvent, match=f"data.{field}"):
         events.read_change("todo.deleted.v1", data)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("id", MAX_ID + 1), ("id", 2**64), ("id", 10**400), ("version", MAX_VERSION + 1), ("version", 2**40)],
+)
+def test_id_or_version_beyond_its_column_is_invalid(field: str, value: int) -> None:
+    data = {"id": 7, "version": 4, field: value}
+
+    with pytest.raises(InvalidEvent, match=f"data.{field}"):
+        events.read_change("todo.deleted.v1", data)
+
+
+def test_id_and_version_at_their_columns_limits_are_read() -> None:
+    change = events.read_change("todo.deleted.v1", {"id": MAX_ID, "version": MAX_VERSION})
+
+    assert change == events.Change(MAX_ID, MAX_VERSION, None)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"id": 7, "version": 1, "title": "\\ud800"}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"id": 1' + b"0" * 5000 + b"}",
+    ],
+)
+def test_data_that_no_json_reader_takes_is_invalid_not_a_crash(data: bytes) -> None:
+    with pytest.raises(InvalidEvent):
+        events.read_change("todo.created.v1", data)
+
+
+def test_whole_todo_holding_a_lone_surrogate_is_invalid() -> None:
+    with pytest.raises(InvalidEvent, match="not a whole todo"):
+        events.read_change("todo.created.v1", {**WHOLE, "title": "\ud800"})
 
 
 @pytest.mark.parametrize(

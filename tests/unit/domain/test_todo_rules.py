@@ -1,9 +1,8 @@
-"""The todo's rules: validation of create and PATCH bodies, what a change does, and the time format."""
+"""The todo's rules: validation of create and PATCH bodies and of event snapshots, what a change does."""
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,16 +15,14 @@ from todo_cqrs.domain.todo import (
     Status,
     Todo,
     apply_patch,
-    format_time,
-    parse_time,
-    utc_now,
+    is_unicode,
     validate_new,
     validate_patch,
+    validate_snapshot,
 )
 
 T0 = datetime(2026, 11, 27, 10, 0, 0, 123000, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
-RFC3339_UTC_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
 def fields_of(error: pytest.ExceptionInfo[ValidationFailed]) -> list[str]:
@@ -135,6 +132,35 @@ def test_every_problem_of_a_create_body_is_listed_at_once() -> None:
     assert error.value.code == "validation_failed"
 
 
+@pytest.mark.parametrize("field", ["title", "description"])
+@pytest.mark.parametrize("text", ["\ud800", "a\udfff", "\udbff\udfff\ud800", "tea \ud83c"])
+def test_text_holding_a_lone_surrogate_is_rejected_as_not_valid_unicode(field: str, text: str) -> None:
+    with pytest.raises(ValidationFailed) as error:
+        validate_new({"title": "a", field: text})
+
+    assert fields_of(error) == [field]
+    assert "Unicode" in error.value.details[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("", True),
+        ("buy milk", True),
+        ("café ☕", True),
+        ("\U0001f375", True),
+        ("\ud800", False),
+        ("x\udc00y", False),
+    ],
+)
+def test_is_unicode_is_false_only_for_a_lone_surrogate(text: str, valid: bool) -> None:
+    assert is_unicode(text) is valid
+
+
+def test_title_of_255_characters_outside_the_bmp_is_accepted() -> None:
+    assert validate_new({"title": "\U0001f375" * TITLE_MAX}).title == "\U0001f375" * 255
+
+
 # --- PATCH --------------------------------------------------------------------------------------
 
 
@@ -183,6 +209,9 @@ def test_patch_takes_any_subset_of_the_three_fields() -> None:
         ({"id": 3}, "id"),
         ({"version": 2}, "version"),
         ({"title": "ok", "done": True}, "done"),
+        ({"title": "\ud800"}, "title"),
+        ({"description": "\udfff"}, "description"),
+        ({"status": "\ud800"}, "status"),
     ],
 )
 def test_patch_breaking_a_rule_names_the_field(body: dict[str, Any], field: str) -> None:
@@ -217,6 +246,14 @@ def test_patch_with_one_changed_field_among_unchanged_ones_is_a_change() -> None
     assert (updated.title, updated.description, updated.version) == ("buy milk", "2 l", 2)
 
 
+def test_patch_never_moves_updated_at_back_when_the_clock_went_back() -> None:
+    current = todo(updated_at=T1)
+
+    updated = apply_patch(current, {"status": Status.FINISHED}, T0)
+
+    assert updated is not None and updated.updated_at == T1 and updated.version == 2
+
+
 def test_apply_patch_leaves_the_original_todo_unchanged() -> None:
     current = todo()
 
@@ -225,35 +262,7 @@ def test_apply_patch_leaves_the_original_todo_unchanged() -> None:
     assert current == todo()
 
 
-# --- time ---------------------------------------------------------------------------------------
-
-
-def test_time_is_rfc3339_utc_with_milliseconds_and_z() -> None:
-    assert format_time(T0) == "2026-11-27T10:00:00.123Z"
-
-
-def test_time_in_another_zone_is_written_in_utc() -> None:
-    moment = datetime(2026, 11, 27, 12, 0, 0, 5000, tzinfo=timezone(timedelta(hours=2)))
-
-    assert format_time(moment) == "2026-11-27T10:00:00.005Z"
-
-
-def test_time_keeps_milliseconds_and_drops_microseconds() -> None:
-    assert format_time(T0.replace(microsecond=999999)) == "2026-11-27T10:00:00.999Z"
-    assert format_time(T0.replace(microsecond=0)) == "2026-11-27T10:00:00.000Z"
-
-
-def test_utc_now_is_utc_and_truncated_to_the_millisecond() -> None:
-    now = utc_now()
-
-    assert now.tzinfo is not None and now.utcoffset() == timedelta(0)
-    assert now.microsecond % 1000 == 0
-    assert RFC3339_UTC_MS.match(format_time(now))
-
-
-def test_parse_time_reads_back_what_format_time_wrote() -> None:
-    assert parse_time(format_time(T0)) == T0
-    assert parse_time("2026-11-27T12:00:00.123+02:00") == T0
+# --- the todo as a dict -----------------------------------------------------------------------
 
 
 def test_todo_to_dict_is_the_contract_shape_and_from_dict_reads_it_back() -> None:
@@ -271,3 +280,37 @@ def test_todo_to_dict_is_the_contract_shape_and_from_dict_reads_it_back() -> Non
         "updated_at": "2026-11-27T10:05:00.123Z",
     }
     assert Todo.from_dict(as_dict) == current
+
+
+# --- snapshots (an event's whole todo) ----------------------------------------------------------
+
+
+def test_snapshot_reads_back_as_the_todo() -> None:
+    current = todo(description="2 l", version=3, updated_at=T1)
+
+    assert validate_snapshot(current.to_dict()) == current
+
+
+@pytest.mark.parametrize(
+    ("broken", "field"),
+    [
+        ({"title": "\ud800"}, "title"),
+        ({"title": " "}, "title"),
+        ({"description": "d" * 2001}, "description"),
+        ({"status": "DONE"}, "status"),
+        ({"created_at": "yesterday"}, "created_at"),
+        ({"updated_at": 1764237600}, "updated_at"),
+    ],
+)
+def test_snapshot_breaking_a_rule_names_the_field(broken: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationFailed) as error:
+        validate_snapshot({**todo().to_dict(), **broken})
+
+    assert fields_of(error) == [field]
+
+
+def test_snapshot_lists_every_missing_field() -> None:
+    with pytest.raises(ValidationFailed) as error:
+        validate_snapshot({"id": 7, "version": 1})
+
+    assert sorted(fields_of(error)) == ["created_at", "description", "status", "title", "updated_at"]
