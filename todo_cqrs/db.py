@@ -1,79 +1,155 @@
-"""SQLAlchemy engines for the write and the read database: created lazily, once per process."""
+"""SQLAlchemy asyncio engines for the write and the read database, one of each per event loop, made lazily.
+
+The driver is aiomysql (PyMySQL's protocol code under an asyncio transport). aiomysql has no read or
+write timeout of its own, so every transaction runs under an asyncio deadline instead (twice
+DB_TIMEOUT_SECONDS): a frozen database costs that and a 503, and the connection cut off is discarded.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import cache
-from typing import Any
+import asyncio
+import itertools
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+import sqlalchemy.ext.asyncio
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from todo_cqrs import tracing
 from todo_cqrs.domain.errors import DependencyUnavailable
+from todo_cqrs.loop_local import loop_local
 from todo_cqrs.settings import settings
 
+T = TypeVar("T")
 
-def create_engine(url: str, isolation_level: str = "REPEATABLE READ") -> Engine:
-    """An engine with bounded connect/read/write timeouts, so a frozen database gives 503, not a hang."""
+_DEADLOCK_CODES = {1213, 1205}  # deadlock found (or a Galera certification conflict); lock wait timeout
+LOCK_BUSY_CODES = {1205, 3572}  # a NOWAIT lock that another transaction holds (MariaDB, MySQL)
+DEADLOCK_RETRIES = 3
+
+
+def driver_url(url: str, driver: str) -> URL:
+    """The URL with the given MySQL driver (aiomysql for the functions, pymysql for Alembic)."""
+    parsed = make_url(url)
+    return parsed.set(drivername=f"mysql+{driver}") if parsed.get_backend_name() == "mysql" else parsed
+
+
+def create_engine(url: str, isolation_level: str = "REPEATABLE READ", **overrides: Any) -> AsyncEngine:
+    """An async engine whose pool is bounded, so an overloaded process answers 503 instead of queueing.
+
+    The server gives up on its side too, once the client has: a row lock is waited for at most
+    DB_TIMEOUT_SECONDS (rounded up), a statement runs at most twice that.
+    """
     s = settings()
-    timeout = s.db_timeout_s
-    return sa.create_engine(
-        url,
-        pool_size=s.db_pool_size,
-        max_overflow=s.db_pool_size,
-        pool_timeout=s.db_timeout_s,
-        pool_pre_ping=True,
-        pool_recycle=3600,
-        isolation_level=isolation_level,
-        connect_args={"connect_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout},
-    )
+    lock_wait_s = max(1, math.ceil(s.db_timeout_s))
+    session = f"SET SESSION innodb_lock_wait_timeout = {lock_wait_s}, max_statement_time = {2 * lock_wait_s}"
+    options: dict[str, Any] = {
+        "pool_size": s.db_pool_size,
+        "max_overflow": s.db_pool_size,
+        "pool_timeout": s.db_timeout_s,
+        # No ping before every checkout (a round trip per transaction): a connection found dead fails
+        # its request with a 503, and SQLAlchemy then discards every pooled connection as old as it,
+        # so after a database restart one request per process is refused, not one per connection.
+        "pool_pre_ping": False,
+        "pool_recycle": 3600,
+        "isolation_level": isolation_level,
+        # Affected rows, not found rows: an upsert then says whether it changed anything (0, 1 or 2).
+        "connect_args": {"connect_timeout": lock_wait_s, "client_flag": 0, "init_command": session},
+    }
+    options.update(overrides)
+    tracing.instrument_sqlalchemy()
+    # Looked up at call time: the SQLAlchemy instrumentation, when on, wraps the module's function.
+    return sqlalchemy.ext.asyncio.create_async_engine(driver_url(url, "aiomysql"), **options)
 
 
-@cache
-def write_engine() -> Engine:
+@loop_local
+def write_engine() -> AsyncEngine:
     # Commands lock the rows they change (SELECT ... FOR UPDATE); READ COMMITTED spares them gap
-    # locks, and lets the outbox drain see rows committed meanwhile without ending its transaction.
+    # locks, and lets the outbox drain see rows committed meanwhile.
     return create_engine(settings().write_db_url, isolation_level="READ COMMITTED")
 
 
-@cache
-def read_engine() -> Engine:
-    return create_engine(settings().read_db_url)
+@loop_local
+def read_engine() -> AsyncEngine:
+    # Every use is one statement (a read, or the projection's upsert): autocommitted, no COMMIT or
+    # ROLLBACK round trips around it.
+    return create_engine(settings().read_db_url, isolation_level="AUTOCOMMIT", skip_autocommit_rollback=True)
 
 
-_DEADLOCK_CODES = {1213, 1205}  # deadlock found; lock wait timeout
+def error_code(exc: DBAPIError) -> int | None:
+    """The server's error number (1062 duplicate key, 1213 deadlock, ...)."""
+    args: tuple[Any, ...] = getattr(exc.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
 
 
 def is_deadlock(exc: DBAPIError) -> bool:
     """A transaction lost a lock conflict: its effects were rolled back, running it again is safe."""
-    args: tuple[Any, ...] = getattr(exc.orig, "args", ())
-    return bool(args) and args[0] in _DEADLOCK_CODES
-
-
-@contextmanager
-def transaction(engine: Engine, what: str) -> Iterator[Connection]:
-    """One transaction; a database that is down or frozen becomes DependencyUnavailable (503).
-    A deadlock stays a DBAPIError, for the caller to retry."""
-    try:
-        with engine.begin() as conn:
-            yield conn
-    except DBAPIError as exc:
-        if is_unreachable(exc) and not is_deadlock(exc):
-            raise unavailable(what, exc) from exc
-        raise
-    except PoolTimeout as exc:  # every pooled connection busy for pool_timeout: overloaded, try again
-        raise unavailable(what, exc) from exc
+    return error_code(exc) in _DEADLOCK_CODES
 
 
 def is_unreachable(exc: BaseException) -> bool:
     """True when a database error means the server is down or frozen rather than a bug in a statement."""
-    if isinstance(exc, OperationalError | InterfaceError):
+    if isinstance(exc, DBAPIError) and is_deadlock(exc):
+        return False
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout | TimeoutError | OSError):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def unavailable(what: str, exc: BaseException) -> DependencyUnavailable:
     return DependencyUnavailable(f"the {what} database is unreachable", cause=exc)
+
+
+def deadline_s() -> float:
+    """How long one transaction may take: twice DB_TIMEOUT_SECONDS (a connection, then its statements),
+    so a frozen database answers 503 within about 2 s, and a busy one is not cut off at the first
+    slow statement."""
+    return 2 * settings().db_timeout_s
+
+
+@asynccontextmanager
+async def transaction(
+    engine: AsyncEngine, what: str, timeout_s: float | None = None
+) -> AsyncIterator[AsyncConnection]:
+    """One transaction under a deadline; a database that is down or frozen becomes DependencyUnavailable
+    (503). A deadlock stays a DBAPIError, for the caller to retry."""
+    try:
+        async with asyncio.timeout(deadline_s() if timeout_s is None else timeout_s):
+            async with engine.begin() as conn:
+                yield conn
+    except (DBAPIError, PoolTimeout, TimeoutError, OSError) as exc:
+        if is_unreachable(exc):
+            raise unavailable(what, exc) from exc
+        raise
+
+
+@asynccontextmanager
+async def autocommitted(engine: AsyncEngine, what: str) -> AsyncIterator[AsyncConnection]:
+    """A connection of an AUTOCOMMIT engine, each statement its own transaction, under the deadline."""
+    try:
+        async with asyncio.timeout(deadline_s()), engine.connect() as conn:
+            yield conn
+    except (DBAPIError, PoolTimeout, TimeoutError, OSError) as exc:
+        if is_unreachable(exc):
+            raise unavailable(what, exc) from exc
+        raise
+
+
+async def run_in_transaction(
+    engine: AsyncEngine, what: str, work: Callable[[AsyncConnection], Awaitable[T]]
+) -> T:
+    """`await work(conn)` in a transaction, again on a deadlock (its effects were rolled back)."""
+    for attempt in itertools.count():
+        try:
+            async with transaction(engine, what) as conn:
+                return await work(conn)
+        except DBAPIError as exc:
+            if not is_deadlock(exc):
+                raise
+            if attempt >= DEADLOCK_RETRIES:
+                raise unavailable(what, exc) from exc
+    raise AssertionError("unreachable")

@@ -1,33 +1,49 @@
-"""HTTP edges of the functions: routing, request reading, and the one mapping of errors to statuses."""
+"""The HTTP edge of every function: routing, reading requests, the one mapping of errors to statuses,
+and what every request gets (a span, a log line, metrics).
+
+Each `functions/<name>/main.py` is a `functions_framework.aio.http` function that hands its Starlette
+request to an `HttpFunction` (commands, queries, the relay) or a `CloudEventSink` (project_event,
+dead_letter) built here. The CloudEvent sinks are HTTP functions too: that is how they answer the
+contract's statuses (400 for what is not a CloudEvent, 413 above 64 KiB, JSON error bodies) and
+serve /healthz and /metrics, which a framework `cloud_event` function cannot.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import cloudevents.http
-import flask
-import werkzeug.exceptions
+import functions_framework.aio
+import orjson
+import starlette.applications
+from cloudevents.http import CloudEvent, from_http
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 
-from todo_cqrs import logs
+from todo_cqrs import logs, metrics, tracing
+from todo_cqrs.command.idempotency import Reply
 from todo_cqrs.domain import errors
+from todo_cqrs.domain.numbers import MAX_ID, ascii_positive_int
 from todo_cqrs.domain.todo import Todo
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 64
 GATEWAY_PREFIX = "todo"  # each function also answers the gateway's path (/todo, /todo/{id})
 HEALTH_PATHS = ("/healthz", "/readyz")
-MAX_ID = 2**63 - 1
+METRICS_PATH = "/metrics"
+JSON = "application/json"
 
 STATUS_OF: dict[type[errors.TodoError], int] = {
     errors.BadRequest: 400,
     errors.InvalidEvent: 400,
     errors.NotFound: 404,
     errors.MethodNotAllowed: 405,
+    errors.Conflict: 409,
     errors.VersionMismatch: 412,
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
@@ -35,12 +51,28 @@ STATUS_OF: dict[type[errors.TodoError], int] = {
     errors.DependencyUnavailable: 503,
 }
 
-View = Callable[[flask.Request, int | None], flask.Response]
+View = Callable[[Request, int | None], Awaitable[Response]]
+# The event as its attributes (a CloudEvent of the SDK, or any mapping of attribute names to values).
+Event = Mapping[str, Any] | CloudEvent
+EventHandler = Callable[[Any, Request, bytes], Awaitable[str]]
+EventReader = Callable[[Mapping[str, str], bytes], Event]
 
 
-def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> flask.Response:
-    data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
-    return flask.Response(data, status=status, headers=headers, content_type="application/json")
+# --- responses ---------------------------------------------------------------------------------------
+
+
+def encode_json(value: Any) -> bytes:
+    """orjson; the standard library (ASCII escapes) for what orjson refuses: a lone surrogate that an
+    error message quotes back, an integer past 64 bits."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+def json_response(status: int, body: Any, headers: Mapping[str, str] | None = None) -> Response:
+    data = body if isinstance(body, bytes) else encode_json(body)
+    return Response(data, status, headers, JSON)
 
 
 def status_of(error: errors.TodoError) -> int:
@@ -48,47 +80,137 @@ def status_of(error: errors.TodoError) -> int:
 
 
 def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The contract's error body, the same for our errors and the framework's own answers."""
+    """The contract's error body, the same for our errors, the framework's and the 500."""
     return {"error": {"code": code, "message": message, "details": details or []}}
 
 
-def error_response(error: errors.TodoError) -> flask.Response:
+def error_response(error: errors.TodoError) -> Response:
     headers = dict(error.headers)
     if isinstance(error, errors.MethodNotAllowed):
         headers["Allow"] = ", ".join(error.allowed)
-    if isinstance(error, errors.DependencyUnavailable):
-        headers["Retry-After"] = str(error.retry_after_s)
+    if isinstance(error, errors.DependencyUnavailable | errors.Conflict):
+        headers["Retry-After"] = str(getattr(error, "retry_after_s", 1))
     return json_response(status_of(error), error_body(error.code, error.message, error.details), headers)
 
 
-def todo_response(todo: Todo, status: int = 200, *, location: bool = False) -> flask.Response:
+def todo_reply(todo: Todo, status: int = 200, *, location: bool = False) -> Reply:
+    """A command's answer: the todo, its ETag, and where it lives (on create)."""
     headers = {"ETag": f'"{todo.version}"'}
     if location:
         headers["Location"] = f"/todo/{todo.id}"
-    return json_response(status, todo.to_dict(), headers)
+    return Reply(status, headers, orjson.dumps(todo.to_dict()))
+
+
+def reply_response(reply: Reply) -> Response:
+    return Response(reply.body, reply.status, reply.headers, JSON)
+
+
+# The function's edge (an HttpFunction or a CloudEventSink), set when main.py builds it.
+_edge: Callable[[Request], Awaitable[Response]] | None = None
+
+
+async def _framework_not_found(request: Request) -> Response:
+    """functions-framework's own routes /favicon.ico and /robots.txt: 404, in the contract's body."""
+    return json_response(404, error_body("not_found", f"no route for {request.scope['path']}"))
+
+
+async def _framework_refusal(request: Request, exc: Exception) -> Response:
+    """What the framework's router would answer itself, in plain text: 405 for a method it does not route
+    (TRACE, any extension method), 404 for a path its pattern misses (an encoded newline). The
+    function's edge answers instead: the contract's JSON body, the function's own Allow."""
+    if _edge is not None:
+        return await _edge(request)
+    return await _framework_not_found(request)
+
+
+class _FunctionApp(starlette.applications.Starlette):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        handlers = dict(kwargs.pop("exception_handlers", None) or {})
+        handlers[StarletteHTTPException] = _framework_refusal
+        kwargs["exception_handlers"] = handlers
+        super().__init__(*args, **kwargs)
+
+
+# functions-framework looks these names up when it builds the app, after main.py (and so this module)
+# is imported: its not-found endpoint, and the Starlette class it builds the app from.
+functions_framework.aio._handle_not_found = _framework_not_found
+setattr(functions_framework.aio, "Starlette", _FunctionApp)  # noqa: B010 - a class, assigned by name
+
+
+# --- reading requests --------------------------------------------------------------------------------
 
 
 def parse_id(segment: str) -> int:
-    if not segment.isascii() or not segment.isdigit() or int(segment) < 1:
-        raise errors.BadRequest(f"todo id must be a positive integer, not {segment!r}")
-    if int(segment) > MAX_ID:
+    """A todo id of the path: positive, ASCII digits (400 otherwise); past BIGINT no todo has it (404)."""
+    if ascii_positive_int(segment, maximum=10 ** len(str(MAX_ID))) is None:
+        raise errors.BadRequest(f"todo id must be a positive integer in ASCII digits, not {segment[:40]!r}")
+    todo_id = int(segment)
+    if todo_id > MAX_ID:
         raise errors.NotFound(f"todo {segment} does not exist")
-    return int(segment)
+    return todo_id
 
 
-def read_json_object(request: flask.Request) -> dict[str, Any]:
-    """The body as a JSON object: 413 when too large, 415 when not JSON, 400 when unreadable."""
-    if (request.content_length or 0) > MAX_BODY_BYTES:
+def mimetype(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body, chunked or not; 413 past 64 KiB, read no further than that."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise errors.PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
-    raw = request.stream.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise errors.PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
-    if raw and request.mimetype != "application/json":
-        raise errors.UnsupportedMediaType("the body must be application/json")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise errors.PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values() if isinstance(child, dict | list))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON, or BadRequest: not UTF-8, not JSON, nested deeper than 64 levels.
+
+    A lone surrogate escape ("\\ud800") is valid JSON that orjson refuses: the standard library reads
+    it, and the domain's rules answer 422 for the field that holds it.
+    """
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.BadRequest(f"the body is not valid JSON: {exc}") from exc
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as fast_error:
+        try:  # strict UTF-8 first: json.loads would take UTF-16, or surrogates encoded as if UTF-8
+            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise errors.BadRequest(f"the body is not valid JSON: {fast_error}") from None
+    nesting = raw.count(b"[") + raw.count(b"{")
+    if nesting > MAX_JSON_DEPTH and _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise errors.BadRequest(f"the body is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object: 413 when too large, 415 when not JSON, 400 when unreadable."""
+    raw = await read_body(request)
+    if raw and mimetype(request) != JSON:
+        raise errors.UnsupportedMediaType("the body must be application/json")
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise errors.BadRequest("the body must be a JSON object")
     return body
@@ -103,163 +225,187 @@ def _version_tags(header: str | None, *, weak_matches: bool) -> list[str] | None
     return [tag if tag == "*" else tag.strip('"') if tag.startswith('"') else "" for tag in tags]
 
 
-def if_match_versions(request: flask.Request) -> frozenset[int] | None:
+def if_match_versions(request: Request) -> frozenset[int] | None:
     """The versions `If-Match` accepts (strong comparison); None without the header or with `*`."""
-    tags = _version_tags(request.headers.get("If-Match"), weak_matches=False)
+    tags = _version_tags(request.headers.get("if-match"), weak_matches=False)
     if tags is None or "*" in tags:
         return None
-    return frozenset(int(tag) for tag in tags if tag.isascii() and tag.isdigit())
+    return frozenset(v for v in (ascii_positive_int(tag) for tag in tags) if v is not None)
 
 
-def none_match(request: flask.Request, version: int) -> bool:
+def none_match(request: Request, version: int) -> bool:
     """`If-None-Match` names the current version (weak comparison, as RFC 9110 says for GET)."""
-    tags = _version_tags(request.headers.get("If-None-Match"), weak_matches=True)
+    tags = _version_tags(request.headers.get("if-none-match"), weak_matches=True)
     return tags is not None and ("*" in tags or str(version) in tags)
 
 
-def _route(
-    path: str, collection: tuple[str, ...], item: tuple[str, ...]
-) -> tuple[tuple[str, ...], int | None]:
-    """(allowed methods, todo id) for the path; raises NotFound/BadRequest."""
-    parts = [p for p in path.split("/") if p]
-    if parts[:1] == [GATEWAY_PREFIX]:
-        parts = parts[1:]
-    if not parts and collection:
-        return collection, None
-    if len(parts) == 1 and item:
-        return item, parse_id(parts[0])
-    raise errors.NotFound(f"no route for {path}")
+# --- the functions -----------------------------------------------------------------------------------
 
 
-def endpoint(collection: Iterable[str] = (), item: Iterable[str] = ()) -> Callable[[View], Any]:
-    """Wrap a view: route `/` or `/{id}` (also under `/todo`), health paths, errors, one log line.
+def _health(method: str) -> Response:
+    if method not in ("GET", "HEAD"):
+        raise errors.MethodNotAllowed(["GET", "HEAD"])
+    return json_response(200, b'{"status":"ok"}')
 
-    The view gets (request, todo_id) with todo_id None on the collection path.
-    """
-    on_collection, on_item = tuple(collection), tuple(item)
-    if flask.has_app_context():  # functions-framework imports main.py inside its app's context
-        answer_framework_errors_in_json(flask.current_app)
 
-    def decorate(view: View) -> Callable[[flask.Request], flask.Response]:
-        @functools.wraps(view)
-        def handle(request: flask.Request) -> flask.Response:
-            started = time.perf_counter()
-            record = logs.start_record(method=request.method, path=request.path)
+def _metrics(method: str) -> Response:
+    if method not in ("GET", "HEAD"):
+        raise errors.MethodNotAllowed(["GET", "HEAD"])
+    body, content_type = metrics.exposition()
+    return Response(body, 200, media_type=content_type)
+
+
+def _internal_error() -> Response:
+    traceback.print_exc(file=sys.stderr)  # the log gets the trace, the client a JSON 500
+    return json_response(500, error_body("internal", "internal error"))
+
+
+class HttpFunction:
+    """An HTTP function's routes: `/` (the collection) and `/{id}` (an item), also under `/todo`, each a
+    view per method; plus the health paths and /metrics. One span, log line and metric per request."""
+
+    def __init__(
+        self,
+        collection: Mapping[str, View] | None = None,
+        item: Mapping[str, View] | None = None,
+        *,
+        any_path: Mapping[str, View] | None = None,
+        edge: bool = True,
+    ):
+        global _edge
+        self._collection = dict(collection or {})
+        self._item = dict(item or {})
+        self._any_path = dict(any_path or {})
+        for views in (self._collection, self._item):
+            if "GET" in views:
+                views.setdefault("HEAD", views["GET"])
+        if edge:
+            _edge = self
+
+    def _route(self, path: str) -> tuple[str, dict[str, View], int | None]:
+        parts = [p for p in path.split("/") if p]
+        if parts[:1] == [GATEWAY_PREFIX]:
+            parts = parts[1:]
+        if not parts and self._collection:
+            return "/", self._collection, None
+        if len(parts) == 1 and self._item:
+            return "/{id}", self._item, parse_id(parts[0])
+        if self._any_path:
+            return "other", self._any_path, None
+        raise errors.NotFound(f"no route for {path}")
+
+    async def __call__(self, request: Request) -> Response:
+        started = time.perf_counter()
+        method, path = request.method, request.scope["path"]
+        headers = request.headers
+        route = "other"
+        parent = tracing.parse_traceparent(headers.get("traceparent"), headers.get("tracestate"))
+        with tracing.start_span(f"{method} {path}", parent) as span:
+            record = logs.start_record(
+                method=method, path=path, trace_id=span.context.trace_id, span_id=span.context.span_id
+            )
             try:
-                if request.path in HEALTH_PATHS:
-                    if request.method not in ("GET", "HEAD"):
-                        raise errors.MethodNotAllowed(["GET", "HEAD"])
-                    response = json_response(200, {"status": "ok"})
+                if path in HEALTH_PATHS:
+                    route, response = path, _health(method)
+                elif path == METRICS_PATH:
+                    route, response = path, _metrics(method)
                 else:
-                    allowed, todo_id = _route(request.path, on_collection, on_item)
-                    if request.method not in allowed:
-                        raise errors.MethodNotAllowed(list(allowed))
-                    response = view(request, todo_id)
+                    route, views, todo_id = self._route(path)
+                    view = views.get(method)
+                    if view is None:
+                        raise errors.MethodNotAllowed(list(views))
+                    response = await view(request, todo_id)
             except errors.TodoError as error:
                 if isinstance(error, errors.DependencyUnavailable) and error.cause is not None:
                     record["cause"] = repr(error.cause)[:300]
                 response = error_response(error)
-            except Exception:  # noqa: BLE001 - the client gets a JSON 500, the log gets the trace
-                traceback.print_exc(file=sys.stderr)
-                response = json_response(500, error_body("internal", "internal error"))
-            record.update(
-                status=response.status_code, latency_ms=round((time.perf_counter() - started) * 1000, 2)
-            )
-            logs.write(record)
-            return response
-
-        return handle
-
-    return decorate
+            except Exception as exc:  # noqa: BLE001 - any bug answers a JSON 500
+                span.fail(exc)
+                response = _internal_error()
+            span.set(**{"http.route": route, "http.response.status_code": response.status_code})
+        elapsed = time.perf_counter() - started
+        record.update(status=response.status_code, latency_ms=round(elapsed * 1000, 2))
+        logs.write(record)
+        metrics.request_metrics.observe(route, method, response.status_code, elapsed)
+        return response
 
 
-def answer_framework_errors_in_json(app: flask.Flask) -> None:
-    """The framework's own answers (its 404 for /favicon.ico, a 405 on a CloudEvent function's GET)
-    get the same JSON error body as ours."""
-
-    def as_json(error: werkzeug.exceptions.HTTPException) -> Any:
-        if error.response is not None or error.code is None:
-            return error  # already a full response (ours)
-        code = (error.name or "error").lower().replace(" ", "_")
-        body = error_body(code, error.description or error.name)
-        allowed = getattr(error, "valid_methods", None)
-        return json_response(error.code, body, {"Allow": ", ".join(allowed)} if allowed else {})
-
-    app.register_error_handler(werkzeug.exceptions.HTTPException, as_json)
+def _event_parent(event: Event | None, request: Request) -> tracing.TraceContext | None:
+    """The distributed-tracing extension of the event, else the HTTP request's own trace context."""
+    if event is not None:
+        from_event = tracing.parse_traceparent(event.get("traceparent"), event.get("tracestate"))
+        if from_event is not None:
+            return from_event
+    return tracing.parse_traceparent(request.headers.get("traceparent"), request.headers.get("tracestate"))
 
 
-_BINARY_REQUIRED = ("ce-specversion", "ce-id", "ce-source", "ce-type")
+def parse_cloud_event(headers: Mapping[str, str], body: bytes) -> CloudEvent:
+    """The SDK's reading of a CloudEvent, binary or structured mode, its data decoded."""
+    return from_http(dict(headers), body)
 
 
-def _plain_binary_event(request: flask.Request) -> bool:
-    """The common case, checked cheaply: a binary-mode event whose data the SDK will read without error
-    (so functions-framework's own parse, which follows, succeeds; anything else gets the full check)."""
-    if not all(request.headers.get(name) for name in _BINARY_REQUIRED):
-        return False
-    if request.headers.get("ce-specversion") != "1.0":
-        return False
-    if request.mimetype != "application/json":
-        return request.mimetype != "application/cloudevents+json"
+async def _read_event(request: Request, reader: EventReader) -> tuple[Event, bytes]:
+    body = await read_body(request)
     try:
-        json.loads(request.get_data())
-    except ValueError:
-        return False
-    return True
+        return reader(request.headers, body), body
+    except Exception as exc:  # noqa: BLE001 - every failure to parse means one thing
+        raise errors.InvalidEvent(f"not a CloudEvent: {exc}") from exc
 
 
-def prepare_cloud_event_app(app: flask.Flask) -> None:
-    """For CloudEvent functions, whose routes functions-framework owns: health paths, and a 400 (never
-    a retried 5xx or a 415) for a request that is not a CloudEvent at all, so it is dead-lettered."""
-    answer_framework_errors_in_json(app)
-    for path in HEALTH_PATHS:
-        app.add_url_rule(path, path, lambda: json_response(200, {"status": "ok"}), methods=["GET"])
-
-    @app.before_request
-    def reject_what_is_not_a_cloud_event() -> flask.Response | None:
-        if flask.request.method != "POST" or _plain_binary_event(flask.request):
-            return None
-        try:
-            cloudevents.http.from_http(flask.request.headers, flask.request.get_data())
-        except Exception as exc:  # noqa: BLE001 - every parse failure means the same: not a CloudEvent
-            response = error_response(errors.InvalidEvent(f"not a CloudEvent: {exc}"))
-            logs.write(
-                {
-                    **logs.start_record(method="POST", path=flask.request.path),
-                    "status": 400,
-                    "error": str(exc)[:300],
-                }
-            )
-            return response
-        return None
+async def _never(request: Request, todo_id: int | None) -> Response:
+    raise AssertionError("a CloudEvent sink answers its POSTs itself")
 
 
-def cloud_event_endpoint(handle_event: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Wrap a CloudEvent handler: errors become statuses a KafkaSource understands, one log line each.
+class CloudEventSink:
+    """A KafkaSource sink: POST / (or any path) takes a CloudEvent, binary or structured mode.
 
-    400 for an event that can never be applied (dead-lettered, not retried); 503 when a dependency
-    is down (retried); 500 for anything unexpected (retried).
+    The handler returns an outcome word for the log and the answer. Statuses are what a KafkaSource
+    acts on: 2xx done; 400 (not a CloudEvent, or never applicable) and 413 go to the dead-letter sink
+    without retries; 503 (a dependency is down) and 500 (a bug) are retried.
     """
 
-    @functools.wraps(handle_event)
-    def handle(event: Any) -> None:
-        started = time.perf_counter()
-        record = logs.start_record(
-            event_id=event["id"], event_type=event["type"], subject=event.get("subject")
-        )
-        status = 200
-        try:
-            handle_event(event)
-        except errors.TodoError as error:
-            status = status_of(error)
-            record["error"] = error.message
-            exception = werkzeug.exceptions.HTTPException
-            raise exception(response=error_response(error)) from error
-        except Exception as exc:
-            status = 500
-            traceback.print_exc(file=sys.stderr)
-            raise werkzeug.exceptions.InternalServerError("internal error") from exc
-        finally:
-            record.update(status=status, latency_ms=round((time.perf_counter() - started) * 1000, 2))
-            logs.write(record)
+    def __init__(self, handle: EventHandler, read: EventReader = parse_cloud_event) -> None:
+        global _edge
+        self._handle = handle
+        self._read = read
+        # Health, metrics, and other methods (405, Allow: POST): the same answers and log line as the others.
+        self._others = HttpFunction(any_path={"POST": _never}, edge=False)
+        _edge = self
 
-    return handle
+    async def __call__(self, request: Request) -> Response:
+        method, path = request.method, request.scope["path"]
+        if method != "POST" or path in HEALTH_PATHS or path == METRICS_PATH:
+            return await self._others(request)
+        started = time.perf_counter()
+        record = logs.start_record(method=method, path=path)
+        event: Event | None = None
+        unreadable: errors.TodoError | None = None
+        try:
+            event, body = await _read_event(request, self._read)
+        except errors.TodoError as error:
+            unreadable = error
+        name = f"{event['type']} process" if event is not None else "unreadable event"
+        with tracing.start_span(name, _event_parent(event, request), kind="consumer") as span:
+            record.update(trace_id=span.context.trace_id, span_id=span.context.span_id)
+            try:
+                if unreadable is not None:
+                    raise unreadable
+                assert event is not None
+                record.update(event_id=event["id"], event_type=event["type"], subject=event.get("subject"))
+                outcome = await self._handle(event, request, body)
+                record["outcome"] = outcome
+                response = json_response(200, {"outcome": outcome})
+            except errors.TodoError as error:
+                record["error"] = error.message[:300]
+                if isinstance(error, errors.DependencyUnavailable) and error.cause is not None:
+                    record["cause"] = repr(error.cause)[:300]
+                response = error_response(error)
+            except Exception as exc:  # noqa: BLE001 - a bug: 500, which the KafkaSource retries
+                span.fail(exc)
+                response = _internal_error()
+            span.set(**{"http.response.status_code": response.status_code})
+        elapsed = time.perf_counter() - started
+        record.update(status=response.status_code, latency_ms=round(elapsed * 1000, 2))
+        logs.write(record)
+        metrics.request_metrics.observe("/", method, response.status_code, elapsed)
+        return response

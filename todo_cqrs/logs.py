@@ -1,14 +1,29 @@
-"""One JSON line per request or event on stdout, as Knative and any log pipeline expect."""
+"""One JSON line per request or event on stdout, as Knative and any log pipeline expect.
+
+The event loop never writes to stdout itself: a line is appended to a buffer, and every 50 ms the
+buffer goes, as one chunk, to a writer thread that may block on a slow pipe without stalling requests.
+Outside an event loop (command-line tools, start-up) a line is written at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
+import os
+import queue
 import sys
+import threading
 import time
 from contextvars import ContextVar
 from typing import Any
 
+import orjson
+
 from todo_cqrs.settings import settings
+
+FLUSH_EVERY_S = 0.05
+MAX_QUEUED_CHUNKS = 2000  # about 100 s of logs at one chunk per flush; beyond it lines are dropped
 
 _fields: ContextVar[dict[str, Any] | None] = ContextVar("log_fields", default=None)
 
@@ -27,11 +42,109 @@ def annotate(**fields: Any) -> None:
         record.update(fields)
 
 
+def current_record() -> dict[str, Any] | None:
+    return _fields.get()
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    line = {"ts": round(time.time(), 3), **record}
+    try:
+        return orjson.dumps(line, default=str) + b"\n"
+    except TypeError:  # a lone surrogate quoted from a hostile request: ASCII escapes instead
+        return json.dumps(line, default=str, separators=(",", ":")).encode() + b"\n"
+
+
 def write(record: dict[str, Any]) -> None:
-    line = json.dumps({"ts": round(time.time(), 3), **record}, default=str, separators=(",", ":"))
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    _writer.write(_line(record))
 
 
 def log_event(message: str, **fields: Any) -> None:
+    """A line that belongs to no request (the publisher, start-up, a background failure)."""
     write({"function": settings().function_name, "message": message, **fields})
+
+
+class _Writer:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer: list[bytes] = []
+        self._flush_pending = False
+        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def write(self, line: bytes) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_now(line)
+            return
+        self._buffer.append(line)
+        if not self._flush_pending:
+            self._flush_pending = True
+            loop.call_later(FLUSH_EVERY_S, self.flush)
+
+    def flush(self) -> None:
+        """Hand what is buffered to the writer thread."""
+        self._flush_pending = False
+        if not self._buffer:
+            return
+        chunk = b"".join(self._buffer)
+        self._buffer.clear()
+        if self._chunks.qsize() >= MAX_QUEUED_CHUNKS:
+            self.dropped += chunk.count(b"\n")
+            return
+        self._ensure_thread()
+        self._chunks.put(chunk)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._write_now(chunk)
+
+    def _write_now(self, data: bytes) -> None:
+        sys.stdout.flush()  # print()ed text first, so lines keep their order
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # stdout closed: nothing to tell anyone
+
+    def close(self) -> None:
+        """At exit: write what is buffered and queued."""
+        self.flush()
+        if self._thread is not None and self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join(2.0)
+        else:
+            while True:
+                try:
+                    chunk = self._chunks.get_nowait()
+                except queue.Empty:
+                    return
+                if chunk is not None:
+                    self._write_now(chunk)
+
+    def after_fork(self) -> None:
+        # gunicorn imports the function in its master and forks the worker: no thread, lock or
+        # queue of the master's is usable in the child.
+        self.__init__(self._fd)  # type: ignore[misc]
+
+
+_writer = _Writer(1)
+atexit.register(_writer.close)
+os.register_at_fork(after_in_child=_writer.after_fork)
+
+
+def flush() -> None:
+    """Write out what is buffered (tests, shutdown)."""
+    _writer.close()

@@ -29,7 +29,7 @@ def _db_url(database: str) -> str:
     host = os.environ.get("DB_HOST", "127.0.0.1")
     port = os.environ.get("DB_PORT", "3306")
     user = os.environ.get("DB_USER", "todo")
-    return f"mysql+pymysql://{user}:{_db_password()}@{host}:{port}/{database}?charset=utf8mb4"
+    return f"mysql+aiomysql://{user}:{_db_password()}@{host}:{port}/{database}?charset=utf8mb4"
 
 
 def _float(name: str, default: float) -> float:
@@ -53,9 +53,11 @@ class Settings:
     topic_partitions: int
     event_source: str
     publish_timeout_s: float
-    publish_wait_s: float
     publish_backoff_s: float
     relay_batch_size: int
+    outbox_shards: int
+    outbox_lease_s: float
+    idempotency_ttl_s: int
     cache_ttl_s: int
     list_cache_ttl_s: int
     min_version_wait_s: float
@@ -66,6 +68,7 @@ class Settings:
     dead_letter_store: str
     project_event_url: str
     function_name: str
+    metrics_enabled: bool
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -82,9 +85,11 @@ class Settings:
             topic_partitions=_int("TODO_EVENTS_PARTITIONS", 3),
             event_source=os.environ.get("EVENT_SOURCE", "/todo-cqrs/commands"),
             publish_timeout_s=_float("PUBLISH_TIMEOUT_SECONDS", 1.0),
-            publish_wait_s=_float("PUBLISH_WAIT_SECONDS", 0.0),
             publish_backoff_s=_float("PUBLISH_BACKOFF_SECONDS", 2.0),
             relay_batch_size=_int("RELAY_BATCH_SIZE", 500),
+            outbox_shards=_int("OUTBOX_SHARDS", _int("TODO_EVENTS_PARTITIONS", 3)),
+            outbox_lease_s=_float("OUTBOX_LEASE_SECONDS", 5.0),
+            idempotency_ttl_s=_int("IDEMPOTENCY_TTL_SECONDS", 86400),
             cache_ttl_s=_int("CACHE_TTL_SECONDS", 300),
             list_cache_ttl_s=_int("LIST_CACHE_TTL_SECONDS", 60),
             min_version_wait_s=_float("MIN_VERSION_WAIT_SECONDS", 2.0),
@@ -95,6 +100,7 @@ class Settings:
             dead_letter_store=os.environ.get("DEAD_LETTER_STORE", "dir"),
             project_event_url=os.environ.get("PROJECT_EVENT_URL", "http://127.0.0.1:8085"),
             function_name=os.environ.get("K_SERVICE") or os.environ.get("FUNCTION_TARGET", "todo"),
+            metrics_enabled=os.environ.get("METRICS_ENABLED", "1").lower() not in ("0", "false", "no", "off"),
         )
 
 

@@ -1,20 +1,37 @@
 """dead_letter: the KafkaSource's dead-letter sink. Keeps every event it is given, error extensions included.
 
-Answers 200 once the event is stored, 503 while the store is unreachable (retried: never lost).
+Answers 200 once the event is stored, 503 while the store is unreachable (retried: never lost). Only the
+event's attributes are read: its data is kept as the bytes that arrived, even data no parser takes.
 """
 
-import flask
-import functions_framework
-from cloudevents.http import CloudEvent
+from collections.abc import Mapping
 
-from todo_cqrs.dead_letter import keep_dead_letter
-from todo_cqrs.http import cloud_event_endpoint, prepare_cloud_event_app
+import functions_framework.aio
+from starlette.requests import Request
+from starlette.responses import Response
 
-prepare_cloud_event_app(flask.current_app)  # functions-framework runs this module inside its app context
+from todo_cqrs.dead_letter import DeadLetter, keep_dead_letter
+from todo_cqrs.http import CloudEventSink
+
+REQUIRED = ("specversion", "id", "source", "type")
 
 
-@functions_framework.cloud_event
-@cloud_event_endpoint
-def dead_letter(event: CloudEvent) -> None:
-    # Kept as the request arrived: the parsed `event` has its data decoded and may carry a made-up time.
-    keep_dead_letter(flask.request.headers, flask.request.get_data())
+def attributes(headers: Mapping[str, str], body: bytes) -> Mapping[str, str]:
+    found = DeadLetter.from_http(headers, body).attributes
+    missing = [name for name in REQUIRED if not found.get(name)]
+    if missing:
+        raise ValueError(f"missing required attributes: {', '.join(missing)}")
+    return found
+
+
+async def keep(event: Mapping[str, str], request: Request, body: bytes) -> str:
+    await keep_dead_letter(request.headers, body)
+    return "stored"
+
+
+sink = CloudEventSink(keep, read=attributes)
+
+
+@functions_framework.aio.http
+async def dead_letter(request: Request) -> Response:
+    return await sink(request)

@@ -1,18 +1,23 @@
 """relay_outbox: publishes pending outbox events; a PingSource POSTs to it (locally the runner does)."""
 
-import flask
-import functions_framework
+import functions_framework.aio
+from starlette.requests import Request
+from starlette.responses import Response
 
-from todo_cqrs.command.relay import drain_outbox
-from todo_cqrs.http import endpoint, json_response
-
-# Long enough to wait out a command's inline publish, short enough for a PingSource tick.
-RELAY_LOCK_WAIT_S = 5.0
+from todo_cqrs.command.idempotency import purge_expired
+from todo_cqrs.command.relay import drain_all
+from todo_cqrs.http import HttpFunction, json_response
 
 
-@functions_framework.http
-@endpoint(collection=("POST",))
-def relay_outbox(request: flask.Request, todo_id: None) -> flask.Response:
-    published = drain_outbox(lock_wait_s=RELAY_LOCK_WAIT_S)
-    # None: another drain held the lock all along; it publishes what is pending.
-    return json_response(200, {"published": published or 0, "lock_busy": published is None})
+async def relay(request: Request, todo_id: None) -> Response:
+    published = await drain_all()  # shards whose lease another process holds are its to drain
+    purged = await purge_expired()
+    return json_response(200, {"published": published, "expired_keys_deleted": purged})
+
+
+function = HttpFunction(collection={"POST": relay})
+
+
+@functions_framework.aio.http
+async def relay_outbox(request: Request) -> Response:
+    return await function(request)

@@ -1,16 +1,27 @@
 """update_todo: PATCH /{id} (and PATCH /todo/{id}) changes a todo; If-Match makes it conditional."""
 
-import flask
-import functions_framework
+import functions_framework.aio
+from starlette.requests import Request
+from starlette.responses import Response
 
 from todo_cqrs.command import handlers
-from todo_cqrs.http import endpoint, if_match_versions, read_json_object, todo_response
+from todo_cqrs.command.idempotency import IdempotencyKey
+from todo_cqrs.http import HttpFunction, if_match_versions, read_json_object, reply_response, todo_reply
 
 handlers.warm_up()
 
 
-@functions_framework.http
-@endpoint(item=("PATCH",))
-def update_todo(request: flask.Request, todo_id: int) -> flask.Response:
-    body = read_json_object(request)
-    return todo_response(handlers.update_todo(todo_id, body, if_match_versions(request)))
+async def update(request: Request, todo_id: int) -> Response:
+    body = await read_json_object(request)
+    if_match = request.headers.get("if-match")
+    key = IdempotencyKey.of(request.headers.get("idempotency-key"), f"PATCH /todo/{todo_id}", body, if_match)
+    reply = await handlers.update_todo(todo_id, body, if_match_versions(request), todo_reply, key)
+    return reply_response(reply)
+
+
+function = HttpFunction(item={"PATCH": update})
+
+
+@functions_framework.aio.http
+async def update_todo(request: Request) -> Response:
+    return await function(request)

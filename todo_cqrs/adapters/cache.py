@@ -1,4 +1,5 @@
-"""The Redis cache of the query side, and the invalidations the projection performs.
+"""The Redis cache of the query side, the invalidations the projection performs, and the notices that
+wake `?min_version` readers.
 
 The cache never goes back in time. The classic cache-aside race: a reader loads version 1 from the
 read DB, the projection commits version 2 and invalidates, then the reader stores version 1. Here an
@@ -9,23 +10,32 @@ instead: an invalidation bumps it, and a reader stores its page under the genera
 before querying the DB, a key that nobody reads any more once a newer change was invalidated.
 
 Values: b"<version>:t:<json body>" for a cached todo, b"<version>:i:" for an invalidation marker.
+The version sits in front of the body, so a hit needs no JSON parsing for its ETag.
+
+Every invalidation also PUBLISHes "<id>:<version>:<traceparent>" on VERSIONS_CHANNEL: get_todos
+wakes the readers waiting for that version (VersionWatch) instead of polling the read DB.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
-from functools import cache
+from typing import Any
 
-import redis
+import redis.asyncio as aredis
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from todo_cqrs.domain.errors import DependencyUnavailable
+from todo_cqrs.logs import log_event
+from todo_cqrs.loop_local import loop_local
 from todo_cqrs.settings import settings
 
 LIST_GENERATION_KEY = "todos:list:gen"
+VERSIONS_CHANNEL = "todos:versions"
 # After a failure, reads skip Redis for this long instead of paying its timeout on every request.
 READ_BREAKER_S = 1.0
 
@@ -52,6 +62,7 @@ if current then
 end
 redis.call('SET', KEYS[1], floor .. ':i:', 'EX', ARGV[2])
 redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ':' .. ARGV[1] .. ':' .. ARGV[5])
 return floor
 """
 
@@ -74,97 +85,254 @@ def list_key(generation: bytes | str, page: str) -> str:
     return f"todos:list:{generation}:{page}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CachedTodo:
     version: int
     body: bytes
 
 
+class _Batched:
+    """GETs asked for in the same turn of the event loop go to Redis as one MGET: under load, one round
+    trip and one pass through redis-py's client code serve several requests."""
+
+    def __init__(self, client: aredis.Redis) -> None:
+        self._client = client
+        self._waiting: dict[str, list[asyncio.Future[bytes | None]]] = {}
+
+    def get(self, key: str) -> asyncio.Future[bytes | None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._send)
+        self._waiting.setdefault(key, []).append(future)
+        return future
+
+    def _send(self) -> None:
+        batch, self._waiting = self._waiting, {}
+        asyncio.get_running_loop().create_task(self._fetch(batch))
+
+    async def _fetch(self, batch: dict[str, list[asyncio.Future[bytes | None]]]) -> None:
+        keys = list(batch)
+        try:
+            if len(keys) == 1:
+                values: list[Any] = [await self._client.get(keys[0])]
+            else:
+                values = await self._client.mget(keys)
+        except BaseException as exc:  # every waiter gets the failure (CacheUnavailable for them)
+            for futures in batch.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for key, value in zip(keys, values, strict=True):
+            for future in batch[key]:
+                if not future.done():
+                    future.set_result(value)
+
+
 class TodoCache:
-    def __init__(self, client: redis.Redis) -> None:
-        self._redis = client
+    def __init__(self, client: aredis.Redis) -> None:
+        self.client = client
+        self._batched = _Batched(client)
         self._store_todo = client.register_script(_STORE_TODO)
         self._invalidate = client.register_script(_INVALIDATE)
         self._read_list = client.register_script(_READ_LIST)
         self._skip_reads_until = 0.0
-        self._lock = threading.Lock()
 
-    def _reads_allowed(self) -> bool:
-        return time.monotonic() >= self._skip_reads_until
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _check_breaker(self) -> None:
+        if time.monotonic() < self._skip_reads_until:
+            raise CacheUnavailable("redis was unreachable moments ago")
 
     def _read_failed(self) -> None:
-        with self._lock:
-            self._skip_reads_until = time.monotonic() + READ_BREAKER_S
+        self._skip_reads_until = time.monotonic() + READ_BREAKER_S
 
-    def get_todo(self, todo_id: int) -> CachedTodo | None:
+    async def get_todo(self, todo_id: int) -> CachedTodo | None:
         """The cached todo; None when absent or invalidated. Raises CacheUnavailable."""
-        if not self._reads_allowed():
-            raise CacheUnavailable("redis was unreachable moments ago")
+        self._check_breaker()
         try:
-            value = self._redis.get(todo_key(todo_id))
-        except redis.RedisError as exc:
+            value = await self._batched.get(todo_key(todo_id))
+        except (RedisError, OSError, TimeoutError) as exc:
             self._read_failed()
             raise CacheUnavailable(str(exc)) from exc
         if not value:
             return None
-        version, kind, body = (value if isinstance(value, bytes) else value.encode()).split(b":", 2)
+        version, kind, body = value.split(b":", 2)
         return CachedTodo(int(version), body) if kind == b"t" else None
 
-    def store_todo(self, todo_id: int, version: int, body: bytes) -> None:
+    async def store_todo(self, todo_id: int, version: int, body: bytes) -> None:
         """Store a row read from the DB unless a newer version was cached or invalidated meanwhile."""
         try:
-            self._store_todo(keys=[todo_key(todo_id)], args=[version, body, settings().cache_ttl_s])
-        except redis.RedisError:
+            await self._store_todo(keys=[todo_key(todo_id)], args=[version, body, settings().cache_ttl_s])
+        except (RedisError, OSError, TimeoutError):
             self._read_failed()  # the answer is already known; a failed store only costs a later miss
 
-    def get_list(self, page: str) -> tuple[bytes, bytes | None]:
+    async def get_list(self, page: str) -> tuple[bytes, bytes | None]:
         """(generation, cached page or None). Raises CacheUnavailable."""
-        if not self._reads_allowed():
-            raise CacheUnavailable("redis was unreachable moments ago")
+        self._check_breaker()
         try:
-            generation, body = self._read_list(keys=[LIST_GENERATION_KEY], args=[page])
-        except redis.RedisError as exc:
+            generation, body = await self._read_list(keys=[LIST_GENERATION_KEY], args=[page])
+        except (RedisError, OSError, TimeoutError) as exc:
             self._read_failed()
             raise CacheUnavailable(str(exc)) from exc
         return generation, body
 
-    def store_list(self, generation: bytes, page: str, body: bytes) -> None:
+    async def store_list(self, generation: bytes, page: str, body: bytes) -> None:
         try:
-            self._redis.set(list_key(generation, page), body, ex=settings().list_cache_ttl_s)
-        except redis.RedisError:
+            await self.client.set(list_key(generation, page), body, ex=settings().list_cache_ttl_s)
+        except (RedisError, OSError, TimeoutError):
             self._read_failed()
 
-    def invalidate(self, todo_id: int, version: int) -> None:
-        """After a read-DB commit: mark the todo's entry stale up to `version`, retire every cached list."""
+    async def invalidate(self, todo_id: int, version: int, traceparent: str | None = None) -> None:
+        """After a read-DB commit: mark the todo's entry stale up to `version`, retire every cached
+        list, and tell the waiting readers."""
         try:
-            self._invalidate(
-                keys=[todo_key(todo_id), LIST_GENERATION_KEY], args=[version, settings().cache_ttl_s]
+            await self._invalidate(
+                keys=[todo_key(todo_id), LIST_GENERATION_KEY],
+                args=[version, settings().cache_ttl_s, VERSIONS_CHANNEL, todo_id, traceparent or ""],
             )
-        except redis.RedisError as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             raise DependencyUnavailable("redis is unreachable", cause=exc) from exc
 
-    def forget_everything(self) -> None:
-        """Drop every cached todo and retire every cached list (for a rebuild of the read model)."""
+    async def forget_everything(self) -> None:
+        """Drop every cached entry except the invalidation markers, and retire every cached list (for a
+        rebuild of the read model: a marker keeps a reader from caching a version older than one the
+        projection already applied)."""
         try:
-            for key in self._redis.scan_iter(match="todo:*", count=1000):
-                self._redis.delete(key)
-            self._redis.incr(LIST_GENERATION_KEY)
-        except redis.RedisError as exc:
+            async for key in self.client.scan_iter(match="todo:*", count=1000):
+                value = await self.client.get(key)
+                if value and b":t:" in value[:24]:
+                    await self.client.delete(key)
+            await self.client.incr(LIST_GENERATION_KEY)
+        except (RedisError, OSError, TimeoutError) as exc:
             raise DependencyUnavailable("redis is unreachable", cause=exc) from exc
 
 
-def redis_client(url: str, timeout_s: float) -> redis.Redis:
+def redis_client(url: str, timeout_s: float | None) -> aredis.Redis:
     # No client-side retries: a frozen Redis must cost one short timeout, not several.
-    return redis.Redis.from_url(
+    return aredis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+        socket_connect_timeout=timeout_s or 1.0,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
 
 
-@cache
+@loop_local
 def todo_cache() -> TodoCache:
     s = settings()
     return TodoCache(redis_client(s.redis_url, s.redis_timeout_s))
+
+
+# --- waking ?min_version readers --------------------------------------------------------------------
+
+
+class VersionWatch:
+    """This process's subscription to VERSIONS_CHANNEL, and the readers waiting for a version.
+
+    `healthy` is False while the subscription is down or Redis stops answering its pings; readers
+    then poll the read DB instead (bounded), as they would without Redis.
+    """
+
+    PING_EVERY_S = 1.0
+    HEALTHY_WITHIN_S = 2.5
+
+    def __init__(self) -> None:
+        self._waiters: dict[int, list[tuple[int, asyncio.Future[str]]]] = {}
+        self._last_heard = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        self._ensure_running()
+        return time.monotonic() - self._last_heard < self.HEALTHY_WITHIN_S
+
+    def wait_for(self, todo_id: int, version: int) -> asyncio.Future[str]:
+        """A future that resolves (to the projection's traceparent) once `version` of the todo is applied.
+        Register it before reading the read model, so that no notice falls between the two."""
+        self._ensure_running()
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(todo_id, []).append((version, future))
+        return future
+
+    def forget(self, todo_id: int, future: asyncio.Future[str]) -> None:
+        waiting = self._waiters.get(todo_id)
+        if waiting is not None:
+            waiting[:] = [(v, f) for v, f in waiting if f is not future]
+            if not waiting:
+                del self._waiters[todo_id]
+
+    def notice(self, message: bytes) -> None:
+        todo_text, _, rest = message.partition(b":")
+        version_text, _, traceparent = rest.partition(b":")
+        try:
+            todo_id, version = int(todo_text), int(version_text)
+        except ValueError:
+            return
+        waiting = self._waiters.get(todo_id)
+        if not waiting:
+            return
+        still = []
+        for wanted, future in waiting:
+            if wanted <= version:
+                if not future.done():
+                    future.set_result(traceparent.decode())
+            else:
+                still.append((wanted, future))
+        if still:
+            self._waiters[todo_id] = still
+        else:
+            del self._waiters[todo_id]
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._listen(), name="version-watch")
+
+    async def _listen(self) -> None:
+        s = settings()
+        backoff = 0.1
+        while True:
+            client = redis_client(s.redis_url, None)
+            pubsub = client.pubsub()
+            try:
+                await asyncio.wait_for(pubsub.subscribe(VERSIONS_CHANNEL), 1.0)
+                backoff = 0.1
+                next_ping = 0.0
+                while True:
+                    now = time.monotonic()
+                    if now >= next_ping:
+                        await pubsub.ping()
+                        next_ping = now + self.PING_EVERY_S
+                    message = await pubsub.get_message(timeout=self.PING_EVERY_S / 2)
+                    if message is None:
+                        continue
+                    self._last_heard = time.monotonic()  # a notice, a pong or the subscription's answer
+                    if message["type"] == "message":
+                        self.notice(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnect; readers poll meanwhile
+                self._last_heard = 0.0
+                log_event("version_watch_down", error=repr(exc)[:200], retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                    await client.aclose()
+
+
+@loop_local
+def version_watch() -> VersionWatch:
+    return VersionWatch()

@@ -1,7 +1,14 @@
-"""Kafka publishing of outbox rows as CloudEvents in binary content mode (one producer per process)."""
+"""Kafka publishing of outbox rows as CloudEvents in binary content mode (one producer per process).
+
+librdkafka does its network work on its own threads, so its producer is not tied to an event loop;
+`publish` blocks until the batch is acknowledged or its time is up, and the relay calls it in a
+worker thread (asyncio.to_thread). confluent-kafka's AIOProducer wraps every message in its own
+future and batches them again on a thread pool; one call per outbox batch does less.
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,7 +19,7 @@ from cloudevents.http import CloudEvent
 from cloudevents.kafka import to_binary
 from confluent_kafka import KafkaError, Producer
 
-from todo_cqrs.domain.todo import format_time
+from todo_cqrs.domain.clock import format_time
 from todo_cqrs.settings import settings
 
 
@@ -26,23 +33,28 @@ class OutboxRecord:
     todo_id: int
     occurred_at: datetime
     payload: str
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 def to_kafka_message(
     record: OutboxRecord, source: str
 ) -> tuple[bytes, bytes, list[tuple[str, str | bytes | None]]]:
-    """Key, value and headers of the record: key = todo id, so one todo's events share a partition."""
-    event = CloudEvent(
-        {
-            "id": record.event_id,
-            "source": source,
-            "type": record.event_type,
-            "subject": str(record.todo_id),
-            "time": format_time(record.occurred_at),
-            "datacontenttype": "application/json",
-        },
-        record.payload.encode(),
-    )
+    """Key, value and headers of the record: key = todo id, so one todo's events share a partition.
+    The command's trace context rides along as the distributed-tracing extension (ce_traceparent)."""
+    attributes = {
+        "id": record.event_id,
+        "source": source,
+        "type": record.event_type,
+        "subject": str(record.todo_id),
+        "time": format_time(record.occurred_at),
+        "datacontenttype": "application/json",
+    }
+    if record.traceparent:
+        attributes["traceparent"] = record.traceparent
+        if record.tracestate:
+            attributes["tracestate"] = record.tracestate
+    event = CloudEvent(attributes, record.payload.encode())
     message = to_binary(event, data_marshaller=lambda data: data, key_mapper=lambda _: str(record.todo_id))
     key = message.key.encode() if isinstance(message.key, str) else message.key
     value = message.value.encode() if isinstance(message.value, str) else message.value
@@ -58,8 +70,9 @@ def producer_config(bootstrap_servers: str) -> dict[str, Any]:
         # Java clients' partitioner, so any Kafka client agrees on which partition holds a todo.
         "partitioner": "murmur2_random",
         "linger.ms": 1,
-        # Bounded: a message nobody could deliver fails instead of waiting for minutes.
-        "message.timeout.ms": 30000,
+        # Shorter than a shard lease: a message this producer still holds when its lease may have
+        # passed to another process fails instead of reaching the topic after that holder's.
+        "message.timeout.ms": max(2000, int((settings().outbox_lease_s - 1) * 1000)),
         "socket.connection.setup.timeout.ms": 3000,
         "reconnect.backoff.max.ms": 1000,
     }
@@ -76,7 +89,8 @@ class Publisher:
         self._lock = threading.Lock()  # one batch at a time: delivery reports are matched per batch
 
     def publish(self, records: Sequence[OutboxRecord], timeout_s: float) -> list[int]:
-        """Outbox ids delivered (acks=all) within timeout_s; undelivered ones are purged, never sent later."""
+        """Outbox ids delivered (acks=all) within 2 x timeout_s at most; undelivered ones are purged,
+        never sent later."""
         delivered: list[int] = []
 
         def on_delivery(outbox_id: int) -> Callable[[KafkaError | None, Any], None]:
@@ -98,12 +112,14 @@ class Publisher:
                     headers=headers,
                     on_delivery=on_delivery(record.outbox_id),
                 )
-            remaining = self._producer.flush(timeout_s)
-            if remaining:
-                # Kafka did not answer in time: drop what is queued so it cannot arrive after a later
-                # retry by the relay, which would reorder one todo's events.
-                self._producer.purge(in_queue=True, in_flight=True, blocking=False)
-                self._producer.flush(0)
+            if self._producer.flush(timeout_s):
+                # Kafka did not answer in time. What was never sent is dropped, so it cannot arrive
+                # after a later retry; what is in flight may already be written: its report is waited
+                # for once more (a row Kafka has is marked, not published twice), then dropped too.
+                self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+                if self._producer.flush(timeout_s):
+                    self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+                    self._producer.flush(0)
         return delivered
 
     def close(self) -> None:
@@ -128,6 +144,15 @@ def publisher() -> Publisher:
             s = settings()
             _current = Publisher(s.kafka_bootstrap_servers, s.topic, s.event_source)
         return _current
+
+
+def _forget_after_fork() -> None:
+    # librdkafka's threads do not survive fork(): a gunicorn worker makes its own producer.
+    global _current, _current_lock
+    _current, _current_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def reset_publisher() -> None:

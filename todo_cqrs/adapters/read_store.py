@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import DATETIME
-from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from todo_cqrs.adapters.write_store import naive_utc, todo_from_row
-from todo_cqrs.db import read_engine, transaction
+from todo_cqrs import db
+from todo_cqrs.adapters.rows import todo_from_row
+from todo_cqrs.domain.clock import naive_utc
 from todo_cqrs.domain.events import Change
 from todo_cqrs.domain.todo import Status, Todo
 
+TABLE = "todos_view"
 metadata = sa.MetaData()
 
 todos_view = sa.Table(
-    "todos_view",
+    TABLE,
     metadata,
     sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("title", sa.String(255), nullable=False),
@@ -35,20 +39,22 @@ todos_view = sa.Table(
     mysql_charset="utf8mb4",
 )
 
-# One statement, safe under concurrent delivery of the same id: the row lock of the upsert
-# serialises them, and every column moves only when the incoming version is newer. `version` is
-# assigned last because MariaDB evaluates the assignments left to right.
-_NEWER = "VALUES(version) > version"
-_UPSERT = sa.text(
-    "INSERT INTO todos_view (id, title, description, status, version, created_at, updated_at, deleted) "
-    "VALUES (:id, :title, :description, :status, :version, :created_at, :updated_at, :deleted) "
-    "ON DUPLICATE KEY UPDATE "
-    + ", ".join(
-        f"{col} = IF({_NEWER}, VALUES({col}), {col})"
-        for col in ("title", "description", "status", "created_at", "updated_at", "deleted")
+
+@cache
+def upsert_statement(table: str = TABLE) -> sa.TextClause:
+    """One statement, safe under concurrent delivery of the same id: the row lock of the upsert
+    serialises them, and every column moves only when the incoming version is newer. `version` is
+    assigned last because MariaDB evaluates the assignments left to right. Affected rows: 1 inserted,
+    2 updated, 0 nothing to do (a duplicate or an older version)."""
+    newer = "VALUES(version) > version"
+    columns = ("title", "description", "status", "created_at", "updated_at", "deleted")
+    return sa.text(
+        f"INSERT INTO {table} (id, title, description, status, version, created_at, updated_at, deleted) "
+        "VALUES (:id, :title, :description, :status, :version, :created_at, :updated_at, :deleted) "
+        "ON DUPLICATE KEY UPDATE "
+        + ", ".join(f"{col} = IF({newer}, VALUES({col}), {col})" for col in columns)
+        + ", version = GREATEST(version, VALUES(version))"
     )
-    + ", version = GREATEST(version, VALUES(version))"
-)
 
 
 # Built once, with bound parameters: the statements compile once per process.
@@ -62,16 +68,17 @@ _PAGE = (
 _PAGE_OF_STATUS = _PAGE.where(todos_view.c.status == sa.bindparam("status"))
 
 
-def read_connection() -> AbstractContextManager[Connection]:
-    """A read-DB connection in a transaction; an unreachable database becomes DependencyUnavailable."""
-    return transaction(read_engine(), "read")
+def read_connection() -> AbstractAsyncContextManager[AsyncConnection]:
+    """A read-DB connection, each statement autocommitted; an unreachable database becomes
+    DependencyUnavailable."""
+    return db.autocommitted(db.read_engine(), "read")
 
 
-def apply_change(conn: Connection, change: Change, event_time: Any) -> None:
-    """Upsert the todo (or its tombstone) unless the read model already holds this version or a newer one."""
+def change_row(change: Change, event_time: datetime) -> dict[str, Any]:
+    """The row the change leaves: the todo, or a tombstone stamped with the event's time."""
     if change.todo is not None:
         todo = change.todo
-        row = {
+        return {
             "id": todo.id,
             "title": todo.title,
             "description": todo.description,
@@ -81,24 +88,29 @@ def apply_change(conn: Connection, change: Change, event_time: Any) -> None:
             "updated_at": naive_utc(todo.updated_at),
             "deleted": False,
         }
-    else:
-        moment = naive_utc(event_time)
-        row = {
-            "id": change.todo_id,
-            "title": "",
-            "description": "",
-            "status": Status.CREATED.value,
-            "version": change.version,
-            "created_at": moment,
-            "updated_at": moment,
-            "deleted": True,
-        }
-    conn.execute(_UPSERT, row)
+    moment = naive_utc(event_time)
+    return {
+        "id": change.todo_id,
+        "title": "",
+        "description": "",
+        "status": Status.CREATED.value,
+        "version": change.version,
+        "created_at": moment,
+        "updated_at": moment,
+        "deleted": True,
+    }
 
 
-def get_row(conn: Connection, todo_id: int) -> tuple[Todo | None, int | None]:
+async def apply_change(conn: AsyncConnection, change: Change, event_time: datetime) -> bool:
+    """Upsert the todo (or its tombstone) unless the read model already holds this version or a newer
+    one; True when it changed the read model."""
+    result = await conn.execute(upsert_statement(), change_row(change, event_time))
+    return result.rowcount > 0
+
+
+async def get_row(conn: AsyncConnection, todo_id: int) -> tuple[Todo | None, int | None]:
     """(todo, version): the live todo, or (None, tombstone version), or (None, None) when never seen."""
-    row = conn.execute(_GET_ROW, {"todo_id": todo_id}).first()
+    row = (await conn.execute(_GET_ROW, {"todo_id": todo_id})).first()
     if row is None:
         return None, None
     if row.deleted:
@@ -106,12 +118,12 @@ def get_row(conn: Connection, todo_id: int) -> tuple[Todo | None, int | None]:
     return todo_from_row(row), row.version
 
 
-def list_rows(conn: Connection, status: Status | None, after_id: int, limit: int) -> list[Todo]:
+async def list_rows(conn: AsyncConnection, status: Status | None, after_id: int, limit: int) -> list[Todo]:
     """Live todos with id > after_id in id order: an index range scan, the same cost at any depth."""
     if status is None:
-        rows = conn.execute(_PAGE, {"after_id": after_id, "limit": limit}).all()
+        result = await conn.execute(_PAGE, {"after_id": after_id, "limit": limit})
     else:
-        rows = conn.execute(
+        result = await conn.execute(
             _PAGE_OF_STATUS, {"after_id": after_id, "limit": limit, "status": status.value}
-        ).all()
-    return [todo_from_row(row) for row in rows]
+        )
+    return [todo_from_row(row) for row in result.all()]

@@ -1,21 +1,27 @@
-"""The write database: the todos table and the transactional outbox beside it."""
+"""The write database: the todos table, the transactional outbox beside it, and the outbox's shard leases.
+
+Every moment of a change (`created_at`, `updated_at`, the event's time) is the database's
+`UTC_TIMESTAMP(3)`, read inside the change's transaction: pods with skewed clocks cannot make a todo
+go back in time. Idempotency keys live here too (todo_cqrs/command/idempotency.py).
+"""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.mysql import DATETIME
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.dialects.mysql import DATETIME, MEDIUMTEXT
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from todo_cqrs.db import is_deadlock, transaction, unavailable, write_engine
+from todo_cqrs import db
+from todo_cqrs.adapters.rows import todo_from_row
+from todo_cqrs.domain.clock import as_utc, naive_utc
 from todo_cqrs.domain.events import TodoEvent
-from todo_cqrs.domain.todo import Status, Todo
+from todo_cqrs.domain.todo import NewTodo, Status, Todo
+from todo_cqrs.settings import settings
+from todo_cqrs.tracing import TraceContext
 
 T = TypeVar("T")
 metadata = sa.MetaData()
@@ -47,39 +53,59 @@ outbox = sa.Table(
     sa.Column("occurred_at", Millis, nullable=False),
     sa.Column("payload", sa.Text, nullable=False),
     sa.Column("published_at", Millis, nullable=True),
-    # The relay's scan: pending rows in id order.
+    # todo_id modulo OUTBOX_SHARDS: one todo's rows are in one shard, drained by one lease holder.
+    sa.Column("shard", sa.SmallInteger, nullable=False, server_default="0"),
+    # The command's W3C trace context, carried by its event (ce_traceparent, ce_tracestate).
+    sa.Column("traceparent", sa.String(55), nullable=True),
+    sa.Column("tracestate", sa.String(512), nullable=True),
     sa.Index("ix_outbox_pending", "published_at", "id"),
+    sa.Index("ix_outbox_shard_pending", "shard", "published_at", "id"),
+    mysql_engine="InnoDB",
+    mysql_charset="utf8mb4",
+)
+
+# Who drains which shard, until when (todo_cqrs/command/relay.py).
+outbox_leases = sa.Table(
+    "outbox_leases",
+    metadata,
+    sa.Column("shard", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("holder", sa.String(64), nullable=True),
+    sa.Column("expires_at", Millis, nullable=False),
+    mysql_engine="InnoDB",
+    mysql_charset="utf8mb4",
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("key_hash", sa.CHAR(64), primary_key=True),
+    sa.Column("fingerprint", sa.CHAR(64), nullable=False),
+    sa.Column("status", sa.SmallInteger, nullable=True),
+    sa.Column("headers", sa.Text, nullable=True),
+    sa.Column("body", MEDIUMTEXT, nullable=True),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("expires_at", Millis, nullable=False),
+    sa.Index("ix_idempotency_keys_expires", "expires_at"),
     mysql_engine="InnoDB",
     mysql_charset="utf8mb4",
 )
 
 # Built once: a statement object per call would be compiled (cache-keyed) again on every command.
-_INSERT_TODO = sa.insert(todos)
+_INSERT_TODO = sa.text(
+    "INSERT INTO todos (title, description, status, version, created_at, updated_at) "
+    "VALUES (:title, :description, :status, 1, UTC_TIMESTAMP(3), UTC_TIMESTAMP(3)) "
+    "RETURNING id, created_at"
+)
+_LOAD_FOR_UPDATE = sa.text(
+    "SELECT id, title, description, status, version, created_at, updated_at, UTC_TIMESTAMP(3) AS now "
+    "FROM todos WHERE id = :id FOR UPDATE"
+)
+_SAVE_TODO = sa.text(
+    "UPDATE todos SET title = :title, description = :description, status = :status, version = :version, "
+    "updated_at = :updated_at WHERE id = :id"
+)
+_DELETE_TODO = sa.text("DELETE FROM todos WHERE id = :id")
 _INSERT_EVENT = sa.insert(outbox)
-
-
-DEADLOCK_RETRIES = 3
-
-
-def naive_utc(moment: datetime) -> datetime:
-    """DATETIME columns hold UTC without a zone."""
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
-
-
-def as_utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC)
-
-
-def todo_from_row(row: Any) -> Todo:
-    return Todo(
-        id=row.id,
-        title=row.title,
-        description=row.description,
-        status=Status(row.status),
-        version=row.version,
-        created_at=as_utc(row.created_at),
-        updated_at=as_utc(row.updated_at),
-    )
 
 
 def todo_values(todo: Todo) -> dict[str, Any]:
@@ -93,47 +119,51 @@ def todo_values(todo: Todo) -> dict[str, Any]:
     }
 
 
-def write_transaction() -> AbstractContextManager[Connection]:
-    """One write-DB transaction; an unreachable database becomes DependencyUnavailable."""
-    return transaction(write_engine(), "write")
+async def run_in_transaction(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """`await work(conn)` in a write transaction, again on a deadlock; 503 when the DB is unreachable."""
+    return await db.run_in_transaction(db.write_engine(), "write", work)
 
 
-def run_in_transaction(work: Callable[[Connection], T]) -> T:
-    """Run `work(conn)` in a write transaction, again on a deadlock (its effects were rolled back)."""
-    for attempt in itertools.count():
-        try:
-            with write_transaction() as conn:
-                return work(conn)
-        except DBAPIError as exc:
-            if not is_deadlock(exc):
-                raise
-            if attempt >= DEADLOCK_RETRIES:
-                raise unavailable("write", exc) from exc
-    raise AssertionError("unreachable")
+async def load_for_update(conn: AsyncConnection, todo_id: int) -> tuple[Todo | None, datetime | None]:
+    """(the todo, row-locked until commit, and the database's now); (None, None) when there is none.
+
+    The row lock makes concurrent commands on one todo run one after another, so its versions never
+    skip or repeat and its outbox rows are in version order.
+    """
+    row = (await conn.execute(_LOAD_FOR_UPDATE, {"id": todo_id})).first()
+    if row is None:
+        return None, None
+    return todo_from_row(row), as_utc(row.now)
 
 
-def load_for_update(conn: Connection, todo_id: int) -> Todo | None:
-    """The todo, row-locked until commit: concurrent commands on one todo run one after another."""
-    row = conn.execute(sa.select(todos).where(todos.c.id == todo_id).with_for_update()).first()
-    return todo_from_row(row) if row else None
+async def insert_todo(conn: AsyncConnection, new: NewTodo) -> Todo:
+    """Insert a todo at version 1, stamped with the database's clock."""
+    values = {"title": new.title, "description": new.description, "status": Status.CREATED.value}
+    row = (await conn.execute(_INSERT_TODO, values)).one()
+    return new.created(int(row.id), as_utc(row.created_at))
 
 
-def insert_todo(conn: Connection, values: dict[str, Any]) -> int:
-    result = conn.execute(_INSERT_TODO, values)
-    return int(result.lastrowid)
+async def save_todo(conn: AsyncConnection, todo: Todo) -> None:
+    values = todo_values(todo)
+    del values["created_at"]
+    await conn.execute(_SAVE_TODO, {**values, "id": todo.id})
 
 
-def save_todo(conn: Connection, todo: Todo) -> None:
-    conn.execute(sa.update(todos).where(todos.c.id == todo.id).values(**todo_values(todo)))
+async def delete_todo(conn: AsyncConnection, todo_id: int) -> None:
+    await conn.execute(_DELETE_TODO, {"id": todo_id})
 
 
-def delete_todo(conn: Connection, todo_id: int) -> None:
-    conn.execute(sa.delete(todos).where(todos.c.id == todo_id))
+def shard_of(todo_id: int) -> int:
+    return todo_id % settings().outbox_shards
 
 
-def append_event(conn: Connection, event: TodoEvent) -> None:
-    """Add the event to the outbox in the caller's transaction: it commits with the change or not at all."""
-    conn.execute(
+async def append_event(
+    conn: AsyncConnection, event: TodoEvent, trace: TraceContext | None
+) -> tuple[int, int]:
+    """Add the event to the outbox in the caller's transaction: it commits with the change or not at all.
+    Returns its shard and its outbox id."""
+    shard = shard_of(event.todo_id)
+    result = await conn.execute(
         _INSERT_EVENT,
         {
             "event_id": event.event_id,
@@ -142,5 +172,9 @@ def append_event(conn: Connection, event: TodoEvent) -> None:
             "version": event.version,
             "occurred_at": naive_utc(event.time),
             "payload": event.payload.decode(),
+            "shard": shard,
+            "traceparent": trace.traceparent if trace else None,
+            "tracestate": trace.tracestate if trace else None,
         },
     )
+    return shard, int(result.lastrowid)

@@ -1,98 +1,122 @@
-"""Command handlers: each change and its event commit in one write-DB transaction, then get published."""
+"""Command handlers: each change and its event commit in one write-DB transaction, then get published.
+
+A handler returns the reply the HTTP edge sends (made by its `render`), so that a repeat with the
+same Idempotency-Key gets exactly that reply again from the database.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
-from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from todo_cqrs import tracing
 from todo_cqrs.adapters import write_store as store
 from todo_cqrs.adapters.publisher import publisher
-from todo_cqrs.command.relay import publish_after_commit
-from todo_cqrs.db import write_engine
+from todo_cqrs.command import idempotency
+from todo_cqrs.command.idempotency import IdempotencyKey, Reply
+from todo_cqrs.command.relay import outbox_publisher
 from todo_cqrs.domain import events
 from todo_cqrs.domain.errors import NotFound, VersionMismatch
-from todo_cqrs.domain.todo import Todo, apply_patch, utc_now, validate_new, validate_patch
+from todo_cqrs.domain.todo import Todo, apply_patch, validate_new, validate_patch
 from todo_cqrs.logs import annotate
 
 
-def _locked_todo(conn: Connection, todo_id: int, if_match: Collection[int] | None) -> Todo:
-    todo = store.load_for_update(conn, todo_id)
+def warm_up() -> None:
+    """At cold start: make the Kafka producer (it connects and gets its producer id in the background,
+    about half a second), so the first command's event does not wait for it.
+
+    gunicorn imports the function in its master, then forks the worker; librdkafka's threads do not
+    survive fork(), so the worker makes its own right after the fork.
+    """
+    os.register_at_fork(after_in_child=publisher)
+
+
+Render = Callable[[Todo], Reply]
+Change = Callable[[AsyncConnection], Awaitable[tuple[Todo, events.TodoEvent | None]]]
+
+
+async def _locked_todo(
+    conn: AsyncConnection, todo_id: int, if_match: Collection[int] | None
+) -> tuple[Todo, Any]:
+    todo, now = await store.load_for_update(conn, todo_id)
     if todo is None:
         raise NotFound(f"todo {todo_id} does not exist")
     if if_match is not None and todo.version not in if_match:
         raise VersionMismatch(f"todo {todo_id} is at version {todo.version}, not one If-Match names")
-    return todo
+    return todo, now
 
 
-def _commit(work: Any) -> Any:
-    """Run the change; publish its event after the commit (only if there was one)."""
-    result, event = store.run_in_transaction(work)
-    if event is not None:
-        annotate(event_id=event.event_id, version=event.version)
-        publish_after_commit()
-    return result
+async def _commit(change: Change, render: Render, key: IdempotencyKey | None) -> Reply:
+    """Run the change with its event, and its key when it has one, in one transaction; then have the
+    event published (after the commit, and only if there was one)."""
+    trace = tracing.current()
+
+    async def work(conn: AsyncConnection) -> tuple[Reply, tuple[int, int] | None]:
+        if key is not None and (stored := await idempotency.claim(conn, key)) is not None:
+            annotate(idempotent_replay=True)
+            return stored, None
+        todo, event = await change(conn)
+        annotate(todo_id=todo.id)
+        appended = None
+        if event is not None:
+            annotate(event_id=event.event_id, version=event.version)
+            appended = await store.append_event(conn, event, trace)
+        reply = render(todo)
+        if key is not None:
+            await idempotency.store(conn, key, reply)
+        return reply, appended
+
+    reply, appended = await store.run_in_transaction(work)
+    if appended is not None:
+        outbox_publisher().committed(*appended)
+    return reply
 
 
-def create_todo(body: dict[str, Any]) -> Todo:
+async def create_todo(body: dict[str, Any], render: Render, key: IdempotencyKey | None = None) -> Reply:
     """Create a todo (version 1, status CREATED) and its todo.created.v1 event."""
     new = validate_new(body)
 
-    def work(conn: Connection) -> tuple[Todo, events.TodoEvent]:
-        now = utc_now()
-        provisional = new.created(0, now)
-        todo_id = store.insert_todo(conn, store.todo_values(provisional))
-        todo = new.created(todo_id, now)
-        event = events.todo_created(todo)
-        store.append_event(conn, event)
-        return todo, event
+    async def change(conn: AsyncConnection) -> tuple[Todo, events.TodoEvent]:
+        todo = await store.insert_todo(conn, new)
+        return todo, events.todo_created(todo)
 
-    todo: Todo = _commit(work)
-    annotate(todo_id=todo.id)
-    return todo
+    return await _commit(change, render, key)
 
 
-def update_todo(todo_id: int, body: dict[str, Any], if_match: Collection[int] | None) -> Todo:
+async def update_todo(
+    todo_id: int,
+    body: dict[str, Any],
+    if_match: Collection[int] | None,
+    render: Render,
+    key: IdempotencyKey | None = None,
+) -> Reply:
     """Apply a PATCH; a change that alters nothing keeps the version and emits no event."""
     annotate(todo_id=todo_id)
     changes = validate_patch(body)
 
-    def work(conn: Connection) -> tuple[Todo, events.TodoEvent | None]:
-        todo = _locked_todo(conn, todo_id, if_match)
-        updated = apply_patch(todo, changes, utc_now())
+    async def change(conn: AsyncConnection) -> tuple[Todo, events.TodoEvent | None]:
+        todo, now = await _locked_todo(conn, todo_id, if_match)
+        updated = apply_patch(todo, changes, now)
         if updated is None:
             return todo, None
-        store.save_todo(conn, updated)
-        event = events.todo_updated(updated)
-        store.append_event(conn, event)
-        return updated, event
+        await store.save_todo(conn, updated)
+        return updated, events.todo_updated(updated)
 
-    todo: Todo = _commit(work)
-    return todo
+    return await _commit(change, render, key)
 
 
-def delete_todo(todo_id: int, if_match: Collection[int] | None) -> Todo:
+async def delete_todo(
+    todo_id: int, if_match: Collection[int] | None, render: Render, key: IdempotencyKey | None = None
+) -> Reply:
     """Delete a todo; answers it as it was, and emits todo.deleted.v1 with the next version."""
     annotate(todo_id=todo_id)
 
-    def work(conn: Connection) -> tuple[Todo, events.TodoEvent]:
-        todo = _locked_todo(conn, todo_id, if_match)
-        store.delete_todo(conn, todo_id)
-        event = events.todo_deleted(todo, utc_now())
-        store.append_event(conn, event)
-        return todo, event
+    async def change(conn: AsyncConnection) -> tuple[Todo, events.TodoEvent]:
+        todo, now = await _locked_todo(conn, todo_id, if_match)
+        await store.delete_todo(conn, todo_id)
+        return todo, events.todo_deleted(todo, max(now, todo.updated_at))
 
-    todo: Todo = _commit(work)
-    return todo
-
-
-def warm_up() -> None:
-    """At cold start: create the engine and the Kafka producer (it connects in the background),
-    so that the first command does not pay for them."""
-    write_engine()
-    # functions-framework's gunicorn imports the function in its master, then forks the workers;
-    # librdkafka's threads do not survive fork(), so a producer made here would hang every flush
-    # in a worker. Each worker makes its own, right after the fork.
-    os.register_at_fork(after_in_child=publisher)
+    return await _commit(change, render, key)

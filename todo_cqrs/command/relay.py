@@ -1,216 +1,364 @@
-"""The outbox relay: publish pending outbox rows, oldest first, and mark them published.
+"""The outbox relay: publish pending outbox rows to Kafka, oldest first per shard, and mark them published.
 
-Every drain (a process's publisher thread after its commands commit, and the scheduled relay) runs
-under one named database lock, so drains never overlap: rows go to Kafka in outbox-id order, which
-for one todo is version order (its commands are serialised by the row lock). A crash between
-Kafka's ack and the `published_at` update publishes the row again later: delivery is at least once.
+The outbox is split in OUTBOX_SHARDS shards (todo id modulo the count; as many as the topic has
+partitions by default). A shard is drained only by the holder of its lease, a row of
+`outbox_leases` with an expiry (OUTBOX_LEASE_SECONDS, 5 s): one todo's rows are in one shard, so they
+reach Kafka in outbox-id order, which is version order (the todo's row lock orders its commands).
+Every lease operation is one autocommitted statement, so a holder that freezes, crashes or is cut
+off holds no lock in the database: its lease just runs out, and the next process that needs the
+shard takes it over. Shards drain in parallel, each in whichever process holds its lease.
+
+Fencing: a holder marks rows published only while its lease is still its own, and sends a batch to
+Kafka only when its lease has at least 2 x PUBLISH_TIMEOUT_SECONDS + 1 s left (the longest a batch
+waits for Kafka). The one window left: a
+holder frozen after handing a batch to its Kafka client and resumed after its lease expired may still
+put that batch on the topic after the next holder published the same rows and newer ones. Those are
+duplicates of older versions, which the version-gated projection skips (docs/outbox.md).
+
+A crash between Kafka's ack and the `published_at` update publishes the row again later: delivery is
+at least once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import os
+import secrets
 import sys
-import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
+from prometheus_client import Counter, Gauge
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from todo_cqrs.adapters.publisher import OutboxRecord, Publisher, publisher
-from todo_cqrs.adapters.write_store import naive_utc, outbox
-from todo_cqrs.db import write_engine
-from todo_cqrs.domain.todo import utc_now
+from todo_cqrs import db, metrics
+from todo_cqrs.adapters.publisher import OutboxRecord, publisher
 from todo_cqrs.logs import log_event
+from todo_cqrs.loop_local import loop_local
 from todo_cqrs.settings import settings
 
-LOCK_NAME = "todo_outbox_relay"
-# The publisher thread waits its turn behind other drains; no request waits on this.
-PUBLISHER_LOCK_WAIT_S = 10.0
+LEASE_MARGIN_S = 1.0
+BUSY_POLL_FIRST_S, BUSY_POLL_MAX_S = 0.005, 0.05
 EXIT_FLUSH_S = 2.0
+GAUGE_REFRESH_S = 5.0
+
+_ACQUIRE = sa.text(
+    "INSERT INTO outbox_leases (shard, holder, expires_at) "
+    "VALUES (:shard, :holder, UTC_TIMESTAMP(3) + INTERVAL :lease_us MICROSECOND) "
+    "ON DUPLICATE KEY UPDATE "
+    "holder = IF(holder IS NULL OR expires_at <= UTC_TIMESTAMP(3), VALUES(holder), holder), "
+    "expires_at = IF(holder = VALUES(holder), VALUES(expires_at), expires_at)"
+)
+_RENEW = sa.text(
+    "UPDATE outbox_leases SET expires_at = UTC_TIMESTAMP(3) + INTERVAL :lease_us MICROSECOND "
+    "WHERE shard = :shard AND holder = :holder AND expires_at > UTC_TIMESTAMP(3)"
+)
+_RELEASE = sa.text(
+    "UPDATE outbox_leases SET holder = NULL, expires_at = UTC_TIMESTAMP(3) "
+    "WHERE shard = :shard AND holder = :holder"
+)
+_PENDING = sa.text(
+    "SELECT id, event_id, event_type, todo_id, occurred_at, payload, traceparent, tracestate FROM outbox "
+    "WHERE shard = :shard AND published_at IS NULL ORDER BY id LIMIT :limit"
+)
+_PENDING_THROUGH = sa.text(
+    "SELECT 1 FROM outbox WHERE shard = :shard AND published_at IS NULL AND id <= :through LIMIT 1"
+)
+_PENDING_SHARDS = sa.text("SELECT DISTINCT shard FROM outbox WHERE published_at IS NULL")
+_MARK_PUBLISHED = sa.text(
+    "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) "
+    "WHERE id IN :ids AND published_at IS NULL AND EXISTS ("
+    "SELECT 1 FROM outbox_leases WHERE shard = :shard AND holder = :holder AND expires_at > UTC_TIMESTAMP(3))"
+).bindparams(sa.bindparam("ids", expanding=True))
+_GAUGES = sa.text(
+    "SELECT COUNT(*) AS pending, (SELECT TIMESTAMPDIFF(MICROSECOND, o.occurred_at, UTC_TIMESTAMP(3)) "
+    "FROM outbox o WHERE o.published_at IS NULL ORDER BY o.id LIMIT 1) AS oldest_us "
+    "FROM outbox WHERE published_at IS NULL"
+)
 
 
-class _Backoff:
-    """After Kafka failed, commands stop waiting for their event to be published for a while."""
-
-    def __init__(self) -> None:
-        self._until = 0.0
-        self._lock = threading.Lock()
-
-    def active(self) -> bool:
-        return time.monotonic() < self._until
-
-    def remaining(self) -> float:
-        return max(0.0, self._until - time.monotonic())
-
-    def trip(self, seconds: float) -> None:
-        with self._lock:
-            self._until = time.monotonic() + seconds
-
-    def reset(self) -> None:
-        self._until = 0.0
+outbox_pending = Gauge(
+    "todo_outbox_pending_rows", "Outbox rows not yet on Kafka (refreshed at most every 5 s)"
+)
+outbox_oldest_age = Gauge(
+    "todo_outbox_oldest_pending_age_seconds", "Age of the oldest outbox row not yet on Kafka (0: none)"
+)
+outbox_published = Counter("todo_outbox_published", "Outbox rows this process put on Kafka")
+outbox_publish_failures = Counter(
+    "todo_outbox_publish_failures", "Drains that ended with rows still pending (Kafka or the DB failed)"
+)
 
 
-kafka_backoff = _Backoff()
-
-
-def _pending(conn: Connection, limit: int) -> list[OutboxRecord]:
-    rows = conn.execute(
-        sa.select(
-            outbox.c.id,
-            outbox.c.event_id,
-            outbox.c.event_type,
-            outbox.c.todo_id,
-            outbox.c.occurred_at,
-            outbox.c.payload,
-        )
-        .where(outbox.c.published_at.is_(None))
-        .order_by(outbox.c.id)
-        .limit(limit)
-    ).all()
-    return [OutboxRecord(r.id, r.event_id, r.event_type, r.todo_id, r.occurred_at, r.payload) for r in rows]
-
-
-def _mark_published(conn: Connection, outbox_ids: list[int]) -> None:
-    conn.execute(
-        sa.update(outbox).where(outbox.c.id.in_(outbox_ids)).values(published_at=naive_utc(utc_now()))
+@loop_local
+def publisher_engine() -> AsyncEngine:
+    """The publisher's own small pool, autocommitted: a lease statement never leaves a lock behind,
+    and commands never wait behind the publisher for a connection."""
+    return db.create_engine(
+        settings().write_db_url,
+        isolation_level="AUTOCOMMIT",
+        skip_autocommit_rollback=True,
+        pool_size=2,
+        max_overflow=2,
     )
 
 
-def _acquire_relay_lock(conn: Connection, wait_s: float, db_timeout_s: float) -> bool:
-    """GET_LOCK, waiting up to wait_s in slices shorter than the connection's read timeout
-    (at least db_timeout_s, rounded): one long GET_LOCK would be cut off by it as a lost connection."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        wait = max(0.0, min(db_timeout_s / 2, deadline - time.monotonic()))
-        got = conn.execute(sa.text("SELECT GET_LOCK(:name, :wait)"), {"name": LOCK_NAME, "wait": wait})
-        if got.scalar() == 1:
-            return True
-        if time.monotonic() >= deadline:
-            return False
+async def _execute(statement: sa.Executable, params: dict[str, object]) -> sa.CursorResult[Any]:
+    async with db.autocommitted(publisher_engine(), "write") as conn:
+        return await conn.execute(statement, params)
 
 
-def drain_outbox(
-    lock_wait_s: float,
-    publish_timeout_s: float | None = None,
-    get_publisher: Callable[[], Publisher] = publisher,
-) -> int | None:
-    """Publish every pending row while holding the relay lock; returns how many were published, or
-    None when another drain kept the lock for lock_wait_s (that drain sees our rows too).
+@dataclass
+class Lease:
+    """This process's hold on one shard, until `expires` (monotonic; never later than the DB's expiry)."""
 
-    Stops at the first batch Kafka does not fully acknowledge: those rows stay pending. The write
-    engine reads committed data statement by statement, so each scan sees rows committed meanwhile.
-    """
+    shard: int
+    holder: str
+    expires: float
+
+    def remaining(self) -> float:
+        return self.expires - time.monotonic()
+
+
+async def acquire(shard: int) -> Lease | None:
+    """The shard's lease if it is free or expired; None while another holder's lease runs."""
+    holder = f"{os.getpid()}-{secrets.token_hex(8)}"
+    lease_s = settings().outbox_lease_s
+    sent = time.monotonic()
+    result = await _execute(_ACQUIRE, {"shard": shard, "holder": holder, "lease_us": int(lease_s * 1e6)})
+    return Lease(shard, holder, sent + lease_s) if result.rowcount > 0 else None
+
+
+async def renew(lease: Lease) -> bool:
+    lease_s = settings().outbox_lease_s
+    sent = time.monotonic()
+    result = await _execute(
+        _RENEW, {"shard": lease.shard, "holder": lease.holder, "lease_us": int(lease_s * 1e6)}
+    )
+    if result.rowcount == 0:
+        return False
+    lease.expires = sent + lease_s
+    return True
+
+
+async def release(lease: Lease) -> None:
+    try:
+        await _execute(_RELEASE, {"shard": lease.shard, "holder": lease.holder})
+    except Exception as exc:  # noqa: BLE001 - the lease then simply expires
+        log_event("outbox_lease_release_failed", shard=lease.shard, error=repr(exc)[:200])
+
+
+async def _pending(shard: int, limit: int) -> list[OutboxRecord]:
+    rows = (await _execute(_PENDING, {"shard": shard, "limit": limit})).all()
+    return [
+        OutboxRecord(
+            r.id, r.event_id, r.event_type, r.todo_id, r.occurred_at, r.payload, r.traceparent, r.tracestate
+        )
+        for r in rows
+    ]
+
+
+async def _mark_published(lease: Lease, outbox_ids: list[int]) -> int:
+    result = await _execute(
+        _MARK_PUBLISHED, {"ids": outbox_ids, "shard": lease.shard, "holder": lease.holder}
+    )
+    return result.rowcount
+
+
+async def has_pending(shard: int, through_id: int | None = None) -> bool:
+    """Whether the shard has rows still to publish (up to outbox id `through_id`)."""
+    if through_id is None:
+        return bool((await _execute(_PENDING, {"shard": shard, "limit": 1})).first())
+    return bool((await _execute(_PENDING_THROUGH, {"shard": shard, "through": through_id})).first())
+
+
+@dataclass
+class Drain:
+    published: int = 0
+    complete: bool = True  # False: rows may still be pending (Kafka failed, or the lease was lost)
+
+
+async def drain_leased(lease: Lease) -> Drain:
+    """Publish the shard's pending rows, batch after batch, while the lease holds.
+
+    A batch shorter than RELAY_BATCH_SIZE was the last: rows committed since then woke their own
+    process's publisher, which drains again (no scan that would mostly find nothing)."""
     s = settings()
-    timeout = s.publish_timeout_s if publish_timeout_s is None else publish_timeout_s
-    published = 0
-    with write_engine().connect() as conn:
-        if not _acquire_relay_lock(conn, lock_wait_s, s.db_timeout_s):
-            conn.rollback()
-            return None
-        try:
-            while True:
-                records = _pending(conn, s.relay_batch_size)
-                if not records:
-                    kafka_backoff.reset()
-                    return published
-                delivered = get_publisher().publish(records, timeout)
-                if delivered:
-                    _mark_published(conn, delivered)
-                    conn.commit()
-                    published += len(delivered)
-                if len(delivered) < len(records):
-                    kafka_backoff.trip(s.publish_backoff_s)
-                    return published
-        finally:
-            try:
-                conn.execute(sa.text("SELECT RELEASE_LOCK(:name)"), {"name": LOCK_NAME})
-                conn.commit()
-            except DBAPIError:
-                conn.invalidate()  # closing the session releases the lock anyway
+    outcome = Drain()
+    while True:
+        if lease.remaining() < 2 * s.publish_timeout_s + LEASE_MARGIN_S and not await renew(lease):
+            outcome.complete = False
+            return outcome
+        records = await _pending(lease.shard, s.relay_batch_size)
+        if not records:
+            return outcome
+        delivered = await asyncio.to_thread(publisher().publish, records, s.publish_timeout_s)
+        if delivered:
+            marked = await _mark_published(lease, delivered)
+            outcome.published += marked
+            outbox_published.inc(marked)
+            if marked < len(delivered):  # fenced off: another holder has the shard now
+                outcome.complete = False
+                return outcome
+        if len(delivered) < len(records):
+            outbox_publish_failures.inc()
+            outcome.complete = False
+            return outcome
+        if len(records) < s.relay_batch_size:
+            return outcome
 
 
-class OutboxPublisher:
-    """This process's publisher: one thread that drains the outbox after commits, batching them.
+async def drain_shard(shard: int, wait_s: float = 0.0, through_id: int | None = None) -> Drain | None:
+    """Take the shard's lease (waiting up to wait_s while another process holds it) and drain it.
 
-    `publish(wait_s)` wakes the thread and waits at most wait_s until a drain that began after the
-    call has finished (by then the caller's rows are on Kafka, unless Kafka failed: then they stay
-    pending, the thread retries after a backoff, and so does the relay). Commands committed while a
-    drain runs share the next one instead of queueing for the lock one by one.
+    None: the lease stayed busy for wait_s, or, with `through_id`, another holder published every
+    row up to it meanwhile (nothing left for us to do).
     """
+    deadline = time.monotonic() + wait_s
+    pause = BUSY_POLL_FIRST_S
+    while (lease := await acquire(shard)) is None:
+        if through_id is not None and not await has_pending(shard, through_id):
+            return None
+        if time.monotonic() + pause > deadline:
+            return None
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, BUSY_POLL_MAX_S)
+    try:
+        return await drain_leased(lease)
+    finally:
+        await release(lease)
+
+
+async def drain_all(wait_s: float = 0.0) -> int:
+    """Drain every shard that has pending rows (the scheduled relay); returns how many were published."""
+    shards = [row.shard for row in (await _execute(_PENDING_SHARDS, {})).all()]
+    drains = await asyncio.gather(*(drain_shard(shard, wait_s) for shard in shards))
+    return sum(d.published for d in drains if d is not None)
+
+
+async def refresh_outbox_gauges() -> None:
+    """Pending rows and the age of the oldest: one indexed query."""
+    row = (await _execute(_GAUGES, {})).one()
+    outbox_pending.set(row.pending)
+    outbox_oldest_age.set((row.oldest_us or 0) / 1e6)
+
+
+class _GaugeRefresh:
+    """At a scrape, when the outbox gauges are older than GAUGE_REFRESH_S: refresh them in the
+    background (the scrape answers with what is there, never waiting for the database)."""
 
     def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._asked = 0  # publish() calls so far
-        self._served = 0  # calls covered by a finished drain
-        self._thread: threading.Thread | None = None
-        os.register_at_fork(after_in_child=self._after_fork)
+        self._due = 0.0
+        self._task: asyncio.Task[None] | None = None
 
-    def _after_fork(self) -> None:
-        # Threads do not survive fork(); the child (a gunicorn worker) starts its own on first use,
-        # and when it stops (scale-in, redeploy) first gives it a moment to send what it has.
-        self._changed = threading.Condition()
-        self._thread = None
-        atexit.register(self._finish, EXIT_FLUSH_S)
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self._due or (self._task is not None and not self._task.done()):
+            return
+        self._due = now + GAUGE_REFRESH_S
+        self._task = asyncio.get_running_loop().create_task(self._refresh())
 
-    def publish(self, wait_s: float) -> None:
-        with self._changed:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
-                self._thread.start()
-            self._asked += 1
-            ticket = self._asked
-            self._changed.notify_all()
-            if wait_s > 0:
-                self._changed.wait_for(lambda: self._served >= ticket, timeout=wait_s)
-
-    def _finish(self, wait_s: float) -> None:
-        """At exit: wait (bounded) for a drain in progress or asked for; start nothing new."""
-        with self._changed:
-            if self._thread is not None and self._thread.is_alive():
-                target = self._asked
-                self._changed.wait_for(lambda: self._served >= target, timeout=wait_s)
-
-    def _run(self) -> None:
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._asked > self._served)
-                target = self._asked
-            complete = self._drain()
-            with self._changed:
-                self._served = target
-                self._changed.notify_all()
-                if not complete:
-                    self._asked += 1  # rows may still be pending: try again after the backoff
-            if not complete:
-                time.sleep(max(kafka_backoff.remaining(), settings().publish_backoff_s))
-
-    @staticmethod
-    def _drain() -> bool:
+    async def _refresh(self) -> None:
         try:
-            published = drain_outbox(lock_wait_s=PUBLISHER_LOCK_WAIT_S)
-        except Exception as exc:  # noqa: BLE001 - the thread must survive any failure; the row stays pending
-            kafka_backoff.trip(settings().publish_backoff_s)
-            log_event("outbox_publish_failed", error=repr(exc)[:300])
+            await refresh_outbox_gauges()
+        except Exception as exc:  # noqa: BLE001 - the gauges keep their last values
+            log_event("outbox_gauges_failed", error=repr(exc)[:200])
+
+
+metrics.on_scrape(_GaugeRefresh())
+
+
+@dataclass
+class _Dirty:
+    through_id: int = 0
+
+
+@dataclass
+class OutboxPublisher:
+    """This process's publisher: one task that drains the shards its commands wrote to, right after
+    their commits; commits that arrive during a drain share the next one. When another process holds
+    a shard's lease, it waits until that holder has published its rows, or until the lease expires
+    (a frozen holder) and it takes the shard over."""
+
+    dirty: dict[int, _Dirty] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    def committed(self, shard: int, outbox_id: int = 0) -> None:
+        entry = self.dirty.setdefault(shard, _Dirty())
+        entry.through_id = max(entry.through_id, outbox_id)
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run(), name="outbox-publisher")
+            _remember_for_exit(self)
+
+    async def aclose(self) -> None:
+        """Stop the task (what it had not published stays pending: the next drain or the relay takes it)."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    async def _run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            work, self.dirty = self.dirty, {}
+            results = await asyncio.gather(
+                *(self._drain(shard, entry) for shard, entry in work.items()), return_exceptions=True
+            )
+            failed = [shard for shard, ok in zip(work, results, strict=True) if ok is not True]
+            if failed:
+                for shard in failed:
+                    self.dirty.setdefault(shard, work[shard])
+                await asyncio.sleep(settings().publish_backoff_s)
+                self.wake.set()
+
+    async def _drain(self, shard: int, entry: _Dirty) -> bool:
+        wait_s = settings().outbox_lease_s + LEASE_MARGIN_S
+        try:
+            drain = await drain_shard(shard, wait_s, entry.through_id or None)
+        except Exception as exc:  # noqa: BLE001 - the task must survive any failure; rows stay pending
+            log_event("outbox_publish_failed", shard=shard, error=repr(exc)[:300])
             return False
-        return published is not None and not kafka_backoff.active()
+        return drain is None or drain.complete
 
 
-outbox_publisher = OutboxPublisher()
+@loop_local
+def outbox_publisher() -> OutboxPublisher:
+    return OutboxPublisher()
 
 
-def publish_after_commit() -> None:
-    """Right after a command commits: have its event published; never fails the command.
+_at_exit: list[OutboxPublisher] = []
 
-    By default the command does not wait (its latency is its transaction's): the process's publisher
-    sends it within milliseconds. PUBLISH_WAIT_SECONDS > 0 makes the command wait that long at most.
-    """
-    wait_s = 0.0 if kafka_backoff.active() else settings().publish_wait_s
-    outbox_publisher.publish(wait_s)
+
+def _remember_for_exit(publisher_: OutboxPublisher) -> None:
+    if not _at_exit:
+        atexit.register(_flush_at_exit)
+    if publisher_ not in _at_exit:
+        _at_exit.append(publisher_)
+
+
+def _flush_at_exit() -> None:
+    """When the process stops (scale-in, redeploy): publish, within EXIT_FLUSH_S, what its commands
+    committed and it has not published yet. The relay publishes anything left."""
+    shards = {shard for p in _at_exit for shard in p.dirty}
+    if not shards:
+        return
+
+    async def flush() -> None:
+        await asyncio.wait_for(asyncio.gather(*(drain_shard(s) for s in shards)), EXIT_FLUSH_S)
+
+    try:
+        asyncio.run(flush())
+    except Exception as exc:  # noqa: BLE001
+        print(f"outbox flush at exit incomplete: {exc!r}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    # `make relay-once`: publish every pending event now, waiting for any drain in progress.
-    print(f"published {drain_outbox(lock_wait_s=30) or 0} pending events", file=sys.stderr)
+    # `make relay-once`: publish every pending event now, waiting out a lease held elsewhere.
+    count = asyncio.run(drain_all(wait_s=settings().outbox_lease_s + LEASE_MARGIN_S))
+    print(f"published {count} pending events", file=sys.stderr)

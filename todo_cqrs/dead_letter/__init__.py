@@ -5,7 +5,10 @@ a fix, and `python -m todo_cqrs.dead_letter` lists and re-sends them from a shel
 imported here, so the sink function needs no HTTP client.
 """
 
+import asyncio
 from collections.abc import Mapping
+
+from prometheus_client import Counter
 
 from todo_cqrs.dead_letter.store import (
     DeadLetter,
@@ -17,6 +20,8 @@ from todo_cqrs.dead_letter.store import (
 from todo_cqrs.domain.errors import InvalidEvent
 from todo_cqrs.logs import annotate
 
+dead_letters_stored = Counter("todo_dead_letters_stored", "Dead letters kept by the dead_letter function")
+
 __all__ = [
     "DeadLetter",
     "DeadLetterStore",
@@ -27,13 +32,15 @@ __all__ = [
 ]
 
 
-def keep_dead_letter(headers: Mapping[str, str], body: bytes) -> str:
-    """Store the event exactly as it arrived; returns its key. Raises DependencyUnavailable (retry)."""
+async def keep_dead_letter(headers: Mapping[str, str], body: bytes) -> str:
+    """Store the event exactly as it arrived; returns its key. Raises DependencyUnavailable (retry).
+    The stores are blocking clients (boto3, files): they run in a worker thread."""
     try:
         letter = DeadLetter.from_http(headers, body)
     except ValueError as exc:
         raise InvalidEvent(str(exc)) from exc
     annotate(error_code=letter.error_code, error_dest=letter.error_dest)
-    key = from_settings().put(letter)
+    key = await asyncio.to_thread(from_settings().put, letter)
+    dead_letters_stored.inc()
     annotate(key=key)
     return key

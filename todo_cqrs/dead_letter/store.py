@@ -66,7 +66,7 @@ class DeadLetter:
     def _from_structured(cls, body: bytes) -> DeadLetter:
         try:
             envelope = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError("neither a binary-mode nor a structured-mode CloudEvent") from exc
         if not isinstance(envelope, dict) or "specversion" not in envelope:
             raise ValueError("a JSON body without specversion is not a structured-mode CloudEvent")
@@ -79,7 +79,7 @@ class DeadLetter:
         content_type = attributes.get("datacontenttype", "application/json")
         if isinstance(data, str) and not _is_json(content_type):
             return cls(attributes, data.encode())
-        return cls(attributes, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
+        return cls(attributes, json.dumps(data, separators=(",", ":")).encode())
 
     @property
     def id(self) -> str:
@@ -122,7 +122,7 @@ class DeadLetter:
                 document["data_text"] = self.data.decode("utf-8")
             except UnicodeDecodeError:
                 document["data_base64"] = base64.b64encode(self.data).decode("ascii")
-        return json.dumps(document, ensure_ascii=False, indent=2).encode("utf-8")
+        return json.dumps(document, indent=2).encode("utf-8")
 
     @classmethod
     def from_json(cls, raw: bytes) -> DeadLetter:

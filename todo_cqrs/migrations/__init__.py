@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from todo_cqrs.db import driver_url
 from todo_cqrs.settings import settings
 
 HERE = Path(__file__).resolve().parent
@@ -17,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 def alembic_config(database: str) -> Config:
     """database: "write" or "read"."""
     url = settings().write_db_url if database == "write" else settings().read_db_url
+    url = driver_url(url, "pymysql").render_as_string(hide_password=False)
     config = Config()
     config.set_main_option("script_location", str(HERE / database))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

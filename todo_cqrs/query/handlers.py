@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import json
+import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from todo_cqrs.adapters.cache import CacheUnavailable, todo_cache
+import orjson
+from prometheus_client import Counter, Histogram
+
+from todo_cqrs import metrics, tracing
+from todo_cqrs.adapters.cache import CacheUnavailable, todo_cache, version_watch
 from todo_cqrs.adapters.read_store import get_row, list_rows, read_connection
 from todo_cqrs.domain.errors import NotFound, NotYetConsistent, TodoError, ValidationFailed
+from todo_cqrs.domain.numbers import MAX_VERSION, ascii_positive_int
 from todo_cqrs.domain.todo import Status, Todo
 from todo_cqrs.logs import annotate
 from todo_cqrs.settings import settings
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+# Only while Redis (and so the projection's notices) is unreachable: poll the read model.
 _POLL_FIRST_S, _POLL_MAX_S = 0.01, 0.1
+cache_reads = Counter("todo_cache_reads", "get_todos reads by cache outcome", ["kind", "result"])
+min_version_wait = Histogram(
+    "todo_min_version_wait_seconds",
+    "How long a ?min_version read waited for the projection",
+    ["outcome"],
+    buckets=metrics.LATENCY_BUCKETS,
+)
+_CACHE_READS = {
+    (kind, result): metrics.child(cache_reads, kind, result)
+    for kind in ("item", "list")
+    for result in ("hit", "miss", "bypass")
+}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Read:
     """A query's answer: the JSON body, the version for the ETag (None for lists), and X-Cache."""
 
@@ -31,18 +50,14 @@ class Read:
     cache: str  # hit | miss | bypass
 
 
-def encode(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _positive_int(value: str, field: str, maximum: int | None = None) -> int:
-    limit_text = f" from 1 to {maximum}" if maximum else ""
-    if not value.isdigit() or int(value) < 1 or (maximum is not None and int(value) > maximum):
+def _positive_int(value: str, field: str, maximum: int) -> int:
+    number = ascii_positive_int(value, maximum)
+    if number is None:
         raise ValidationFailed(
-            f"{field} must be an integer{limit_text}",
-            [{"field": field, "message": f"must be a positive integer{limit_text}"}],
+            f"{field} must be an integer from 1 to {maximum}",
+            [{"field": field, "message": f"must be an integer from 1 to {maximum} in ASCII digits"}],
         )
-    return int(value)
+    return number
 
 
 def _with_cache_state(error: TodoError, state: str) -> TodoError:
@@ -50,42 +65,73 @@ def _with_cache_state(error: TodoError, state: str) -> TodoError:
     return error
 
 
-def get_todo(todo_id: int, min_version_text: str | None = None) -> Read:
+async def _from_read_model(todo_id: int) -> tuple[Todo | None, int | None]:
+    async with read_connection() as conn:
+        return await get_row(conn, todo_id)
+
+
+async def get_todo(todo_id: int, min_version_text: str | None = None) -> Read:
     """One todo. With min_version, wait (bounded) until the read model holds that version or later."""
-    annotate(todo_id=todo_id)
-    min_version = _positive_int(min_version_text, "min_version") if min_version_text is not None else None
+    min_version = (
+        None if min_version_text is None else _positive_int(min_version_text, "min_version", MAX_VERSION)
+    )
     cache = todo_cache()
     state = "miss"
     try:
-        cached = cache.get_todo(todo_id)
+        cached = await cache.get_todo(todo_id)
     except CacheUnavailable:
         state, cached = "bypass", None
     if cached is not None and (min_version is None or cached.version >= min_version):
+        _CACHE_READS["item", "hit"].inc()
         return Read(cached.body, cached.version, "hit")
+    _CACHE_READS["item", state].inc()
+    annotate(todo_id=todo_id)
+    if min_version is None:
+        todo, version = await _from_read_model(todo_id)
+    else:
+        todo, version = await _wait_for_version(todo_id, min_version, state)
+    if todo is None:
+        gone = "was deleted" if version is not None else "does not exist"
+        raise _with_cache_state(NotFound(f"todo {todo_id} {gone}"), state)
+    body = orjson.dumps(todo.to_dict())
+    if state == "miss":
+        await cache.store_todo(todo_id, todo.version, body)
+    return Read(body, todo.version, state)
 
-    deadline = time.monotonic() + settings().min_version_wait_s
+
+async def _wait_for_version(todo_id: int, min_version: int, state: str) -> tuple[Todo | None, int]:
+    """Read-your-writes: the read model's row once it holds min_version or later. Woken by the
+    projection's notice through Redis; polling the read DB only while Redis is unreachable."""
+    started = time.monotonic()
+    deadline = started + settings().min_version_wait_s
+    watch = version_watch()
     pause = _POLL_FIRST_S
+    woken_by = ""
     while True:
-        with read_connection() as conn:
-            todo, version = get_row(conn, todo_id)
-        if version is not None and (min_version is None or version >= min_version):
-            if todo is None:
-                raise _with_cache_state(NotFound(f"todo {todo_id} was deleted"), state)
-            body = encode(todo.to_dict())
-            if state == "miss":
-                cache.store_todo(todo_id, todo.version, body)
-            return Read(body, todo.version, state)
-        if min_version is None:
-            raise _with_cache_state(NotFound(f"todo {todo_id} does not exist"), state)
-        if time.monotonic() + pause > deadline:
-            raise _with_cache_state(
-                NotYetConsistent(
-                    f"the read model does not hold version {min_version} of todo {todo_id} yet; retry shortly"
-                ),
-                state,
-            )
-        time.sleep(pause)  # polling the read model: the projection usually lands within milliseconds
-        pause = min(pause * 2, _POLL_MAX_S)
+        notified = watch.wait_for(todo_id, min_version) if watch.healthy else None
+        try:
+            todo, version = await _from_read_model(todo_id)
+            if version is not None and version >= min_version:
+                min_version_wait.labels("ready").observe(time.monotonic() - started)
+                if woken_by:
+                    annotate(woken_by_trace=woken_by)
+                return todo, version
+            left = deadline - time.monotonic()
+            if left <= 0:
+                min_version_wait.labels("timeout").observe(time.monotonic() - started)
+                message = f"the read model does not hold version {min_version} of todo {todo_id} yet"
+                raise _with_cache_state(NotYetConsistent(f"{message}; retry shortly"), state)
+            if notified is not None:
+                attributes = {"todo.id": todo_id, "todo.version": min_version}
+                # On a timeout: one last look at the read model, above.
+                with tracing.span("wait for version", **attributes), contextlib.suppress(TimeoutError):
+                    woken_by = await asyncio.wait_for(asyncio.shield(notified), left)
+            else:
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, _POLL_MAX_S)
+        finally:
+            if notified is not None:
+                watch.forget(todo_id, notified)
 
 
 def encode_cursor(last_id: int) -> str:
@@ -96,8 +142,9 @@ def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = text.partition(":")
-        if prefix == "after" and value.isdigit():
-            return int(value)
+        after = ascii_positive_int(value)
+        if prefix == "after" and after is not None:
+            return after
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
     raise ValidationFailed(
@@ -119,25 +166,29 @@ def _list_params(args: Mapping[str, str]) -> tuple[Status | None, int, int]:
     return status, limit, after_id
 
 
-def list_todos(args: Mapping[str, str]) -> Read:
+async def list_todos(args: Mapping[str, str]) -> Read:
     """A page of live todos in ascending id, by key (no OFFSET): {"items": [...], "next_cursor": ...}."""
     status, limit, after_id = _list_params(args)
     page = f"{status or '*'}:{after_id}:{limit}"
     cache = todo_cache()
     state, generation = "miss", b""
     try:
-        generation, cached = cache.get_list(page)
+        generation, cached = await cache.get_list(page)
         if cached is not None:
+            _CACHE_READS["list", "hit"].inc()
             return Read(bytes(cached), None, "hit")
     except CacheUnavailable:
         state = "bypass"
-    with read_connection() as conn:
-        todos: list[Todo] = list_rows(conn, status, after_id, limit + 1)
+    _CACHE_READS["list", state].inc()
+    async with read_connection() as conn:
+        todos: list[Todo] = await list_rows(conn, status, after_id, limit + 1)
     more = len(todos) > limit
     todos = todos[:limit]
-    body = encode(
-        {"items": [t.to_dict() for t in todos], "next_cursor": encode_cursor(todos[-1].id) if more else None}
-    )
+    body: Any = {
+        "items": [t.to_dict() for t in todos],
+        "next_cursor": encode_cursor(todos[-1].id) if more else None,
+    }
+    encoded = orjson.dumps(body)
     if state == "miss":
-        cache.store_list(generation, page, body)
-    return Read(body, None, state)
+        await cache.store_list(generation, page, encoded)
+    return Read(encoded, None, state)
