@@ -1,116 +1,156 @@
-"""The local gateway: the original sample's routes on one port, forwarded to the function processes.
+"""The local gateway: the original sample's routes on one port, forwarded to the function processes,
+and the live page (`/ui/`). What Knative's ingress does in a cluster; local tooling only.
 
-Local tooling only; in a cluster each function is its own Knative Service behind Knative's ingress.
-Served by gunicorn: `gunicorn local.gateway:app`. The route table is `local.topology.ROUTES`.
+It is nginx (Debian's package, installed like MariaDB when missing), configured from the route
+table `local.topology.ROUTES`: a C proxy costs a fraction of a Python one on every request (measured
+in docs/performance.md), with keep-alive connections to every function. The functions answer both
+their own paths and the gateway's, so nothing is rewritten. Unknown paths answer 404 and wrong
+methods 405 (with Allow) in the contract's JSON error body; an unreachable or silent function
+answers 503 with Retry-After; nginx's own refusals (a malformed request, a body over 1 MiB, huge
+headers) get the same JSON body. `/ui/api/` goes to the live page's pipeline server.
+
+Run: `python -m local.gateway` (writes `.local/gateway/nginx.conf`, then runs nginx in the foreground).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable
-from typing import Any
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
 
-import urllib3
+from local import services
+from local.topology import BY_NAME, GATEWAY_PORT, HOST, PIPELINE_PORT, REPO, ROUTES
+from todo_cqrs.settings import LOCAL_DIR
 
-from local.topology import BY_NAME, ROUTES
-
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-}
-MAX_BODY_BYTES = 1024 * 1024  # the functions enforce the contract's 64 KiB; this only bounds memory
-UPSTREAM_TIMEOUT = urllib3.Timeout(connect=2.0, read=30.0)
-
-_pool = urllib3.PoolManager(maxsize=32, block=False, retries=False, timeout=UPSTREAM_TIMEOUT)
-StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+RUN_DIR = LOCAL_DIR / "gateway" / str(GATEWAY_PORT)  # one per system (make run, the tests, the bench)
+UI_DIR = REPO / "ui"
+UPSTREAM_TIMEOUT_S = 15  # above get_todos' min_version wait (2 s) and any sane command
+# Below the functions' keep-alive (gunicorn's 2 s): nginx never reuses a connection being closed.
+UPSTREAM_IDLE_S = 1
 
 
-def _matches(pattern: str, path: str) -> bool:
-    want = [p for p in pattern.split("/") if p]
-    have = [p for p in path.split("/") if p]
-    return len(want) == len(have) and all(w == "{id}" or w == h for w, h in zip(want, have, strict=True))
+def _error(code: str, message: str) -> str:
+    return '{"error":{"code":"%s","message":"%s","details":[]}}' % (code, message)  # noqa: UP031 - nginx text
 
 
-def resolve(method: str, path: str) -> tuple[str | None, list[str]]:
-    """(function name, []) for a route; (None, allowed methods) when only the method is wrong;
-    (None, []) for an unknown path."""
-    allowed: list[str] = []
-    for route_method, pattern, function in ROUTES:
-        if _matches(pattern, path):
-            if method == route_method or (method == "HEAD" and route_method == "GET"):
-                return function, []
-            allowed.append(route_method)
-    if "GET" in allowed:
-        allowed.append("HEAD")
-    return None, allowed
+def _routes() -> tuple[str, str]:
+    """(the maps, the locations) for ROUTES: per path pattern, a map from the method to the function's
+    upstream, and a location that answers 405 (with Allow) for a method the map does not know."""
+    by_pattern: dict[str, dict[str, str]] = defaultdict(dict)
+    for method, pattern, function in ROUTES:
+        by_pattern[pattern][method] = function
+        if method == "GET":
+            by_pattern[pattern]["HEAD"] = function
+    maps, locations = [], []
+    for index, (pattern, methods) in enumerate(by_pattern.items()):
+        variable = f"$route_{index}"
+        entries = "".join(f"    {method} {function};\n" for method, function in methods.items())
+        maps.append(f'  map $request_method {variable} {{\n{entries}    default "";\n  }}\n')
+        allowed = ", ".join(methods)
+        regex = "^" + pattern.replace("{id}", "[^/]+") + "/?$"
+        locations.append(
+            f"    location ~ {regex} {{\n"
+            f'      if ({variable} = "") {{\n'
+            f'        add_header Allow "{allowed}" always;\n'
+            f"        return 405 '{_error('method_not_allowed', f'method not allowed; use {allowed}')}';\n"
+            f"      }}\n"
+            f"      proxy_pass http://{variable};\n"
+            f"    }}\n"
+        )
+    return "".join(maps), "".join(locations)
 
 
-def _json(
-    start_response: StartResponse,
-    status: str,
-    code: str,
-    message: str,
-    headers: Iterable[tuple[str, str]] = (),
-) -> list[bytes]:
-    body = json.dumps({"error": {"code": code, "message": message, "details": []}}).encode()
-    start_response(
-        status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers]
+def render_config(port: int = GATEWAY_PORT, run_dir: Path = RUN_DIR) -> str:
+    """nginx.conf for the routes of local.topology."""
+    keepalive = f"keepalive 64; keepalive_timeout {UPSTREAM_IDLE_S}s;"
+    upstreams = "\n".join(
+        f"  upstream {name} {{ server {HOST}:{function.port}; {keepalive} }}"
+        for name, function in BY_NAME.items()
     )
-    return [body]
+    maps, locations = _routes()
+    temp = {name: run_dir / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    return f"""# Written by local/gateway.py from local/topology.py: do not edit.
+worker_processes 1;
+daemon off;
+pid {run_dir / "nginx.pid"};
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  server_tokens off;
+  default_type application/json;
+  types {{ text/html html; text/css css; application/javascript js; image/png png; image/svg+xml svg; }}
+  client_body_temp_path {temp["body"]};
+  proxy_temp_path {temp["proxy"]};
+  fastcgi_temp_path {temp["fastcgi"]};
+  uwsgi_temp_path {temp["uwsgi"]};
+  scgi_temp_path {temp["scgi"]};
+  # The functions enforce the contract's 64 KiB; this only bounds what the gateway holds.
+  client_max_body_size 1m;
+  client_body_buffer_size 1m;
+  large_client_header_buffers 4 64k;
+  keepalive_timeout 75s;
+  keepalive_requests 1000000;
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_connect_timeout 2s;
+  proxy_send_timeout {UPSTREAM_TIMEOUT_S}s;
+  proxy_read_timeout {UPSTREAM_TIMEOUT_S}s;
+  proxy_next_upstream off;
+{upstreams}
+  upstream pipeline {{ server {HOST}:{PIPELINE_PORT}; keepalive 4; keepalive_timeout {UPSTREAM_IDLE_S}s; }}
+{maps}
+  server {{
+    listen {HOST}:{port} backlog=4096;
+    error_page 400 @bad_request;
+    error_page 413 @too_large;
+    error_page 414 @uri_too_long;
+    error_page 494 =431 @headers_too_large;
+    error_page 502 504 =503 @unavailable;
+    location = /healthz {{ return 200 '{{"status":"ok"}}'; }}
+{locations}
+    location = /ui {{ return 308 /ui/; }}
+    location /ui/api/ {{
+      proxy_pass http://pipeline;
+      error_page 502 504 =503 @pipeline_unavailable;
+    }}
+    location /ui/ {{
+      alias {UI_DIR}/;
+      index index.html;
+      charset utf-8;
+      charset_types text/css application/javascript;
+      add_header Cache-Control no-cache;
+    }}
+    location / {{ return 404 '{_error("not_found", "no route for this path")}'; }}
+    location @bad_request {{ return 400 '{_error("bad_request", "malformed HTTP request")}'; }}
+    location @too_large {{ return 413 '{_error("payload_too_large", "the body is too large")}'; }}
+    location @uri_too_long {{ return 414 '{_error("uri_too_long", "the request target is too long")}'; }}
+    location @headers_too_large {{ return 431 '{_error("headers_too_large", "the headers are too large")}'; }}
+    location @pipeline_unavailable {{
+      add_header Retry-After 1 always;
+      return 503 '{_error("dependency_unavailable", "the pipeline server is unreachable")}';
+    }}
+    location @unavailable {{
+      add_header Retry-After 1 always;
+      return 503 '{_error("dependency_unavailable", "the function is unreachable or did not answer")}';
+    }}
+  }}
+}}
+"""
 
 
-def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-    method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
-    if path == "/healthz":
-        start_response("200 OK", [("Content-Type", "application/json")])
-        return [b'{"status":"ok"}']
-    function, allowed = resolve(method, path)
-    if function is None:
-        if allowed:
-            return _json(
-                start_response,
-                "405 Method Not Allowed",
-                "method_not_allowed",
-                f"method not allowed; use {', '.join(allowed)}",
-                [("Allow", ", ".join(allowed))],
-            )
-        return _json(start_response, "404 Not Found", "not_found", f"no route for {path}")
+def main() -> None:
+    services.ensure_packages(["nginx"])
+    nginx = services.binary("nginx")
+    assert nginx is not None
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    config = RUN_DIR / "nginx.conf"
+    config.write_text(render_config())
+    print(f"gateway (nginx) on http://{HOST}:{GATEWAY_PORT}; config {config}", file=sys.stderr, flush=True)
+    # exec: nginx's master is this process, so the runner's signals and PDEATHSIG reach it.
+    os.execv(nginx, [nginx, "-c", str(config), "-p", str(RUN_DIR), "-e", "stderr"])
 
-    length = int(environ.get("CONTENT_LENGTH") or 0)
-    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    body = environ["wsgi.input"].read(MAX_BODY_BYTES + 1) if chunked or length else None
-    if length > MAX_BODY_BYTES or (body is not None and len(body) > MAX_BODY_BYTES):
-        return _json(start_response, "413 Payload Too Large", "payload_too_large", "the body is too large")
-    headers = {
-        key[5:].replace("_", "-").title(): value
-        for key, value in environ.items()
-        if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in HOP_BY_HOP
-    }
-    if environ.get("CONTENT_TYPE"):
-        headers["Content-Type"] = environ["CONTENT_TYPE"]
-    query = environ.get("QUERY_STRING")
-    url = BY_NAME[function].url + path + (f"?{query}" if query else "")
-    try:
-        upstream = _pool.request(
-            method, url, body=body, headers=headers, redirect=False, preload_content=True
-        )
-    except urllib3.exceptions.HTTPError as exc:
-        return _json(
-            start_response,
-            "503 Service Unavailable",
-            "dependency_unavailable",
-            f"the {function} function is unreachable: {type(exc).__name__}",
-            [("Retry-After", "1")],
-        )
-    out = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
-    out.append(("Content-Length", str(len(upstream.data))))
-    start_response(f"{upstream.status} {upstream.reason or ''}".strip(), out)
-    return [upstream.data]
+
+if __name__ == "__main__":
+    main()

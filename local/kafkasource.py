@@ -10,7 +10,9 @@ What it reproduces of the dispatcher:
   record's timestamp, `key` and `partitionkey` = the record key, and one `kafkaheader<name>` extension
   per header (name lowercased, only a-z and 0-9 kept; content-type becomes the event's content type).
 - ordering "ordered": per partition, the next record waits for the sink's answer; partitions run in
-  parallel (one worker thread each).
+  parallel. "unordered": up to LOCAL_KAFKASOURCE_IN_FLIGHT (16) records of a partition in flight at
+  once, each retried on its own; offsets still move only past records that are done (an offset
+  tracker per partition), as the dispatcher's unordered consumer does.
 - 2xx is success; 5xx, 404, 408, 409, 429, connection errors and timeouts are retried `delivery.retry`
   times, waiting backoffDelay x 2^n (exponential) or backoffDelay x n (linear) before retry n. Anything
   else, or exhausted retries, goes to the dead-letter sink with `knativeerrordest` (the sink URL),
@@ -23,8 +25,13 @@ What it reproduces of the dispatcher:
 
 Where it deliberately differs: when the dead-letter sink itself keeps failing, the dispatcher commits
 the offset and the event is lost; this runner keeps retrying the dead-letter sink (backoff capped at
-30 s, one log line per failure), so the partition waits visibly instead of losing an event. Ordering
-"unordered" is delivered ordered too (stricter, same contract for the sink).
+30 s, one log line per failure), so the partition waits visibly instead of losing an event.
+
+Metrics (`--metrics-port`, KAFKASOURCE_METRICS_PORT): consumer lag per partition, retries, and
+records done with by outcome, in the Prometheus text format.
+
+Threads: the consumer's (every Consumer call), and an event loop's that posts over keep-alive
+connections (local/http1.py).
 
 Run: `python -m local.kafkasource [--file kafka-source.yaml]` (until SIGINT/SIGTERM), or in-process:
 `LocalKafkaSource("kafka-source.yaml").start()` ... `.stop()`.
@@ -33,8 +40,12 @@ Run: `python -m local.kafkasource [--file kafka-source.yaml]` (until SIGINT/SIGT
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import collections
+import contextlib
 import json
+import os
 import queue
 import re
 import signal
@@ -42,14 +53,14 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, urljoin, urlsplit
 
-import urllib3
 import yaml
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -59,21 +70,27 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+from prometheus_client import Counter, Gauge, disable_created_metrics, start_http_server
 
+from local import http1
 from local.topology import BY_SERVICE, REPO
 from todo_cqrs.settings import settings
 
-DEFAULT_SPEC = REPO / "kafka-source.yaml"
+# KAFKA_SOURCE_FILE: another copy (the bench's, an isolated run's) naming another topic and group.
+DEFAULT_SPEC = Path(os.environ.get("KAFKA_SOURCE_FILE") or REPO / "kafka-source.yaml")
 DEFAULT_REQUEST_TIMEOUT_S = 10.0  # Knative's default is 600 s; locally a hung function should show fast
 PLAIN_EVENT_TYPE = "dev.knative.kafka.event"
 ERROR_DATA_MAX_BYTES = 1024
 ERROR_HEADER_PREFIX = "kne-"
 DEAD_LETTER_MIN_BACKOFF_S = 0.1
 DEAD_LETTER_MAX_BACKOFF_S = 30.0
-# A partition's worker holds at most this many polled records; above it the partition is paused.
+# A partition holds at most this many polled records not yet done with; above it the partition is paused.
 QUEUE_HIGH_WATER = 1000
 QUEUE_LOW_WATER = 100
 POLL_TIMEOUT_S = 0.1
+# ordering "unordered": records of a partition in flight at once (LOCAL_KAFKASOURCE_IN_FLIGHT).
+UNORDERED_IN_FLIGHT = 16
+LAG_EVERY_S = 1.0
 
 
 # --- the spec ---------------------------------------------------------------------------------------
@@ -383,50 +400,119 @@ class JsonLog:
             stream.flush()
 
 
-class _PartitionWorker(threading.Thread):
-    """Delivers one partition's records strictly one after the other."""
+class _Tracker:
+    """A partition's records in offset order: each is done once delivered, dead-lettered or dropped, and
+    only a done prefix is handed back for its offsets to be stored (unordered delivery finishes records
+    out of order; an offset is never committed past a record still in flight)."""
+
+    def __init__(self) -> None:
+        self.records: collections.deque[list[Any]] = collections.deque()  # [msg, done]
+
+    def add(self, msg: Message) -> list[Any]:
+        entry = [msg, False]
+        self.records.append(entry)
+        return entry
+
+    def finish(self, entry: list[Any]) -> list[Message]:
+        entry[1] = True
+        ready = []
+        while self.records and self.records[0][1]:
+            ready.append(self.records.popleft()[0])
+        return ready
+
+
+class _Partition:
+    """Delivers one partition's records: one after the other (ordered), or up to `in_flight` at once
+    (unordered)."""
 
     def __init__(self, source: LocalKafkaSource, topic: str, partition: int) -> None:
-        super().__init__(name=f"kafkasource-{topic}-{partition}", daemon=True)
         self.source = source
-        self.records: queue.Queue[Message | None] = queue.Queue()
-        self.stopping = threading.Event()
-        # One keep-alive connection per partition, reused by every record (urllib3: lighter than requests).
-        self.http = urllib3.PoolManager(maxsize=2, retries=False)
+        self.key = (topic, partition)
+        self.tracker = _Tracker()
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.ordered = source.spec.ordering != "unordered"
+        self.slots = asyncio.Semaphore(1 if self.ordered else source.in_flight)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self.pump = asyncio.get_running_loop().create_task(self._pump())
 
-    def stop(self) -> None:
-        """Finish the HTTP attempt in flight, then give up what is left (it was not committed)."""
-        self.stopping.set()
-        self.records.put(None)
+    def accept(self, msg: Message) -> None:
+        self.queue.put_nowait(msg)
 
-    def run(self) -> None:
+    async def _pump(self) -> None:
+        while not self.stopping:
+            msg = await self.queue.get()
+            await self.slots.acquire()
+            if self.stopping:
+                self.slots.release()
+                return
+            entry = self.tracker.add(msg)
+            task = asyncio.get_running_loop().create_task(self._deliver(msg, entry))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _deliver(self, msg: Message, entry: list[Any]) -> None:
         try:
-            while not self.stopping.is_set():
-                msg = self.records.get()
-                if msg is None or self.stopping.is_set():
-                    return
-                if self._deliver(msg):
-                    self.source._done.put(msg)
+            if await self.source.delivery.deliver(msg, lambda: self.stopping):
+                for done in self.tracker.finish(entry):
+                    self.source.done.put(done)
         except Exception:
             # A bug here must not stall the partition silently: stop the whole source, loudly.
-            self.source.log("error", "partition worker failed; stopping", error=traceback.format_exc())
-            self.source._stopping.set()
-            raise
+            self.source.log("error", "delivery failed; stopping", error=traceback.format_exc())
+            self.source.stopping.set()
         finally:
-            self.http.clear()
+            self.slots.release()
 
-    def _post(self, url: str, event: HttpEvent) -> Answer:
+    async def stop(self) -> None:
+        """Let the HTTP attempts in flight finish; give up what is queued or waiting to retry (not
+        stored, so the partition's next owner delivers it again)."""
+        self.stopping = True
+        self.pump.cancel()
+        self.source.delivery.wake_stopped()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=self.source.request_timeout_s + 5)
+
+
+class _Delivery:
+    """Sends one record's event to the sink, retrying as the delivery spec says, then to the dead-letter
+    sink; over keep-alive connections shared by every partition."""
+
+    def __init__(self, source: LocalKafkaSource) -> None:
+        self.source = source
+        self.sink = _Target(source.sink_url)
+        self.dead_letter_sink = _Target(source.dead_letter_url) if source.dead_letter_url else None
+        self._stopped = asyncio.Event()
+
+    def wake_stopped(self) -> None:
+        self._stopped.set()
+        self._stopped = asyncio.Event()
+
+    async def _wait(self, seconds: float, stopping: Callable[[], bool]) -> bool:
+        """Sleep; True if the partition was stopped meanwhile."""
+        stopped = self._stopped
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopped.wait(), seconds)
+        return stopping()
+
+    async def _post(self, target: _Target, event: HttpEvent) -> Answer:
         source = self.source
         headers = {**event.headers, "Prefer": "reply", "Kn-Namespace": source.spec.namespace}
+        raw = http1.encode_request(
+            "POST",
+            target.path,
+            [(k.encode(), v.encode("latin-1")) for k, v in headers.items()],
+            event.body,
+            target.pool.host_header,
+        )
         try:
-            r = self.http.request(
-                "POST", url, body=event.body, headers=headers, timeout=source.request_timeout_s
-            )
-        except urllib3.exceptions.HTTPError as e:
+            reply = await target.pool.request(raw, timeout_s=source.request_timeout_s, retry=True)
+        except (http1.UpstreamError, TimeoutError) as e:
             return Answer(None, error=f"{type(e).__name__}: {e}")
-        return Answer(r.status, r.data, dict(r.headers))
+        return Answer(
+            reply.status, reply.body, {k.decode("latin-1"): v.decode("latin-1") for k, v in reply.headers}
+        )
 
-    def _deliver(self, msg: Message) -> bool:
+    async def deliver(self, msg: Message, stopping: Callable[[], bool]) -> bool:
         """True when the record is done with (delivered, dead-lettered or dropped); False when stopped."""
         source = self.source
         started = time.monotonic()
@@ -437,7 +523,7 @@ class _PartitionWorker(threading.Thread):
             source.log("error", "discarded: record unreadable", **where, error=traceback.format_exc())
             return True
         fields = {**where, "event_id": event.id, "event_type": event.type}
-        sent = self._send_to_sink(event, fields)
+        sent = await self._send_to_sink(event, fields, stopping)
         if sent is None:
             return False
         answer, attempts = sent
@@ -445,62 +531,112 @@ class _PartitionWorker(threading.Thread):
         if answer.error:
             fields["error"] = answer.error
         if answer.ok:
+            _DELIVERIES["delivered"].inc()
             source.log("info", "delivered", **fields, latency_ms=_ms_since(started))
             return True
-        if source.dead_letter_url is None:
+        if self.dead_letter_sink is None:
+            _DELIVERIES["dropped"].inc()
             source.log("error", "dropped: no dead-letter sink", **fields, latency_ms=_ms_since(started))
             return True
         dead_letter = event.with_extensions(error_extensions(source.sink_url, answer))
-        dls_attempts = self._send_to_dead_letter_sink(dead_letter, fields)
+        dls_attempts = await self._send_to_dead_letter_sink(dead_letter, fields, stopping)
         if dls_attempts is None:
             return False
+        _DELIVERIES["dead_lettered"].inc()
         source.log("warning", "dead-lettered", **fields, dead_letter_attempts=dls_attempts,
                    latency_ms=_ms_since(started))  # fmt: skip
         return True
 
-    def _send_to_sink(self, event: HttpEvent, fields: dict[str, Any]) -> tuple[Answer, int] | None:
+    async def _send_to_sink(
+        self, event: HttpEvent, fields: dict[str, Any], stopping: Callable[[], bool]
+    ) -> tuple[Answer, int] | None:
         """The last answer and the number of attempts, retrying as the delivery spec says; None if stopped."""
         delivery = self.source.spec.delivery
         attempt = 0
         while True:
             attempt += 1
-            answer = self._post(self.source.sink_url, event)
+            answer = await self._post(self.sink, event)
             if answer.ok or not answer.retryable or attempt > delivery.retry:
                 return answer, attempt
             wait = delivery.backoff_s(attempt)
+            _RETRIES.inc()
             self.source.log("warning", "retrying", **fields, status=answer.status, error=answer.error,
                             attempts=attempt, retry_in_s=wait)  # fmt: skip
-            if self.stopping.wait(wait):
+            if await self._wait(wait, stopping):
                 return None
 
-    def _send_to_dead_letter_sink(self, event: HttpEvent, fields: dict[str, Any]) -> int | None:
+    async def _send_to_dead_letter_sink(
+        self, event: HttpEvent, fields: dict[str, Any], stopping: Callable[[], bool]
+    ) -> int | None:
         """Attempts until the dead-letter sink took the event (it is never given up); None if stopped."""
-        url, delivery = self.source.dead_letter_url, self.source.spec.delivery
-        assert url is not None
+        assert self.dead_letter_sink is not None
+        delivery = self.source.spec.delivery
         attempt = 0
         while True:
             attempt += 1
-            answer = self._post(url, event)
+            answer = await self._post(self.dead_letter_sink, event)
             if answer.ok:
                 return attempt
             wait = min(max(delivery.backoff_s(attempt), DEAD_LETTER_MIN_BACKOFF_S), DEAD_LETTER_MAX_BACKOFF_S)
             self.source.log("error", "dead-letter sink failed; retrying so the event is not lost", **fields,
                             dead_letter_status=answer.status, dead_letter_error=answer.error,
                             dead_letter_attempts=attempt, retry_in_s=wait)  # fmt: skip
-            if self.stopping.wait(wait):
+            if await self._wait(wait, stopping):
                 return None
+
+
+@dataclass(frozen=True)
+class _Target:
+    url: str
+
+    @property
+    def pool(self) -> http1.Pool:
+        return _pool_for(self.url, asyncio.get_running_loop())
+
+    @property
+    def path(self) -> str:
+        parts = urlsplit(self.url)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+# Per event loop: a connection belongs to the loop that opened it (a source started after another one
+# stopped, in the same process, has a loop of its own).
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], http1.Pool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _pool_for(url: str, loop: asyncio.AbstractEventLoop) -> http1.Pool:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"the local KafkaSource posts over plain HTTP only, not to {url!r}")
+    key = (parts.hostname, parts.port or 80)
+    pools = _pools.setdefault(loop, {})
+    if key not in pools:
+        pools[key] = http1.Pool(*key)
+    return pools[key]
 
 
 def _ms_since(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
 
 
+disable_created_metrics()
+_LAG = Gauge(
+    "todo_kafkasource_consumer_lag", "Records on the partition not yet delivered", ["topic", "partition"]
+)
+_RETRIES = Counter("todo_kafkasource_retries", "Deliveries to the sink tried again after a retryable answer")
+_DELIVERIES_ALL = Counter("todo_kafkasource_deliveries", "Records done with, by outcome", ["outcome"])
+_DELIVERIES = {o: _DELIVERIES_ALL.labels(o) for o in ("delivered", "dead_lettered", "dropped")}
+
+
 # --- the source --------------------------------------------------------------------------------------
 
 
 class LocalKafkaSource:
-    """Consumes the KafkaSource's topics in its consumer group and delivers to its sink, in a background
-    thread: `start()`, then `stop()` (which commits what was delivered)."""
+    """Consumes the KafkaSource's topics in its consumer group and delivers to its sink, in background
+    threads (the consumer's, and an event loop's for delivery): `start()`, then `stop()` (which commits
+    what was delivered)."""
 
     def __init__(
         self,
@@ -511,6 +647,7 @@ class LocalKafkaSource:
         bootstrap_servers: str | None = None,
         request_timeout_s: float | None = None,
         log_stream: TextIO | None = None,
+        in_flight: int | None = None,
     ) -> None:
         self.spec = load_spec(spec_path)
         self.sink_url = sink_url or self.spec.sink.local_url()
@@ -520,17 +657,28 @@ class LocalKafkaSource:
         self.request_timeout_s = (
             request_timeout_s or self.spec.delivery.timeout_s or DEFAULT_REQUEST_TIMEOUT_S
         )
+        self.in_flight = in_flight or int(os.environ.get("LOCAL_KAFKASOURCE_IN_FLIGHT", UNORDERED_IN_FLIGHT))
         self.log = JsonLog(log_stream, component="kafkasource", source=self.spec.name)
         self._consumer: Consumer | None = None
-        self._workers: dict[tuple[str, int], _PartitionWorker] = {}
-        # Records the workers are done with, whose offsets the consumer thread stores. Every Consumer call
+        # Records the partitions are done with, whose offsets the consumer thread stores. Every Consumer call
         # stays on that thread: confluent-kafka serialises calls from several threads with a gate that a
         # polling thread can hold almost continuously, starving the others.
-        self._done: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._in_flight: dict[tuple[str, int], int] = collections.defaultdict(int)  # consumer thread only
+        self._stored: dict[tuple[str, int], int] = {}
+        self._first_seen: dict[tuple[str, int], int] = {}
+        self._assignment: set[tuple[str, int]] = set()
         self._paused: set[tuple[str, int]] = set()
         self._assigned = threading.Event()
-        self._stopping = threading.Event()
+        self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="kafkasource-delivery", daemon=True
+        )
+        self._partitions: dict[tuple[str, int], _Partition] = {}
+        self.delivery: _Delivery | None = None
+        self._next_lag_at = 0.0
 
     def __enter__(self) -> LocalKafkaSource:
         return self.start()
@@ -539,15 +687,17 @@ class LocalKafkaSource:
         self.stop()
 
     def start(self) -> LocalKafkaSource:
-        """Subscribe and start delivering in a background thread."""
+        """Subscribe and start delivering in background threads."""
+        self._loop_thread.start()
+        self.delivery = self._call(self._make_delivery())
         self._consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap_servers,
                 "group.id": self.spec.consumer_group,
                 "client.id": f"local-kafkasource-{self.spec.name}",
                 "auto.offset.reset": self.spec.initial_offset,
-                # Offsets are stored by the workers after each record is done with, and only those are
-                # committed: periodically, on revocation and on close.
+                # Offsets are stored once each record is done with, and only those are committed:
+                # periodically, on revocation and on close.
                 "enable.auto.offset.store": False,
                 "enable.auto.commit": True,
                 "auto.commit.interval.ms": 500,
@@ -570,15 +720,22 @@ class LocalKafkaSource:
             topics=self.spec.topics,
             consumer_group=self.spec.consumer_group,
             initial_offset=self.spec.initial_offset,
+            ordering=self.spec.ordering,
+            in_flight_per_partition=1 if self.spec.ordering != "unordered" else self.in_flight,
             sink=self.sink_url,
             dead_letter_sink=self.dead_letter_url,
             retry=self.spec.delivery.retry,
             backoff_policy=self.spec.delivery.backoff_policy,
             backoff_delay_s=self.spec.delivery.backoff_delay_s,
         )
-        if self.spec.ordering != "ordered":
-            self.log("warning", f"ordering {self.spec.ordering!r} is delivered ordered locally")
         return self
+
+    async def _make_delivery(self) -> _Delivery:
+        return _Delivery(self)
+
+    def _call(self, coroutine: Any, timeout_s: float | None = None) -> Any:
+        """Run a coroutine on the delivery loop from the consumer thread, and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
 
     @property
     def running(self) -> bool:
@@ -591,26 +748,35 @@ class LocalKafkaSource:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop delivering, commit what was delivered, leave the group."""
-        self._stopping.set()
+        self.stopping.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        if self._loop.is_running():
+            self._call(self._close_pools(), 5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(5)
 
-    # The consumer thread: polls, hands records to the partition workers, pauses full partitions.
+    async def _close_pools(self) -> None:
+        for pool in _pools.pop(asyncio.get_running_loop(), {}).values():
+            pool.close()
+
+    # The consumer thread: polls, hands records to the partitions, pauses full partitions.
     def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None
         try:
-            while not self._stopping.is_set():
+            while not self.stopping.is_set():
                 msg = consumer.poll(POLL_TIMEOUT_S)
                 if msg is not None:
                     self._dispatch(msg)
                 self._store_done()
                 self._apply_backpressure()
-        except Exception as e:  # keep the process's log readable; the runner stops either way
+                self._measure_lag()
+        except Exception as e:  # keep the process's log readable; the runner restarts it
             self.log("error", "consumer loop failed", error=f"{type(e).__name__}: {e}")
         finally:
-            self._stop_workers(list(self._workers))
+            self._stop_partitions(list(self._partitions))
             self._store_done()
             self._commit()
             consumer.close()  # revokes (committing again) and leaves the group at once
@@ -623,16 +789,19 @@ class LocalKafkaSource:
                 self.log("warning", "kafka", error=str(error))
             return
         key = (str(msg.topic()), int(msg.partition() or 0))
-        worker = self._workers.get(key)
-        if worker is None:
-            worker = self._workers[key] = _PartitionWorker(self, *key)
-            worker.start()
-        worker.records.put(msg)
+        self._in_flight[key] += 1
+        self._first_seen.setdefault(key, msg.offset())
+        self._loop.call_soon_threadsafe(self._accept, key, msg)
+
+    def _accept(self, key: tuple[str, int], msg: Message) -> None:  # on the delivery loop
+        partition = self._partitions.get(key)
+        if partition is None:
+            partition = self._partitions[key] = _Partition(self, *key)
+        partition.accept(msg)
 
     def _apply_backpressure(self) -> None:
         assert self._consumer is not None
-        for key, worker in self._workers.items():
-            size = worker.records.qsize()
+        for key, size in self._in_flight.items():
             if key not in self._paused and size >= QUEUE_HIGH_WATER:
                 self._consumer.pause([TopicPartition(*key)])
                 self._paused.add(key)
@@ -644,36 +813,66 @@ class LocalKafkaSource:
         assert self._consumer is not None
         while True:
             try:
-                msg = self._done.get_nowait()
+                msg = self.done.get_nowait()
             except queue.Empty:
                 return
+            key = (str(msg.topic()), int(msg.partition() or 0))
+            self._in_flight[key] -= 1
             try:
                 self._consumer.store_offsets(message=msg)
+                self._stored[key] = msg.offset() + 1
             except KafkaException as e:  # the partition is gone: its next owner delivers the record again
                 where = {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
                 self.log("warning", "offset not stored", **where, error=str(e))
 
+    def _measure_lag(self) -> None:
+        """Consumer lag per partition (records on the topic not yet done with), once a second, from the
+        high watermarks the fetches brought back (no request to the broker)."""
+        now = time.monotonic()
+        if now < self._next_lag_at or self._consumer is None:
+            return
+        self._next_lag_at = now + LAG_EVERY_S
+        for topic, partition in self._assignment:
+            try:
+                _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            key = (topic, partition)
+            position = self._stored.get(key, self._first_seen.get(key, high))
+            _LAG.labels(topic, str(partition)).set(max(0, high - position) if high >= 0 else 0)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assignment.update((p.topic, p.partition) for p in partitions)
         self.log("info", "partitions assigned", partitions=[f"{p.topic}/{p.partition}" for p in partitions])
         self._assigned.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Runs inside poll(), while the partitions are still ours: let their workers finish the attempt in
-        # flight, drop what they had queued (not stored, so fetched again by the next owner), commit.
+        # Runs inside poll(), while the partitions are still ours: let their deliveries finish the attempt
+        # in flight, drop what was queued (not stored, so fetched again by the next owner), commit.
         keys = [(p.topic, p.partition) for p in partitions]
-        self._stop_workers(keys)
+        self._stop_partitions(keys)
         self._store_done()
         self._commit()
         self._paused.difference_update(keys)
+        for key in keys:
+            self._in_flight.pop(key, None)
+            self._stored.pop(key, None)
+            self._first_seen.pop(key, None)
+            self._assignment.discard(key)
+            _LAG.labels(key[0], str(key[1])).set(0)
         self._assigned.clear()
         self.log("info", "partitions revoked", partitions=[f"{t}/{p}" for t, p in keys])
 
-    def _stop_workers(self, keys: list[tuple[str, int]]) -> None:
-        workers = [w for w in (self._workers.pop(k, None) for k in keys) if w is not None]
-        for worker in workers:
-            worker.stop()
-        for worker in workers:
-            worker.join(self.request_timeout_s + 5)
+    def _stop_partitions(self, keys: list[tuple[str, int]]) -> None:
+        async def stop_them() -> None:
+            partitions = [p for p in (self._partitions.pop(k, None) for k in keys) if p is not None]
+            await asyncio.gather(*(p.stop() for p in partitions))
+
+        if self._loop.is_running():
+            try:
+                self._call(stop_them(), self.request_timeout_s + 10)
+            except Exception as e:  # noqa: BLE001 - stopping must go on; what was not stored is redelivered
+                self.log("warning", "partition stop incomplete", error=repr(e))
 
     def _commit(self) -> None:
         assert self._consumer is not None
@@ -694,11 +893,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, help=f"per-request timeout, s (default {DEFAULT_REQUEST_TIMEOUT_S})"
     )
+    parser.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("KAFKASOURCE_METRICS_PORT", "0")) or None,
+        help="serve Prometheus metrics (consumer lag per partition, retries) on this port",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr="127.0.0.1")
     source = LocalKafkaSource(
         args.file,
         sink_url=args.sink_url,

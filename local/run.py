@@ -1,16 +1,24 @@
 """`make run`: the whole system on one machine, in the foreground, until Ctrl-C.
 
 Starts (or reuses) MariaDB, Redis and Kafka, applies the migrations, then starts every function as
-its own functions-framework process, the gateway, the local KafkaSource and the outbox relay's
-schedule (what a PingSource does in a cluster). Each process logs to its own file.
+its own functions-framework process (ASGI server: gunicorn's uvicorn worker, uvloop, httptools),
+the local KafkaSource, the outbox relay's schedule (what a PingSource does in a cluster), the live
+page's pipeline server and, last, the gateway (nginx). Each process logs to its own file.
+
+Supervised, as a Kubernetes user expects: a child that dies is started again after a backoff
+(0.5 s, doubling, at most 10 s) with a log line; only a child that crashes 5 times within 30 s stops
+the run, naming its log. Ctrl-C (or SIGTERM) stops everything this command started.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,8 +32,17 @@ from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from local import services
-from local.kafkasource import load_spec
-from local.topology import BY_NAME, FUNCTIONS, GATEWAY_PORT, HOST, REPO, Function
+from local.kafkasource import DEFAULT_SPEC, load_spec
+from local.topology import (
+    BY_NAME,
+    FUNCTIONS,
+    GATEWAY_PORT,
+    HOST,
+    KAFKASOURCE_METRICS_PORT,
+    PIPELINE_PORT,
+    REPO,
+    Function,
+)
 from todo_cqrs.settings import LOCAL_DIR, settings
 
 LOG_DIR = LOCAL_DIR / "logs"
@@ -33,15 +50,13 @@ PR_SET_PDEATHSIG = 1
 VENV_BIN = Path(sys.executable).parent
 RELAY_PERIOD_S = float(os.environ.get("RELAY_PERIOD_SECONDS", "1.0"))
 READY_TIMEOUT_S = 60.0
+CRASHES_ALLOWED, CRASH_WINDOW_S = 5, 30.0
+RESTART_FIRST_S, RESTART_MAX_S = 0.5, 10.0
+STOP_TIMEOUT_S = 10.0
 
-# Production-like server settings per function (gunicorn gthread). The query side waits for
-# read-your-writes (min_version) on a thread, so it gets more of them. One worker each, as in a
-# Knative pod: `make bench` measured 2 workers for get_todos at ~215-235 MB RSS (target < 150 MB) for
-# ~1.5x the cache-hit throughput, which a cluster gets from more pods instead.
-SERVER_ENV: dict[str, dict[str, str]] = {
-    "get_todos": {"WORKERS": "1", "THREADS": "16"},
-    "project_event": {"WORKERS": "1", "THREADS": "8"},
-}
+# One worker process per function, as in a Knative pod (one container, WORKERS=1): more throughput
+# comes from more pods (or, locally, it is not needed: `make bench` shows the limits per process).
+SERVER_ENV = {"WORKERS": "1"}
 
 
 def say(message: str) -> None:
@@ -54,54 +69,137 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    """A supervised process: its command, and what became of it."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int | None = None  # a port it listens on: free again before a restart
+    process: subprocess.Popen[bytes] | None = None
+    crashes: collections.deque[float] = field(default_factory=collections.deque)
+    restart_at: float | None = None
+
+    @property
+    def log(self) -> Path:
+        return LOG_DIR / f"{self.name}.log"
+
+
 @dataclass
 class System:
     """The processes `make run` started, stopped in reverse order."""
 
-    processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int | None = None
+    ) -> Child:
+        child = Child(name, argv, env or {}, port)
+        self.children.append(child)
+        self._start(child)
+        return child
+
+    def _start(self, child: Child) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        log = open(LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
-        process = subprocess.Popen(
-            argv,
+        log = open(child.log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        child.process = subprocess.Popen(
+            child.argv,
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **child.env},
             start_new_session=True,  # Ctrl-C reaches the runner only; it stops the children in order
             preexec_fn=_die_with_parent,
         )
-        self.processes.append((name, process))
-        return process
+        log.close()
+        child.restart_at = None
+
+    def supervise(self) -> None:
+        """Start again what died (with a backoff); raise RunFailed when one keeps crashing."""
+        now = time.monotonic()
+        for child in self.children:
+            process = child.process
+            if process is None or self.stopping.is_set():
+                continue
+            if child.restart_at is None and process.poll() is not None:
+                _kill_group(process)  # a gunicorn master's orphaned worker would keep the port
+                child.crashes.append(now)
+                while child.crashes and now - child.crashes[0] > CRASH_WINDOW_S:
+                    child.crashes.popleft()
+                if len(child.crashes) >= CRASHES_ALLOWED:
+                    raise RunFailed(
+                        f"{child.name} crashed {len(child.crashes)} times within {CRASH_WINDOW_S:.0f} s "
+                        f"(last exit status {process.returncode}); see {child.log}"
+                    )
+                delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** (len(child.crashes) - 1))
+                status = process.returncode
+                say(f"{child.name} exited ({status}); restarting in {delay:.1f} s; see {child.log}")
+                child.restart_at = now + delay
+            elif child.restart_at is not None and now >= child.restart_at and _port_free(child.port):
+                say(f"{child.name} restarted")
+                self._start(child)
+
+    def check_alive(self) -> None:
+        """During start-up: a child that exits fails the start (nothing is up to restart it into)."""
+        for child in self.children:
+            if child.process is not None and child.process.poll() is not None:
+                raise RunFailed(f"{child.name} exited with {child.process.returncode}; see {child.log}")
 
     def stop(self) -> None:
         self.stopping.set()
-        for _, process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for name, process in reversed(self.processes):
+        running = [
+            c.process for c in reversed(self.children) if c.process is not None and c.process.poll() is None
+        ]
+        for process in running:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in reversed(self.children):
+            process = child.process
+            if process is None:
+                continue
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                say(f"{name} did not stop in time; killing it")
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        self.processes.clear()
+                say(f"{child.name} did not stop in time; killing it")
+            _kill_group(process)
+        self.children.clear()
 
-    def check_alive(self) -> None:
-        for name, process in self.processes:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with {process.returncode}; see {LOG_DIR / (name + '.log')}"
-                )
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL whatever is left of the child's process group (a frozen one included), and reap it."""
+    _signal_group(process, signal.SIGCONT)
+    _signal_group(process, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
+def _port_free(port: int | None) -> bool:
+    if port is None:
+        return True
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def function_argv(function: Function) -> list[str]:
     return [
         str(VENV_BIN / "functions-framework"),
+        "--asgi",
         "--target",
         function.name,
         "--source",
@@ -114,7 +212,11 @@ def function_argv(function: Function) -> list[str]:
 
 
 def function_env(function: Function) -> dict[str, str]:
-    return {"K_SERVICE": function.service, "PORT": str(function.port), **SERVER_ENV.get(function.name, {})}
+    return {"K_SERVICE": function.service, "PORT": str(function.port), **SERVER_ENV}
+
+
+def kafkasource_argv() -> list[str]:
+    return [sys.executable, "-m", "local.kafkasource", "--metrics-port", str(KAFKASOURCE_METRICS_PORT)]
 
 
 def wait_http_ready(system: System, name: str, url: str, timeout_s: float = READY_TIMEOUT_S) -> float:
@@ -129,8 +231,8 @@ def wait_http_ready(system: System, name: str, url: str, timeout_s: float = READ
             pass
         system.check_alive()
         if time.monotonic() - started > timeout_s:
-            raise RuntimeError(f"{name} not ready after {timeout_s:.0f} s; see {LOG_DIR / (name + '.log')}")
-        time.sleep(0.1)
+            raise RunFailed(f"{name} not ready after {timeout_s:.0f} s; see {LOG_DIR / (name + '.log')}")
+        time.sleep(0.05)
 
 
 def wait_consumer_group_assigned(system: System, group: str, timeout_s: float = READY_TIMEOUT_S) -> float:
@@ -148,27 +250,8 @@ def wait_consumer_group_assigned(system: System, group: str, timeout_s: float = 
             pass
         system.check_alive()
         if time.monotonic() - started > timeout_s:
-            raise RuntimeError(
-                f"the local KafkaSource did not join {group}; see {LOG_DIR / 'kafkasource.log'}"
-            )
+            raise RunFailed(f"the local KafkaSource did not join {group}; see {LOG_DIR / 'kafkasource.log'}")
         time.sleep(0.1)
-
-
-def gateway_argv() -> list[str]:
-    return [
-        str(VENV_BIN / "gunicorn"),
-        "--bind",
-        f"{HOST}:{GATEWAY_PORT}",
-        "--worker-class",
-        "gthread",
-        "--threads",
-        "32",
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-        "local.gateway:app",
-    ]
 
 
 def start(system: System) -> None:
@@ -176,38 +259,47 @@ def start(system: System) -> None:
     started = time.monotonic()
     say("starting MariaDB, Redis and Kafka (or reusing them) ...")
     services.ensure_services()
+    services.ensure_packages(["nginx"])  # the gateway's
     say(f"services ready after {time.monotonic() - started:.1f} s; applying migrations ...")
     subprocess.run([sys.executable, "-m", "todo_cqrs.migrations", "upgrade"], cwd=REPO, check=True)
     for function in FUNCTIONS:
-        system.spawn(function.name, function_argv(function), function_env(function))
-    system.spawn("kafkasource", [sys.executable, "-m", "local.kafkasource"])
+        system.spawn(function.name, function_argv(function), function_env(function), function.port)
+    system.spawn("kafkasource", kafkasource_argv(), port=KAFKASOURCE_METRICS_PORT)
     for function in FUNCTIONS:
         took = wait_http_ready(system, function.name, f"{function.url}/healthz")
         say(f"{function.name:<14} ready on {function.url} ({took:.1f} s)")
-    took = wait_consumer_group_assigned(system, load_spec(REPO / "kafka-source.yaml").consumer_group)
+    took = wait_consumer_group_assigned(system, load_spec(DEFAULT_SPEC).consumer_group)
     say(f"kafkasource    consuming ({took:.1f} s)")
     threading.Thread(
         target=relay_schedule, args=(system.stopping,), name="relay-schedule", daemon=True
     ).start()
+    system.spawn("pipeline", [sys.executable, "-m", "local.pipeline_server"], port=PIPELINE_PORT)
     # The gateway last: once it answers, every path behind it works, events included.
-    system.spawn("gateway", gateway_argv())
+    system.spawn("gateway", [sys.executable, "-m", "local.gateway"], port=GATEWAY_PORT)
     wait_http_ready(system, "gateway", f"http://{HOST}:{GATEWAY_PORT}/healthz")
     say(f"everything up in {time.monotonic() - started:.1f} s")
 
 
 def relay_schedule(stopping: threading.Event) -> None:
-    """What the PingSource does in a cluster: ask relay_outbox to publish whatever is still pending."""
+    """What the PingSource does in a cluster: ask relay_outbox to publish whatever is still pending.
+    It never dies: a failed tick is logged and the next one follows."""
     request = urllib.request.Request(
         f"{BY_NAME['relay_outbox'].url}/",
         data=b"{}",
         method="POST",
         headers={"Content-Type": "application/json"},
     )
+    failing = False
     while not stopping.wait(RELAY_PERIOD_S):
         try:
             urllib.request.urlopen(request, timeout=10).close()
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            say(f"outbox relay tick failed: {exc}")
+            if failing:
+                say("outbox relay tick works again")
+            failing = False
+        except Exception as exc:  # noqa: BLE001 - relay_outbox restarting, or busy: the next tick retries
+            if not failing:
+                say(f"outbox relay tick failed: {exc}; retrying every {RELAY_PERIOD_S:.0f} s")
+            failing = True
 
 
 def banner() -> str:
@@ -215,6 +307,7 @@ def banner() -> str:
     lines = [
         "",
         f"Gateway (the original sample's API): {gateway}",
+        f"Live page: {gateway}/ui/",
         *(f"  {f.name:<14} {f.url}" for f in FUNCTIONS),
         f"Logs: {LOG_DIR}/<name>.log",
         "",
@@ -237,21 +330,23 @@ def main() -> None:
     args = parser.parse_args()
     services_before = services.running_services()
     system = System()
-    stopping = False
+    stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stopping.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     _die_with_parent()  # if `make` itself is killed, stop everything as on Ctrl-C
+    failed = False
     try:
         start(system)
         print(banner(), flush=True)
-        while not stopping:
-            system.check_alive()
-            system.stopping.wait(0.5)
+        while not stopping.wait(0.2):
+            system.supervise()
+    except RunFailed as exc:
+        say(str(exc))
+        failed = True
     finally:
         say("stopping ...")
         system.stop()
@@ -259,6 +354,8 @@ def main() -> None:
         if started_here and not args.keep_services:
             services.stop_services(started_here)
         say("stopped")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ _COMMAND_MARK = {"mariadb": "mariadbd", "redis": "redis-server", "kafka": "kafka
 _PACKAGES = {
     "mariadb": ("mariadb-server", ("mariadbd", "mariadb-install-db")),
     "redis": ("redis-server", ("redis-server",)),
+    "nginx": ("nginx", ("nginx",)),  # the local gateway (local/gateway.py)
+    "chromium": ("chromium", ("chromium",)),  # the live page's browser test (tests/e2e/test_live_page.py)
 }
 _PORT_SETTING = {
     "mariadb": "DB_PORT",
@@ -331,6 +333,16 @@ def _install_missing_packages(names: list[str]) -> None:
     finally:
         if created_policy:
             policy.unlink(missing_ok=True)
+
+
+def ensure_packages(names: list[str]) -> None:
+    """Install the Debian packages of these tools (`_PACKAGES`) when their binaries are missing."""
+    _install_missing_packages(names)
+
+
+def binary(name: str) -> str | None:
+    """Where a Debian package's binary is, /usr/sbin included."""
+    return _binary(name)
 
 
 def _ensure_db_password() -> None:

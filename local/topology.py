@@ -39,6 +39,10 @@ FUNCTIONS = [
     Function("dead_letter", "dead-letter", _BASE_PORT + 6, "cloudevent"),
 ]
 BY_NAME = {f.name: f for f in FUNCTIONS}
+# The local KafkaSource's Prometheus metrics (consumer lag, retries), next to the functions' ports.
+KAFKASOURCE_METRICS_PORT = int(os.environ.get("KAFKASOURCE_METRICS_PORT", str(_BASE_PORT + 7)))
+# The live page's pipeline health (local/pipeline.py), behind the gateway's /ui/api/.
+PIPELINE_PORT = int(os.environ.get("PIPELINE_PORT", str(_BASE_PORT + 8)))
 BY_SERVICE = {f.service: f for f in FUNCTIONS}
 
 # Gateway: (method, path pattern, function). "{id}" matches one path segment.

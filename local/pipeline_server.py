@@ -1,0 +1,33 @@
+"""The live page's pipeline health, served to the gateway's `/ui/api/` (local tooling only).
+
+An ASGI app around `local.pipeline.answer`, run by uvicorn: `python -m local.pipeline_server`
+(PIPELINE_PORT). Only GET; the answer's body is JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import uvicorn
+
+from local import pipeline
+from local.topology import HOST, PIPELINE_PORT
+
+_NOT_ALLOWED = b'{"error":{"code":"method_not_allowed","message":"method not allowed; use GET","details":[]}}'
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    if scope["method"] not in ("GET", "HEAD"):
+        status, body, extra = 405, _NOT_ALLOWED, [(b"allow", b"GET, HEAD")]
+    else:
+        status, body = await pipeline.answer(scope["path"])
+        extra = []
+    headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store"), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host=HOST, port=PIPELINE_PORT, lifespan="off", access_log=False, log_level="warning")
