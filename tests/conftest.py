@@ -26,3 +26,13 @@ def services() -> Iterator[None]:
     started_here = [name for name in local_services.running_services() if name not in before]
     if started_here:
         local_services.stop_services(started_here)
+
+
+@pytest.fixture(autouse=True)
+def _log_lines_written_during_the_test() -> Iterator[None]:
+    """The functions' log lines leave in batches (every 50 ms); write them out before the test ends, so
+    that capture shows them with their test and none arrives after pytest's summary."""
+    yield
+    from todo_cqrs import logs
+
+    logs.flush()

@@ -1,22 +1,102 @@
-"""Read-model-only todos for projection and query tests that share the databases with other tests.
+"""Fixtures of the integration tests: one event loop for the test's own async calls, the functions
+in-process, and read-model-only todos.
 
-Ids come from a high random range no command ever reaches, and each one is tombstoned (through the
+The core makes its engines and Redis clients once per event loop, so every direct call of a test goes
+through the session's runner (`run(coroutine)`), and each in-process function has its own loop, in
+its TestClient's thread, as it would in its own process. Both are closed at the end, connections
+first.
+
+Read-model-only todos (projection and query tests that share the databases with other tests): ids
+come from a high random range no command ever reaches, and each one is tombstoned (through the
 projection) when its test ends, so a comparison of the read model with the write model ignores them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
 
+import functions_framework.aio
 import pytest
+from starlette.testclient import TestClient
 
+from local.topology import REPO
 from tests.integration.read_model_ids import DELETED, FINAL_VERSION, HIGH_IDS
+from tests.integration.settings_override import InLoop, Run
+from todo_cqrs.command import relay
+from todo_cqrs.loop_local import close_loop_resources
 from todo_cqrs.projection.handlers import project_event
+from todo_cqrs.settings import settings
+
+PUBLISHER_SETTLE_S = 10.0
+
+
+async def settle_outbox_publisher() -> None:
+    """Let this loop's publisher finish what its commands committed (bounded), then stop it, so that
+    no drain is cut off holding a lease and nothing is left for the flush at exit."""
+    publisher = relay.outbox_publisher.peek()
+    if publisher is None or publisher.task is None:
+        return
+    deadline = time.monotonic() + PUBLISHER_SETTLE_S
+    shards = range(settings().outbox_shards)
+    while time.monotonic() < deadline and (
+        publisher.dirty or publisher.wake.is_set() or any([await relay.has_pending(s) for s in shards])
+    ):
+        await asyncio.sleep(0.02)
+    await publisher.aclose()
+
+
+async def close_this_loop() -> None:
+    """Stop this loop's outbox publisher once it is idle, then close everything the loop made."""
+    await settle_outbox_publisher()
+    await close_loop_resources()
+
+
+@pytest.fixture(scope="session")
+def runner() -> Iterator[asyncio.Runner]:
+    with asyncio.Runner() as session_runner:
+        yield session_runner
+        session_runner.run(close_this_loop())
+
+
+@pytest.fixture(scope="session")
+def run(runner: asyncio.Runner) -> Run[Any]:
+    """Runs a coroutine on the session's event loop (the one every direct call of the core shares)."""
+    return runner.run
+
+
+@pytest.fixture(scope="session")
+def in_runner(runner: asyncio.Runner) -> InLoop:
+    """Calls an async function on the session's event loop (for overridden_setting's `loops`)."""
+    return lambda function: runner.run(function())
+
+
+@contextmanager
+def running_function(name: str) -> Iterator[TestClient]:
+    """functions/<name>/main.py as functions-framework serves it (ASGI), on its own loop in a thread."""
+    app = functions_framework.aio.create_asgi_app(
+        target=name, source=str(REPO / "functions" / name / "main.py")
+    )
+    with TestClient(app) as client:
+        try:
+            yield client
+        finally:
+            client.portal.call(close_this_loop)
+
+
+@pytest.fixture(scope="module")
+def function_client() -> Iterator[Callable[[str], TestClient]]:
+    """Starts a function in-process for the rest of the module: `function_client("create_todo")`."""
+    with ExitStack() as stack:
+        yield lambda name: stack.enter_context(running_function(name))
 
 
 @pytest.fixture
-def new_ids() -> Iterator[Callable[[int], list[int]]]:
+def new_ids(run: Run[Any]) -> Iterator[Callable[[int], list[int]]]:
     """n fresh consecutive read-model-only ids; each is tombstoned at the end of the test."""
     used: list[int] = []
 
@@ -26,8 +106,11 @@ def new_ids() -> Iterator[Callable[[int], list[int]]]:
         return list(range(first, first + n))
 
     yield make
-    for todo_id in used:
-        project_event(DELETED, {"id": todo_id, "version": FINAL_VERSION})
+
+    async def tombstone_all() -> None:
+        await asyncio.gather(*(project_event(DELETED, {"id": i, "version": FINAL_VERSION}) for i in used))
+
+    run(tombstone_all())
 
 
 @pytest.fixture

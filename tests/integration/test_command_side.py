@@ -6,97 +6,137 @@ records keyed by its own ids, so it shares the databases and the topic with anyo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
-import functions_framework
+import httpx
 import pytest
 import sqlalchemy as sa
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
-from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
+from starlette.testclient import TestClient
 
+from tests.integration.settings_override import Run, overridden_setting
 from todo_cqrs.adapters import publisher as publisher_module
+from todo_cqrs.adapters import write_store
 from todo_cqrs.adapters.write_store import outbox, todos
-from todo_cqrs.command import relay
+from todo_cqrs.command import handlers, relay
 from todo_cqrs.db import write_engine
+from todo_cqrs.http import todo_reply
+from todo_cqrs.loop_local import close_loop_resources
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
 CLOSED_PORT = "127.0.0.1:1"  # nothing listens on port 1: connections are refused at once
 KAFKA_TIMEOUT_S = 20.0
-RELAY_LOCK_WAIT_S = 10.0
+PUBLISHED_WITHIN_S = 10.0
 JSON = {"Content-Type": "application/json"}
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 # --- the functions' apps ------------------------------------------------------------------------------
 
 
-def _client(name: str) -> FlaskClient:
-    return functions_framework.create_app(target=name, source=f"functions/{name}/main.py").test_client()
+@pytest.fixture(scope="module")
+def create(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("create_todo")
 
 
 @pytest.fixture(scope="module")
-def create() -> FlaskClient:
-    return _client("create_todo")
+def update(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("update_todo")
 
 
 @pytest.fixture(scope="module")
-def update() -> FlaskClient:
-    return _client("update_todo")
+def delete(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("delete_todo")
 
 
-@pytest.fixture(scope="module")
-def delete() -> FlaskClient:
-    return _client("delete_todo")
-
-
-@pytest.fixture(autouse=True)
-def kafka_backoff_reset() -> Iterator[None]:
-    """A test that trips the inline-publish backoff must not make the next test skip its inline publish."""
-    relay.kafka_backoff.reset()
-    yield
-    relay.kafka_backoff.reset()
-
-
-def create_todo(create: FlaskClient, **fields: Any) -> dict[str, Any]:
+def create_todo(create: TestClient, **fields: Any) -> dict[str, Any]:
     response = create.post("/", json={"title": f"test {uuid.uuid4()}", **fields})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()
+    assert response.status_code == 201, response.json()
+    return response.json()
 
 
 # --- the write DB -------------------------------------------------------------------------------------
 
 
-def outbox_rows(todo_ids: list[int]) -> list[Any]:
-    with write_engine().connect() as conn:
-        return conn.execute(
+async def outbox_rows(todo_ids: list[int]) -> list[Any]:
+    async with write_engine().connect() as conn:
+        result = await conn.execute(
             sa.select(outbox).where(outbox.c.todo_id.in_(todo_ids)).order_by(outbox.c.id)
-        ).all()
+        )
+        return list(result.all())
 
 
-def changes_of(todo_ids: list[int]) -> list[Any]:
+async def changes_of(todo_ids: list[int]) -> list[Any]:
     """The outbox rows without published_at: what commands wrote (publishing happens in the background)."""
     columns = [column for column in outbox.c if column.name != "published_at"]
-    with write_engine().connect() as conn:
-        return conn.execute(
+    async with write_engine().connect() as conn:
+        result = await conn.execute(
             sa.select(*columns).where(outbox.c.todo_id.in_(todo_ids)).order_by(outbox.c.id)
-        ).all()
+        )
+        return list(result.all())
 
 
-def todo_row(todo_id: int) -> Any:
-    with write_engine().connect() as conn:
-        return conn.execute(sa.select(todos).where(todos.c.id == todo_id)).first()
+async def todo_row(todo_id: int) -> Any:
+    async with write_engine().connect() as conn:
+        return (await conn.execute(sa.select(todos).where(todos.c.id == todo_id))).first()
 
 
-def publish_pending() -> None:
-    """Publish whatever is still pending, with the real producer (the inline publish is best effort)."""
-    relay.drain_outbox(lock_wait_s=RELAY_LOCK_WAIT_S, get_publisher=publisher_module.publisher)
+async def database_now() -> datetime:
+    async with write_engine().connect() as conn:
+        now = (await conn.execute(sa.text("SELECT UTC_TIMESTAMP(3)"))).scalar_one()
+    return now.replace(tzinfo=UTC)
+
+
+async def wait_until_published(todo_ids: list[int], timeout_s: float = PUBLISHED_WITHIN_S) -> None:
+    """Until every outbox row of these todos is marked published (by whoever drains its shard)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(row.published_at is not None for row in await outbox_rows(todo_ids)):
+        assert time.monotonic() < deadline, f"events of {todo_ids} still pending after {timeout_s} s"
+        await asyncio.sleep(0.02)
+
+
+def published_by_this_process() -> float:
+    """The outbox rows this test process's publishers have put on Kafka so far (its metric)."""
+    return REGISTRY.get_sample_value("todo_outbox_published_total") or 0.0
+
+
+def publish_pending(run: Run[Any]) -> None:
+    """Publish whatever is still pending, as `make relay-once` does (waiting out a lease held elsewhere)."""
+    run(relay.drain_all(wait_s=settings().outbox_lease_s + relay.LEASE_MARGIN_S))
+
+
+async def take_lease(shard: int) -> relay.Lease:
+    """The shard's lease, once whoever holds it now lets it go (or it expires)."""
+    deadline = time.monotonic() + settings().outbox_lease_s + 2 * relay.LEASE_MARGIN_S
+    while (lease := await relay.acquire(shard)) is None:
+        assert time.monotonic() < deadline, f"the lease of shard {shard} was never free"
+        await asyncio.sleep(0.01)
+    return lease
+
+
+@contextmanager
+def every_shard_leased(run: Run[Any]) -> Iterator[None]:
+    """Holds every shard's lease, as a drain would, so no drain runs in any process during the block
+    (keep it short: a lease lasts OUTBOX_LEASE_SECONDS)."""
+    leases: list[relay.Lease] = []
+    try:
+        for shard in range(settings().outbox_shards):
+            leases.append(run(take_lease(shard)))
+        yield
+    finally:
+        for lease in leases:
+            run(relay.release(lease))
 
 
 # --- the topic ----------------------------------------------------------------------------------------
@@ -164,9 +204,11 @@ def events_by_todo(messages: list[Message]) -> dict[int, list[tuple[str, int, di
     return events
 
 
-def assert_published_once_in_order(start: dict[int, int], todo_ids: list[int]) -> list[Message]:
+def assert_published_once_in_order(
+    run: Run[Any], start: dict[int, int], todo_ids: list[int]
+) -> list[Message]:
     """Every outbox event of these todos is on the topic exactly once, in version order per todo."""
-    rows = outbox_rows(todo_ids)
+    rows = run(outbox_rows(todo_ids))
     assert all(row.published_at is not None for row in rows), "some events are still pending"
     messages = records_since(start, todo_ids)
     ids_on_topic = [headers_of(m)["ce_id"] for m in messages]
@@ -182,40 +224,39 @@ def assert_published_once_in_order(start: dict[int, int], todo_ids: list[int]) -
 
 
 def test_created_event_on_topic_has_the_contract_key_headers_and_data(
-    create: FlaskClient, monkeypatch: pytest.MonkeyPatch
+    run: Run[Any], create: TestClient
 ) -> None:
-    start = topic_end_offsets()
-    inline_drains: list[int] = []
-    real_drain = relay.drain_outbox
-
-    def recording_drain(**kwargs: Any) -> int:
-        inline_drains.append(real_drain(**kwargs))
-        return inline_drains[-1]
-
-    monkeypatch.setattr(relay, "drain_outbox", recording_drain)
-    response = create.post("/todo", json={"title": "buy milk", "description": "two litres"})
-    # The command answers after its commit; its process's publisher drains right after.
-    relay.outbox_publisher.publish(wait_s=5)
-    monkeypatch.undo()
+    start, before = topic_end_offsets(), run(database_now())
+    published_here = published_by_this_process()
+    response = create.post(
+        "/todo", json={"title": "buy milk", "description": "two litres"}, headers={"traceparent": TRACEPARENT}
+    )
+    after = run(database_now())
     assert response.status_code == 201
-    assert len(inline_drains) >= 1, "the command's process did not publish after its commit"
-    todo = response.get_json()
+    todo = response.json()
     assert response.headers["Location"] == f"/todo/{todo['id']}"
     assert response.headers["ETag"] == '"1"'
-    publish_pending()
+    # The command answers after its commit; its process's publisher drains right after, unasked.
+    run(wait_until_published([todo["id"]]))
+    assert published_by_this_process() > published_here, "published, but not by the command's process"
 
     [message] = records_since(start, [todo["id"]])
     headers = headers_of(message)
-    [row] = outbox_rows([todo["id"]])
+    [row] = run(outbox_rows([todo["id"]]))
     assert message.key() == str(todo["id"]).encode()
     assert headers["ce_specversion"] == "1.0"
     assert str(uuid.UUID(headers["ce_id"])) == headers["ce_id"] == row.event_id
     assert headers["ce_source"] == settings().event_source
     assert headers["ce_type"] == "todo.created.v1"
     assert headers["ce_subject"] == str(todo["id"])
-    assert headers["ce_time"] == todo["updated_at"]
-    assert headers["ce_time"].endswith("Z") and datetime.fromisoformat(headers["ce_time"])
+    assert headers["ce_time"] == todo["updated_at"] == todo["created_at"]
+    assert headers["ce_time"].endswith("Z")
+    # Stamped by the write database's clock, inside the command's transaction.
+    assert before <= datetime.fromisoformat(headers["ce_time"]) <= after
     assert headers["content-type"] == "application/json"
+    # The command's trace goes on with its event (distributed-tracing extension), under the same trace id.
+    assert headers["ce_traceparent"].split("-")[1] == TRACEPARENT.split("-")[1]
+    assert headers["ce_traceparent"] != TRACEPARENT  # the command's own span, a child of the caller's
     assert json.loads(message.value()) == todo
     assert set(todo) == {"id", "title", "description", "status", "version", "created_at", "updated_at"}
     assert (todo["title"], todo["description"], todo["status"], todo["version"]) == (
@@ -224,7 +265,7 @@ def test_created_event_on_topic_has_the_contract_key_headers_and_data(
 
 
 def test_update_and_delete_events_carry_each_version_once(
-    create: FlaskClient, update: FlaskClient, delete: FlaskClient
+    run: Run[Any], create: TestClient, update: TestClient, delete: TestClient
 ) -> None:
     start = topic_end_offsets()
     created = create_todo(create)
@@ -234,52 +275,52 @@ def test_update_and_delete_events_carry_each_version_once(
     deleted = delete.delete(f"/{todo_id}")
     assert [r.status_code for r in (renamed, started, deleted)] == [200, 200, 200]
     assert [r.headers["ETag"] for r in (renamed, started)] == ['"2"', '"3"']
-    assert deleted.get_json() == started.get_json()  # the todo as it was before deletion
-    publish_pending()
+    assert deleted.json() == started.json()  # the todo as it was before deletion
+    run(wait_until_published([todo_id]))
 
-    messages = assert_published_once_in_order(start, [todo_id])
+    messages = assert_published_once_in_order(run, start, [todo_id])
     events = events_by_todo(messages)[todo_id]
     assert [(type_, version) for type_, version, _ in events] == [
         ("todo.created.v1", 1), ("todo.updated.v1", 2), ("todo.updated.v1", 3), ("todo.deleted.v1", 4)
     ]  # fmt: skip
-    assert [data for _, _, data in events[:3]] == [created, renamed.get_json(), started.get_json()]
+    assert [data for _, _, data in events[:3]] == [created, renamed.json(), started.json()]
     assert {"id": todo_id, "version": 4}.items() <= events[3][2].items()
     assert all(headers_of(m)["ce_subject"] == str(todo_id) for m in messages)
-    assert todo_row(todo_id) is None
+    assert run(todo_row(todo_id)) is None
 
 
 def test_deleted_todo_is_gone_for_later_updates_and_deletes(
-    create: FlaskClient, update: FlaskClient, delete: FlaskClient
+    run: Run[Any], create: TestClient, update: TestClient, delete: TestClient
 ) -> None:
     todo_id = create_todo(create)["id"]
     assert delete.delete(f"/{todo_id}").status_code == 200
-    events_after_delete = changes_of([todo_id])
+    events_after_delete = run(changes_of([todo_id]))
 
     late_update = update.patch(f"/{todo_id}", json={"title": "too late"})
     second_delete = delete.delete(f"/{todo_id}")
 
     assert (late_update.status_code, second_delete.status_code) == (404, 404)
-    assert late_update.get_json()["error"]["code"] == second_delete.get_json()["error"]["code"] == "not_found"
-    assert changes_of([todo_id]) == events_after_delete
+    assert late_update.json()["error"]["code"] == second_delete.json()["error"]["code"] == "not_found"
+    assert run(changes_of([todo_id])) == events_after_delete
     assert [row.version for row in events_after_delete] == [1, 2]
 
 
 def test_if_match_mismatch_changes_nothing(
-    create: FlaskClient, update: FlaskClient, delete: FlaskClient
+    run: Run[Any], create: TestClient, update: TestClient, delete: TestClient
 ) -> None:
     todo_id = create_todo(create)["id"]
-    row_before, events_before = todo_row(todo_id), changes_of([todo_id])
+    row_before, events_before = run(todo_row(todo_id)), run(changes_of([todo_id]))
 
     stale_update = update.patch(f"/{todo_id}", json={"title": "mine"}, headers={"If-Match": '"7"'})
     stale_delete = delete.delete(f"/{todo_id}", headers={"If-Match": '"2"'})
 
     assert (stale_update.status_code, stale_delete.status_code) == (412, 412)
-    assert stale_update.get_json()["error"]["code"] == "version_mismatch"
-    assert todo_row(todo_id) == row_before
-    assert changes_of([todo_id]) == events_before
+    assert stale_update.json()["error"]["code"] == "version_mismatch"
+    assert run(todo_row(todo_id)) == row_before
+    assert run(changes_of([todo_id])) == events_before
     # The same requests with the current version do apply: the mismatch was the only reason to refuse.
     matching = update.patch(f"/{todo_id}", json={"title": "mine"}, headers={"If-Match": '"1"'})
-    assert (matching.status_code, matching.get_json()["version"]) == (200, 2)
+    assert (matching.status_code, matching.json()["version"]) == (200, 2)
     assert delete.delete(f"/{todo_id}", headers={"If-Match": '"2"'}).status_code == 200
 
 
@@ -288,15 +329,20 @@ def test_if_match_mismatch_changes_nothing(
     [{"title": "   "}, {"title": "x" * 256}, {"title": "ok", "colour": "red"}, {"title": 7}, {}],
     ids=["blank-title", "title-too-long", "unknown-field", "title-not-a-string", "no-title"],
 )
-def test_rejected_create_writes_nothing(create: FlaskClient, body: dict[str, Any]) -> None:
+def test_rejected_create_writes_nothing(run: Run[Any], create: TestClient, body: dict[str, Any]) -> None:
     marker = f"rejected {uuid.uuid4()}"
     response = create.post("/", json={**body, "description": marker})
     assert response.status_code == 422
-    assert response.get_json()["error"]["code"] == "validation_failed"
-    with write_engine().connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).where(todos.c.description == marker)).scalar() == 0
-        pattern = f"%{marker}%"
-        assert conn.execute(sa.select(sa.func.count()).where(outbox.c.payload.like(pattern))).scalar() == 0
+    assert response.json()["error"]["code"] == "validation_failed"
+    assert run(rows_mentioning(marker)) == (0, 0)
+
+
+async def rows_mentioning(marker: str) -> tuple[int, int]:
+    """(todos, outbox rows) whose description or payload holds the marker."""
+    async with write_engine().connect() as conn:
+        in_todos = await conn.execute(sa.select(sa.func.count()).where(todos.c.description == marker))
+        in_outbox = await conn.execute(sa.select(sa.func.count()).where(outbox.c.payload.like(f"%{marker}%")))
+        return in_todos.scalar_one(), in_outbox.scalar_one()
 
 
 @pytest.mark.parametrize(
@@ -312,26 +358,45 @@ def test_rejected_create_writes_nothing(create: FlaskClient, body: dict[str, Any
     ids=["empty", "unknown-status", "unknown-field", "description-not-a-string", "not-json", "not-an-object"],
 )
 def test_rejected_update_writes_nothing(
-    create: FlaskClient, update: FlaskClient, body: dict[str, Any] | bytes, status: int
+    run: Run[Any], create: TestClient, update: TestClient, body: dict[str, Any] | bytes, status: int
 ) -> None:
     todo_id = create_todo(create)["id"]
-    row_before, events_before = todo_row(todo_id), changes_of([todo_id])
+    row_before, events_before = run(todo_row(todo_id)), run(changes_of([todo_id]))
     if isinstance(body, bytes):
-        response = update.patch(f"/{todo_id}", data=body, headers=JSON)
+        response = update.patch(f"/{todo_id}", content=body, headers=JSON)
     else:
         response = update.patch(f"/{todo_id}", json=body)
     assert response.status_code == status
-    assert todo_row(todo_id) == row_before
-    assert changes_of([todo_id]) == events_before
+    assert run(todo_row(todo_id)) == row_before
+    assert run(changes_of([todo_id])) == events_before
 
 
 def test_update_that_changes_nothing_keeps_the_version_and_emits_no_event(
-    create: FlaskClient, update: FlaskClient
+    run: Run[Any], create: TestClient, update: TestClient
 ) -> None:
     todo = create_todo(create, description="same")
     response = update.patch(f"/{todo['id']}", json={"title": todo["title"], "description": "same"})
-    assert (response.status_code, response.get_json()) == (200, todo)
-    assert [row.version for row in outbox_rows([todo["id"]])] == [1]
+    assert (response.status_code, response.json()) == (200, todo)
+    assert [row.version for row in run(outbox_rows([todo["id"]]))] == [1]
+
+
+def test_change_rolled_back_after_its_event_was_written_leaves_neither(
+    run: Run[Any], create: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = f"rolled back {uuid.uuid4()}"
+    real_append = write_store.append_event
+
+    async def append_then_fail(*args: Any) -> tuple[int, int]:
+        await real_append(*args)
+        raise RuntimeError("the transaction fails after the outbox insert")
+
+    monkeypatch.setattr(write_store, "append_event", append_then_fail)
+    response = create.post("/", json={"title": "doomed", "description": marker})
+    monkeypatch.undo()
+
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal"
+    assert run(rows_mentioning(marker)) == (0, 0)
 
 
 # --- Kafka down ---------------------------------------------------------------------------------------
@@ -354,86 +419,85 @@ class KafkaOutage:
             return delivered
 
         monkeypatch.setattr(dead, "publish", recording_publish)
-        self._dead = dead
+        self.ended = False
 
     @staticmethod
     def _reset_clients() -> None:
         settings.cache_clear()
         publisher_module.reset_publisher()
-        relay.kafka_backoff.reset()
+
+    def attempted(self) -> set[int]:
+        return {outbox_id for asked, _ in list(self.attempts) for outbox_id in asked}
 
     def end(self) -> None:
-        """Kafka is back: the real settings and a producer for the real broker."""
+        """Kafka is back: the real settings and a producer for the real broker. Call it while no drain
+        runs (every_shard_leased): the dead producer is closed."""
         self._monkeypatch.undo()
-        self._reset_clients()  # closes the dead producer too, which stops its reconnect loop
-
-
-def _pending_under_relay_lock(todo_ids: list[int]) -> list[Any]:
-    """The outbox rows, read while holding the relay's lock, so no drain runs during the read."""
-    with write_engine().connect() as conn:
-        assert conn.execute(sa.text("SELECT GET_LOCK(:n, :w)"), {"n": relay.LOCK_NAME, "w": 10}).scalar() == 1
-        try:
-            return conn.execute(
-                sa.select(outbox).where(outbox.c.todo_id.in_(todo_ids)).order_by(outbox.c.id)
-            ).all()
-        finally:
-            conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": relay.LOCK_NAME})
+        self._reset_clients()
+        self.ended = True
 
 
 def test_commands_succeed_while_kafka_is_down_and_the_relay_publishes_later(
-    create: FlaskClient, update: FlaskClient, delete: FlaskClient, monkeypatch: pytest.MonkeyPatch
+    run: Run[Any], create: TestClient, update: TestClient, delete: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     start = topic_end_offsets()
     before = create_todo(create)  # published normally: only its later events meet the outage
-    publish_pending()
-    published_before = {row.id for row in outbox_rows([before["id"]])}
+    run(wait_until_published([before["id"]]))
+    published_before = {row.id for row in run(outbox_rows([before["id"]]))}
 
     outage = KafkaOutage(monkeypatch)
     try:
         created = create.post("/", json={"title": "during the outage"})
-        updated = update.patch(f"/{created.get_json()['id']}", json={"status": "FINISHED"})
+        updated = update.patch(f"/{created.json()['id']}", json={"status": "FINISHED"})
         also_updated = update.patch(f"/{before['id']}", json={"title": "changed during the outage"})
         deleted = delete.delete(f"/{before['id']}")
         assert [r.status_code for r in (created, updated, also_updated, deleted)] == [201, 200, 200, 200]
-        relay.outbox_publisher.publish(wait_s=5)  # let this process's publisher try the dead broker
-        todo_ids = [before["id"], created.get_json()["id"]]
+        todo_ids = [before["id"], created.json()["id"]]
+        outage_ids = {row.id for row in run(outbox_rows(todo_ids))} - published_before
 
-        # Read under the relay lock so no drain runs meanwhile. A relay in another process sharing these
-        # databases could still publish the rows just before: a false failure, possible only there.
-        rows = _pending_under_relay_lock(todo_ids)
-        outage_rows = [row for row in rows if row.id not in published_before]
-        assert [(row.todo_id, row.version) for row in outage_rows] == [
-            (todo_ids[1], 1), (todo_ids[1], 2), (before["id"], 2), (before["id"], 3)
-        ]  # fmt: skip
-        # The inline publish tried the dead broker, got no acknowledgement, and so left the rows pending.
-        assert outage.attempts, "no command tried to publish"
-        assert outage_rows[0].id in outage.attempts[0][0]
-        assert all(delivered == [] for _, delivered in outage.attempts)
-        assert all(row.published_at is None for row in outage_rows), "marked published while Kafka was down"
+        # The processes' publishers try the dead broker on their own, and again after a backoff.
+        deadline = time.monotonic() + 3 * (settings().publish_timeout_s + settings().publish_backoff_s) + 5
+        while not outage_ids <= outage.attempted():
+            assert time.monotonic() < deadline, f"not every event was tried: {outage.attempts}"
+            time.sleep(0.05)
+
+        with every_shard_leased(run):  # no drain runs while we look, nor while the producer is swapped
+            rows = run(outbox_rows(todo_ids))
+            outage_rows = [row for row in rows if row.id not in published_before]
+            assert [(row.todo_id, row.version) for row in outage_rows] == [
+                (todo_ids[1], 1), (todo_ids[1], 2), (before["id"], 2), (before["id"], 3)
+            ]  # fmt: skip
+            # Every try got no acknowledgement, and so left the rows pending.
+            assert outage_rows[0].id in outage.attempts[0][0]
+            assert all(delivered == [] for _, delivered in outage.attempts)
+            assert all(row.published_at is None for row in outage_rows), (
+                "marked published while Kafka was down"
+            )
+            outage.end()
     finally:
-        outage.end()
+        if not outage.ended:
+            outage.end()
 
-    publish_pending()
-    publish_pending()  # a second drain finds nothing of ours to publish again
-    assert_published_once_in_order(start, todo_ids)
+    publish_pending(run)
+    publish_pending(run)  # a second drain finds nothing of ours to publish again
+    assert_published_once_in_order(run, start, todo_ids)
 
 
 # --- concurrency --------------------------------------------------------------------------------------
 
 
 def test_parallel_patches_of_one_todo_get_distinct_consecutive_versions(
-    create: FlaskClient, update: FlaskClient
+    run: Run[Any], create: TestClient, update: TestClient
 ) -> None:
     start = topic_end_offsets()
     todo_id = create_todo(create)["id"]
     count = 20
     barrier = threading.Barrier(count)
-    answers: dict[int, Any] = {}
+    answers: dict[int, httpx.Response] = {}
 
     def patch(n: int) -> None:
-        client = update.application.test_client()
         barrier.wait(timeout=10)
-        answers[n] = client.patch(f"/{todo_id}", json={"title": f"writer {n}"})
+        answers[n] = update.patch(f"/{todo_id}", json={"title": f"writer {n}"})
 
     threads = [threading.Thread(target=patch, args=(n,)) for n in range(count)]
     for thread in threads:
@@ -442,20 +506,99 @@ def test_parallel_patches_of_one_todo_get_distinct_consecutive_versions(
         thread.join(timeout=30)
     assert not any(thread.is_alive() for thread in threads)
     assert sorted(r.status_code for r in answers.values()) == [200] * count, [
-        r.get_json() for r in answers.values() if r.status_code != 200
+        r.json() for r in answers.values() if r.status_code != 200
     ]
-    assert sorted(r.get_json()["version"] for r in answers.values()) == list(range(2, count + 2))
-    assert todo_row(todo_id).version == count + 1
-    publish_pending()
+    assert sorted(r.json()["version"] for r in answers.values()) == list(range(2, count + 2))
+    assert run(todo_row(todo_id)).version == count + 1
+    run(wait_until_published([todo_id]))
 
-    rows = [row for row in outbox_rows([todo_id]) if row.event_type == "todo.updated.v1"]
+    rows = [row for row in run(outbox_rows([todo_id])) if row.event_type == "todo.updated.v1"]
     assert [row.version for row in rows] == list(range(2, count + 2))  # in outbox-id order
     assert len({row.event_id for row in rows}) == count
     titles = [json.loads(row.payload)["title"] for row in rows]
     assert sorted(titles) == sorted(f"writer {n}" for n in range(count))
     # Each event is the todo its own request answered.
-    answered = {r.get_json()["version"]: r.get_json() for r in answers.values()}
+    answered = {r.json()["version"]: r.json() for r in answers.values()}
     assert all(json.loads(row.payload) == answered[row.version] for row in rows)
 
-    messages = assert_published_once_in_order(start, [todo_id])
+    messages = assert_published_once_in_order(run, start, [todo_id])
     assert [version for _, version, _ in events_by_todo(messages)[todo_id]] == list(range(1, count + 2))
+
+
+class _PublisherOfAProcessThatDied:
+    """Stands in for the commands' own publisher: as if their process had died right after each commit."""
+
+    def committed(self, shard: int, outbox_id: int = 0) -> None:
+        pass
+
+
+def test_concurrent_drains_in_several_processes_publish_each_event_once_in_version_order(
+    run: Run[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relays of four processes (a thread each, with its own event loop, pools and Kafka producer) drain
+    while the commands commit, in small batches: the shards' leases change hands all the time."""
+    start = topic_end_offsets()
+    processes, todo_count, updates = 4, 6, 15
+    monkeypatch.setattr(handlers, "outbox_publisher", _PublisherOfAProcessThatDied)
+    # Each simulated process has its own event loop (and so its own pools) and its own Kafka producer,
+    # made and connected when the process starts, as a function's warm_up() does at its cold start.
+    producers = threading.local()
+    monkeypatch.setattr(relay, "publisher", lambda: producers.current)
+    started = threading.Barrier(processes + 1, timeout=30)
+    writing_done = threading.Event()
+    failures: list[BaseException] = []
+
+    async def drain_until_nothing_is_left() -> None:
+        """A relay's loop: drain every shard whose lease is free, until the writes ended and nothing is
+        pending."""
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                writes_ended = writing_done.is_set()
+                await relay.drain_all(wait_s=0.05)
+                shards = range(settings().outbox_shards)
+                if writes_ended and not any([await relay.has_pending(shard) for shard in shards]):
+                    return
+                await asyncio.sleep(0.002)
+        finally:
+            await close_loop_resources()
+
+    def process() -> None:
+        s = settings()
+        producers.current = publisher_module.Publisher(s.kafka_bootstrap_servers, s.topic, s.event_source)
+        try:
+            producers.current._producer.list_topics(s.topic, timeout=10)  # connected to the broker
+            started.wait()
+            asyncio.run(drain_until_nothing_is_left())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+        finally:
+            producers.current.close()
+
+    async def write_changes() -> list[int]:
+        replies = await asyncio.gather(
+            *(handlers.create_todo({"title": f"drained {n}"}, todo_reply) for n in range(todo_count))
+        )
+        todo_ids = [json.loads(reply.body)["id"] for reply in replies]
+        for round_ in range(updates):  # one todo's changes one after another, the todos' side by side
+            await asyncio.gather(
+                *(handlers.update_todo(i, {"title": f"round {round_}"}, None, todo_reply) for i in todo_ids)
+            )
+        return todo_ids
+
+    with overridden_setting("RELAY_BATCH_SIZE", "4"):
+        threads = [threading.Thread(target=process) for _ in range(processes)]
+        for thread in threads:
+            thread.start()
+        try:
+            started.wait()
+            todo_ids = run(write_changes())
+        finally:
+            writing_done.set()
+            for thread in threads:
+                thread.join(timeout=90)
+
+    assert not failures, failures
+    assert not any(thread.is_alive() for thread in threads)
+    messages = assert_published_once_in_order(run, start, todo_ids)
+    assert len(messages) == todo_count * (1 + updates)

@@ -8,40 +8,41 @@ ends as a tombstone, so the read model still equals the write model for everyone
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-import functions_framework
+import httpx
 import pytest
 import redis
 import sqlalchemy as sa
-from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
+from starlette.testclient import TestClient
 
-from tests.integration.read_model_ids import (
-    CREATED,
-    DELETED,
-    UPDATED,
-    todo_data,
-)
-from tests.integration.settings_override import overridden_setting
+from tests.integration.read_model_ids import CREATED, DELETED, UPDATED, todo_data
+from tests.integration.settings_override import InLoop, Run, overridden_setting
 from todo_cqrs import db
 from todo_cqrs.adapters import cache as cache_module
-from todo_cqrs.adapters.cache import LIST_GENERATION_KEY, todo_key
+from todo_cqrs.adapters.cache import LIST_GENERATION_KEY, VERSIONS_CHANNEL, todo_key
 from todo_cqrs.adapters.read_store import todos_view
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
-CLOSED_DB_URL = "mysql+pymysql://todo:x@127.0.0.1:1/todo_read"
-CLOSED_REDIS_URL = "redis://127.0.0.1:1/0"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def on_a_closed_port(url: str) -> str:
+    """The same URL (user, database) with a port nothing listens on: connections are refused at once."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:1" if userinfo else "127.0.0.1:1"))
 
 
 @pytest.fixture(scope="module")
-def client() -> FlaskClient:
-    app = functions_framework.create_app(target="project_event", source="functions/project_event/main.py")
-    return app.test_client()
+def client(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("project_event")
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,13 @@ def event_data(type_: str, todo_id: int, version: int, **fields: Any) -> dict[st
     return {"id": todo_id, "version": version} if type_ == DELETED else todo_data(todo_id, version, **fields)
 
 
-def post(client: FlaskClient, type_: str, data: Any, *, event_id: str | None = None) -> TestResponse:
+def post(
+    client: TestClient, type_: str, data: Any, *, event_id: str | None = None, **extensions: str
+) -> httpx.Response:
     """POST a binary-mode CloudEvent, as the KafkaSource does; data is JSON-encoded unless bytes."""
     subject = str(data.get("id", "")) if isinstance(data, dict) else ""
     headers = {
+        **{f"ce-{name}": value for name, value in extensions.items()},
         "ce-specversion": "1.0",
         "ce-id": event_id or str(uuid.uuid4()),
         "ce-source": "/test/project-event",
@@ -71,27 +75,32 @@ def post(client: FlaskClient, type_: str, data: Any, *, event_id: str | None = N
         "Content-Type": "application/json",
     }
     body = data if isinstance(data, bytes) else json.dumps(data).encode()
-    return client.post("/", data=body, headers=headers)
+    return client.post("/", content=body, headers=headers)
 
 
-def send(client: FlaskClient, type_: str, todo_id: int, version: int, **fields: Any) -> TestResponse:
+def send(client: TestClient, type_: str, todo_id: int, version: int, **fields: Any) -> httpx.Response:
     response = post(client, type_, event_data(type_, todo_id, version, **fields))
-    assert 200 <= response.status_code < 300, (response.status_code, response.get_data())
+    assert 200 <= response.status_code < 300, (response.status_code, response.content)
     return response
+
+
+def outcome(response: httpx.Response) -> tuple[int, str]:
+    return response.status_code, response.json()["outcome"]
 
 
 # --- the read model and the cache ---------------------------------------------------------------------
 
 
-def read_row(todo_id: int) -> dict[str, Any] | None:
-    with db.read_engine().connect() as conn:
-        row = conn.execute(sa.select(todos_view).where(todos_view.c.id == todo_id)).first()
+async def read_row(todo_id: int) -> dict[str, Any] | None:
+    """The read model's row of a todo (a tombstone too); None when it never saw the todo."""
+    async with db.read_engine().connect() as conn:
+        row = (await conn.execute(sa.select(todos_view).where(todos_view.c.id == todo_id))).first()
     return dict(row._mapping) if row else None
 
 
-def live(todo_id: int) -> tuple[int, str] | None:
+async def live(todo_id: int) -> tuple[int, str] | None:
     """(version, title) of a live row; None when absent or a tombstone."""
-    row = read_row(todo_id)
+    row = await read_row(todo_id)
     return (row["version"], row["title"]) if row and not row["deleted"] else None
 
 
@@ -99,23 +108,36 @@ def list_generation(raw_redis: redis.Redis) -> int:
     return int(raw_redis.get(LIST_GENERATION_KEY) or 0)
 
 
-def read_db_down() -> Any:
-    return overridden_setting("READ_DB_URL", CLOSED_DB_URL, db.read_engine)
+async def cache_todo(todo_id: int, version: int, body: bytes) -> None:
+    """A reader's entry in the cache, as get_todos stores it."""
+    await cache_module.todo_cache().store_todo(todo_id, version, body)
 
 
-def redis_down() -> Any:
-    return overridden_setting("REDIS_URL", CLOSED_REDIS_URL, cache_module.todo_cache)
+@pytest.fixture
+def read_db_down(client: TestClient, in_runner: InLoop) -> Callable[[], Any]:
+    """project_event's read DB on a closed port for a block (its engine made again on the way in and out)."""
+    closed = on_a_closed_port(settings().read_db_url)
+    loops = [client.portal.call, in_runner]
+    return lambda: overridden_setting("READ_DB_URL", closed, db.read_engine, loops=loops)
+
+
+@pytest.fixture
+def redis_down(client: TestClient, in_runner: InLoop) -> Callable[[], Any]:
+    """project_event's Redis on a closed port for a block (its client made again on the way in and out)."""
+    closed = on_a_closed_port(settings().redis_url)
+    loops = [client.portal.call, in_runner]
+    return lambda: overridden_setting("REDIS_URL", closed, cache_module.todo_cache, loops=loops)
 
 
 # --- applying -----------------------------------------------------------------------------------------
 
 
-def test_created_event_is_applied(client: FlaskClient, new_id: Callable[[], int]) -> None:
+def test_created_event_is_applied(run: Run[Any], client: TestClient, new_id: Callable[[], int]) -> None:
     todo_id = new_id()
     data = todo_data(todo_id, 1, title="buy milk", description="two litres")
     response = post(client, CREATED, data)
-    assert 200 <= response.status_code < 300
-    row = read_row(todo_id)
+    assert outcome(response) == (200, "applied")
+    row = run(read_row(todo_id))
     assert row is not None
     assert (row["title"], row["description"], row["status"], row["version"], row["deleted"]) == (
         "buy milk", "two litres", "CREATED", 1, False
@@ -123,97 +145,116 @@ def test_created_event_is_applied(client: FlaskClient, new_id: Callable[[], int]
     assert row["updated_at"].isoformat(timespec="milliseconds") == "2026-11-27T10:00:01.000"
 
 
-def test_structured_mode_event_is_applied(client: FlaskClient, new_id: Callable[[], int]) -> None:
+def test_structured_mode_event_is_applied(
+    run: Run[Any], client: TestClient, new_id: Callable[[], int]
+) -> None:
     todo_id = new_id()
     event = {
         "specversion": "1.0", "id": str(uuid.uuid4()), "source": "/test/project-event", "type": CREATED,
         "subject": str(todo_id), "datacontenttype": "application/json", "data": todo_data(todo_id, 1),
     }  # fmt: skip
     response = client.post(
-        "/", data=json.dumps(event), headers={"Content-Type": "application/cloudevents+json"}
+        "/", content=json.dumps(event), headers={"Content-Type": "application/cloudevents+json"}
     )
-    assert 200 <= response.status_code < 300, response.get_data()
-    assert live(todo_id) == (1, "v1")
+    assert outcome(response) == (200, "applied"), response.content
+    assert run(live(todo_id)) == (1, "v1")
 
 
-def test_update_is_applied(client: FlaskClient, new_id: Callable[[], int]) -> None:
+def test_update_is_applied(run: Run[Any], client: TestClient, new_id: Callable[[], int]) -> None:
     todo_id = new_id()
     send(client, CREATED, todo_id, 1)
-    send(client, UPDATED, todo_id, 2, title="renamed", status="FINISHED")
-    row = read_row(todo_id)
+    assert outcome(send(client, UPDATED, todo_id, 2, title="renamed", status="FINISHED")) == (200, "applied")
+    row = run(read_row(todo_id))
     assert row is not None
     assert (row["version"], row["title"], row["status"]) == (2, "renamed", "FINISHED")
 
 
 def test_duplicate_event_answers_2xx_and_changes_nothing(
-    client: FlaskClient, new_id: Callable[[], int]
+    run: Run[Any], client: TestClient, new_id: Callable[[], int]
 ) -> None:
     todo_id = new_id()
     send(client, CREATED, todo_id, 1)
     event_id, data = str(uuid.uuid4()), todo_data(todo_id, 2, title="second")
     assert post(client, UPDATED, data, event_id=event_id).status_code // 100 == 2
-    before = read_row(todo_id)
+    before = run(read_row(todo_id))
 
     redelivered = post(client, UPDATED, data, event_id=event_id)
     # The same version with other content is still a duplicate: the version decides, not the payload.
     same_version = post(client, UPDATED, {**data, "title": "not this"})
 
-    assert (redelivered.status_code // 100, same_version.status_code // 100) == (2, 2)
-    assert read_row(todo_id) == before
-    assert live(todo_id) == (2, "second")
+    assert (outcome(redelivered), outcome(same_version)) == ((200, "skipped"), (200, "skipped"))
+    assert run(read_row(todo_id)) == before
+    assert run(live(todo_id)) == (2, "second")
 
 
 def test_older_version_answers_2xx_and_changes_nothing(
-    client: FlaskClient, new_id: Callable[[], int]
+    run: Run[Any], client: TestClient, new_id: Callable[[], int]
 ) -> None:
     todo_id = new_id()
     send(client, CREATED, todo_id, 1)
     send(client, UPDATED, todo_id, 2, title="newer")
     send(client, UPDATED, todo_id, 3, title="newest")
-    before = read_row(todo_id)
-    send(client, UPDATED, todo_id, 2, title="stale")
-    send(client, CREATED, todo_id, 1, title="very stale")
-    assert read_row(todo_id) == before
+    before = run(read_row(todo_id))
+    assert outcome(send(client, UPDATED, todo_id, 2, title="stale")) == (200, "skipped")
+    assert outcome(send(client, CREATED, todo_id, 1, title="very stale")) == (200, "skipped")
+    assert run(read_row(todo_id)) == before
 
 
-def test_out_of_order_events_keep_the_newest(client: FlaskClient, new_id: Callable[[], int]) -> None:
+def test_out_of_order_events_keep_the_newest(
+    run: Run[Any], client: TestClient, new_id: Callable[[], int]
+) -> None:
     todo_id = new_id()
     send(client, UPDATED, todo_id, 3, title="third")
     send(client, UPDATED, todo_id, 2, title="second")
     send(client, CREATED, todo_id, 1, title="first")
-    assert live(todo_id) == (3, "third")
+    assert run(live(todo_id)) == (3, "third")
 
 
 def test_late_update_does_not_resurrect_a_deleted_todo(
-    client: FlaskClient, new_id: Callable[[], int]
+    run: Run[Any], client: TestClient, new_id: Callable[[], int]
 ) -> None:
     todo_id = new_id()
     send(client, CREATED, todo_id, 1)
     send(client, DELETED, todo_id, 3)
-    send(client, UPDATED, todo_id, 2, title="late")
-    row = read_row(todo_id)
+    assert outcome(send(client, UPDATED, todo_id, 2, title="late")) == (200, "skipped")
+    row = run(read_row(todo_id))
     assert row is not None
     assert (row["deleted"], row["version"]) == (True, 3)
 
 
-def test_created_arriving_after_deleted_stays_deleted(client: FlaskClient, new_id: Callable[[], int]) -> None:
+def test_created_arriving_after_deleted_stays_deleted(
+    run: Run[Any], client: TestClient, new_id: Callable[[], int]
+) -> None:
     todo_id = new_id()
     send(client, DELETED, todo_id, 2)
     send(client, CREATED, todo_id, 1)
-    row = read_row(todo_id)
+    row = run(read_row(todo_id))
     assert row is not None
     assert (row["deleted"], row["version"]) == (True, 2)
+
+
+def test_deletion_tombstone_is_stamped_with_the_event_time(
+    run: Run[Any], client: TestClient, new_id: Callable[[], int]
+) -> None:
+    todo_id = new_id()
+    send(client, CREATED, todo_id, 1)
+    send(client, DELETED, todo_id, 2)  # post() sends ce-time 2026-11-27T10:01:00.000Z
+    row = run(read_row(todo_id))
+    assert row is not None
+    assert row["updated_at"].isoformat(timespec="milliseconds") == "2026-11-27T10:01:00.000"
 
 
 # --- events that can never be applied -----------------------------------------------------------------
 
 
-def test_request_that_is_not_a_cloud_event_is_400(client: FlaskClient, new_id: Callable[[], int]) -> None:
+def test_request_that_is_not_a_cloud_event_is_400(
+    run: Run[Any], client: TestClient, new_id: Callable[[], int]
+) -> None:
     todo_id = new_id()
     response = client.post("/", json=todo_data(todo_id, 1))
     assert response.status_code == 400
-    assert response.get_json()["error"]["code"] == "invalid_event"
-    assert read_row(todo_id) is None
+    assert response.json()["error"]["code"] == "invalid_event"
+    assert run(read_row(todo_id)) is None
 
 
 @pytest.mark.parametrize(
@@ -244,49 +285,60 @@ def test_request_that_is_not_a_cloud_event_is_400(client: FlaskClient, new_id: C
     ],
 )
 def test_event_that_can_never_be_applied_is_400(
-    client: FlaskClient, new_id: Callable[[], int], type_: str, make_data: Callable[[int], Any]
+    run: Run[Any], client: TestClient, new_id: Callable[[], int], type_: str, make_data: Callable[[int], Any]
 ) -> None:
     todo_id = new_id()
     response = post(client, type_, make_data(todo_id))
-    assert response.status_code == 400, response.get_data()
-    assert response.get_json()["error"]["code"] == "invalid_event"
-    assert read_row(todo_id) is None
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "invalid_event"
+    assert run(read_row(todo_id)) is None
 
 
 # --- dependencies down --------------------------------------------------------------------------------
 
 
-def test_read_db_down_is_5xx_and_the_retry_applies(client: FlaskClient, new_id: Callable[[], int]) -> None:
+def test_read_db_down_is_5xx_and_the_retry_applies(
+    run: Run[Any], client: TestClient, new_id: Callable[[], int], read_db_down: Callable[[], Any]
+) -> None:
     todo_id = new_id()
     data = todo_data(todo_id, 1)
     with read_db_down():
+        started = time.monotonic()
         response = post(client, CREATED, data)
+        elapsed = time.monotonic() - started
     assert response.status_code == 503
-    assert response.get_json()["error"]["code"] == "dependency_unavailable"
-    assert read_row(todo_id) is None
+    assert response.json()["error"]["code"] == "dependency_unavailable"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert elapsed < 2 * settings().db_timeout_s + 1
+    assert run(read_row(todo_id)) is None
 
-    assert post(client, CREATED, data).status_code // 100 == 2  # the KafkaSource's retry
-    assert live(todo_id) == (1, "v1")
+    assert outcome(post(client, CREATED, data)) == (200, "applied")  # the KafkaSource's retry
+    assert run(live(todo_id)) == (1, "v1")
 
 
 def test_redis_down_is_5xx_after_applying_and_the_retry_invalidates(
-    client: FlaskClient, new_id: Callable[[], int], raw_redis: redis.Redis
+    run: Run[Any],
+    client: TestClient,
+    new_id: Callable[[], int],
+    raw_redis: redis.Redis,
+    redis_down: Callable[[], Any],
 ) -> None:
     todo_id = new_id()
     send(client, CREATED, todo_id, 1)
-    cache_module.todo_cache().store_todo(todo_id, 1, b'{"cached":1}')
+    run(cache_todo(todo_id, 1, b'{"cached":1}'))
     data = todo_data(todo_id, 2, title="while redis was down")
     with redis_down():
         response = post(client, UPDATED, data)
     assert response.status_code == 503
-    assert live(todo_id) == (2, "while redis was down")  # committed before the invalidation failed
+    assert response.json()["error"]["code"] == "dependency_unavailable"
+    assert run(live(todo_id)) == (2, "while redis was down")  # committed before the invalidation failed
     assert raw_redis.get(todo_key(todo_id)) == b'1:t:{"cached":1}'  # still stale: hence the 5xx
 
     generation = list_generation(raw_redis)
-    assert post(client, UPDATED, data).status_code // 100 == 2  # the retry, a duplicate by now
+    assert outcome(post(client, UPDATED, data)) == (200, "skipped")  # the retry, a duplicate by now
     assert raw_redis.get(todo_key(todo_id)) == b"2:i:"
     assert list_generation(raw_redis) > generation
-    assert live(todo_id) == (2, "while redis was down")
+    assert run(live(todo_id)) == (2, "while redis was down")
 
 
 # --- invalidation -------------------------------------------------------------------------------------
@@ -298,7 +350,8 @@ def test_redis_down_is_5xx_after_applying_and_the_retry_invalidates(
     ids=["newer", "duplicate", "older"],
 )
 def test_every_accepted_event_invalidates_the_todo_and_the_lists(
-    client: FlaskClient,
+    run: Run[Any],
+    client: TestClient,
     new_id: Callable[[], int],
     raw_redis: redis.Redis,
     cached_version: int,
@@ -307,7 +360,7 @@ def test_every_accepted_event_invalidates_the_todo_and_the_lists(
 ) -> None:
     todo_id = new_id()
     send(client, UPDATED, todo_id, cached_version)
-    cache_module.todo_cache().store_todo(todo_id, cached_version, b"{}")
+    run(cache_todo(todo_id, cached_version, b"{}"))
     assert raw_redis.get(todo_key(todo_id)) == f"{cached_version}:t:{{}}".encode()
     generation = list_generation(raw_redis)
 
@@ -318,11 +371,41 @@ def test_every_accepted_event_invalidates_the_todo_and_the_lists(
     assert list_generation(raw_redis) > generation
 
 
+def test_accepted_event_tells_waiting_readers_its_version_and_trace(
+    client: TestClient, new_id: Callable[[], int], raw_redis: redis.Redis
+) -> None:
+    todo_id = new_id()
+    notices = raw_redis.pubsub()
+    notices.subscribe(VERSIONS_CHANNEL)
+    try:
+        subscribed = notices.get_message(timeout=1)
+        assert subscribed is not None and subscribed["type"] == "subscribe"
+        send(client, CREATED, todo_id, 1)
+        response = post(client, UPDATED, todo_data(todo_id, 2), traceparent=TRACEPARENT)
+        assert outcome(response) == (200, "applied")
+        received: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while len(received) < 2 and time.monotonic() < deadline:
+            message = notices.get_message(timeout=0.5)
+            if message is not None and message["data"].startswith(f"{todo_id}:".encode()):
+                received.append(message["data"])
+    finally:
+        notices.close()
+    assert len(received) == 2, received
+    first, second = (notice.split(b":", 2) for notice in received)
+    assert first[:2] == [str(todo_id).encode(), b"1"]
+    # project_event goes on with the command's trace: its own span, under the event's trace id.
+    assert second[:2] == [str(todo_id).encode(), b"2"]
+    assert second[2].decode().split("-")[1] == TRACEPARENT.split("-")[1]
+
+
 def test_rejected_event_invalidates_nothing(
-    client: FlaskClient, new_id: Callable[[], int], raw_redis: redis.Redis
+    run: Run[Any], client: TestClient, new_id: Callable[[], int], raw_redis: redis.Redis
 ) -> None:
     todo_id = new_id()
     send(client, CREATED, todo_id, 1)
-    cache_module.todo_cache().store_todo(todo_id, 1, b"{}")
+    run(cache_todo(todo_id, 1, b"{}"))
+    generation = list_generation(raw_redis)
     assert post(client, CREATED, {"id": todo_id}).status_code == 400
     assert raw_redis.get(todo_key(todo_id)) == b"1:t:{}"
+    assert list_generation(raw_redis) == generation

@@ -1,29 +1,73 @@
-"""Fixtures of the per-function unit tests: the function under test and the fakes of its I/O."""
+"""Fixtures of the per-function unit tests: the function under test and the fakes of its I/O.
+
+Unit tests need no service. So that a fake that was forgotten fails a test instead of reaching a local
+MariaDB, Redis or Kafka that happens to run, every unit test sees settings whose databases, Redis and
+Kafka are a closed port.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from flask.testing import FlaskClient
+from starlette.testclient import TestClient
 
 from tests.unit.fakes import FakeWriteStore, PublishRecorder, function_client
+from todo_cqrs import logs
+from todo_cqrs.dead_letter.store import from_settings
+from todo_cqrs.settings import settings
+
+CLOSED_PORT = "127.0.0.1:1"  # nothing listens there
+NO_SERVICES = {
+    "WRITE_DB_URL": f"mysql+aiomysql://todo:x@{CLOSED_PORT}/todo_write",
+    "READ_DB_URL": f"mysql+aiomysql://todo:x@{CLOSED_PORT}/todo_read",
+    "REDIS_URL": f"redis://{CLOSED_PORT}/0",
+    "KAFKA_BOOTSTRAP_SERVERS": CLOSED_PORT,
+    "DEAD_LETTER_STORE": "dir",
+    "DB_TIMEOUT_SECONDS": "0.5",
+}
+
+
+@pytest.fixture(autouse=True)
+def no_services(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Settings that point every dependency at a closed port (and dead letters into tmp_path)."""
+    for name, value in NO_SERVICES.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DEAD_LETTER_DIR", str(tmp_path / "dead-letters"))
+    settings.cache_clear()
+    from_settings.cache_clear()
+    yield
+    settings.cache_clear()
+    from_settings.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def written_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every request's log line is written to fd 1 when its test ends, while pytest captures it.
+
+    The log writer's own 50 ms timer would hand lines to its thread at any moment, also between two
+    tests when fd 1 is the terminal: here only the explicit flush writes.
+    """
+    monkeypatch.setattr(logs, "FLUSH_EVERY_S", 3600.0)
+    yield
+    logs.flush()
 
 
 @pytest.fixture(scope="module")
-def client(request: pytest.FixtureRequest) -> Iterator[FlaskClient]:
-    """The module's function (named by its FUNCTION), through functions-framework's own Flask app."""
+def client(request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """The module's function (named by its FUNCTION), through functions-framework's own ASGI app."""
     with function_client(request.module.FUNCTION) as test_client:
         yield test_client
 
 
 @pytest.fixture
 def store(monkeypatch: pytest.MonkeyPatch) -> FakeWriteStore:
-    """A fake write store (todos and outbox in memory) in place of the write database."""
+    """A fake write store (todos, outbox, idempotency keys in memory) in place of the write database."""
     return FakeWriteStore().install(monkeypatch)
 
 
 @pytest.fixture
 def published(monkeypatch: pytest.MonkeyPatch) -> PublishRecorder:
-    """A fake publisher that counts the commands' publish calls instead of draining to Kafka."""
+    """A fake outbox publisher that records the commands' commits instead of draining to Kafka."""
     return PublishRecorder().install(monkeypatch)
