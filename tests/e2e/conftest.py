@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from requests.structures import CaseInsensitiveDict
 
 from local import run
 from local.topology import GATEWAY_PORT, HOST
@@ -18,7 +19,7 @@ from local.topology import GATEWAY_PORT, HOST
 @dataclass
 class Answer:
     status: int
-    headers: dict[str, str]
+    headers: CaseInsensitiveDict[str]  # HTTP header names are case-insensitive (uvicorn sends them lowercase)
     body: Any
 
 
@@ -45,7 +46,7 @@ class Client:
                 status, reply_headers, payload = response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as error:
             status, reply_headers, payload = error.code, dict(error.headers), error.read()
-        return Answer(status, reply_headers, json.loads(payload) if payload else None)
+        return Answer(status, CaseInsensitiveDict(reply_headers), json.loads(payload) if payload else None)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,17 @@ Each test resumes what it froze in a `finally`, then checks that the system conv
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
 
 from local import services
+from todo_cqrs.settings import settings
 
 pytestmark = pytest.mark.e2e
 
@@ -76,3 +81,43 @@ def _read_until_version(gateway, todo_id: int, version: int, attempts: int = 15)
         if answer.status != 503:
             return answer
     return answer
+
+
+@contextmanager
+def frozen_function(system, name: str) -> Iterator[None]:
+    """SIGSTOP a function's whole process group (gunicorn master and worker), as a paused pod would be."""
+    child = next(c for c in system.children if c.name == name)
+    os.killpg(child.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(child.process.pid, signal.SIGCONT)
+
+
+def test_a_frozen_command_process_holds_up_another_functions_events_for_at_most_one_lease(system, gateway):
+    """The burst's drains may hold shard leases when create_todo freezes; update_todo's event still
+    reaches the read side once those leases run out (5 s), not when create_todo wakes up."""
+    target = gateway.request("POST", "/todo", {"title": "patched while create_todo is frozen"}).body
+    assert gateway.request("GET", f"/todo/{target['id']}?min_version=1").status == 200
+    burst = ThreadPoolExecutor(8)
+    answers = [burst.submit(gateway.request, "POST", "/todo", {"title": f"burst {i}"}) for i in range(40)]
+    try:
+        wait_for_some(answers, 20)
+        with frozen_function(system, "create_todo"):
+            started = time.monotonic()
+            patched = gateway.request("PATCH", f"/todo/{target['id']}", {"status": "FINISHED"})
+            assert patched.status == 200
+            read = _read_until_version(gateway, target["id"], 2)
+            stalled_s = time.monotonic() - started
+            assert (read.status, read.body["status"]) == (200, "FINISHED")
+            assert stalled_s < settings().outbox_lease_s + 5
+    finally:
+        burst.shutdown(wait=True)
+    assert all(answer.result().status in (201, 503) for answer in answers)
+
+
+def wait_for_some(futures, count: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sum(f.done() for f in futures) < count:
+        assert time.monotonic() < deadline, "the burst did not get going"
+        time.sleep(0.005)

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
+from tests.sync_db import read_db, write_db
 from todo_cqrs.adapters.read_store import todos_view
 from todo_cqrs.adapters.write_store import todos
-from todo_cqrs.db import read_engine, write_engine
 
 pytestmark = pytest.mark.e2e
 
@@ -125,10 +125,10 @@ def test_random_commands_converge_to_the_write_model_row_for_row(gateway):
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(client, range(4)))
     ids = sorted(created_ids)
-    expected = _rows(write_engine(), todos, ids)
+    expected = _rows(write_db(), todos, ids)
     deadline = time.monotonic() + 60
     while True:
-        actual = _rows(read_engine(), todos_view, ids, todos_view.c.deleted == sa.false())
+        actual = _rows(read_db(), todos_view, ids, todos_view.c.deleted == sa.false())
         if actual == expected or time.monotonic() > deadline:
             break
         time.sleep(0.2)  # polling the projection until it has drained, bounded by the deadline
