@@ -34,7 +34,7 @@ COPY requirements.lock /tmp/constraints.txt
 # ---- ops: the Jobs of knative/ (migrations) and knative/ops/ (read-model rebuild, dead letters) ---------
 FROM base AS ops
 # Package names only: the versions come from requirements.lock. mk/deploy.mk passes the same list.
-ARG OPS_PACKAGES="alembic SQLAlchemy PyMySQL redis boto3 requests cloudevents"
+ARG OPS_PACKAGES="alembic SQLAlchemy PyMySQL aiomysql greenlet orjson redis hiredis prometheus_client boto3 requests cloudevents"
 RUN pip install ${OPS_PACKAGES} -c /tmp/constraints.txt && rm /tmp/constraints.txt
 COPY todo_cqrs/ /app/todo_cqrs/
 USER 10001:10001
@@ -51,8 +51,10 @@ RUN pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
 COPY todo_cqrs/ /app/todo_cqrs/
 COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
 # FUNCTION_TARGET is also what functions-framework and todo_cqrs.settings read for the function's name.
-# Concurrency: one gunicorn worker with THREADS threads; each Knative Service sets THREADS to match
-# its containerConcurrency (knative/services/*.yaml). PORT is set by Knative (default 8080).
+# The server: functions-framework's ASGI mode (--asgi): gunicorn with one uvicorn worker (uvloop,
+# httptools), one event loop serving the pod's containerConcurrency requests at once
+# (knative/services/*.yaml). One worker per pod: more throughput comes from more pods, and the
+# Prometheus metrics of the one process are the pod's. PORT is set by Knative (default 8080).
 # XDG_RUNTIME_DIR: gunicorn (25.1+) opens a control socket in $XDG_RUNTIME_DIR, else in $HOME/.gunicorn,
 # and the app user's home is /nonexistent: it logged "Control server error" at every start. The root
 # filesystem is read-only in the cluster (readOnlyRootFilesystem), /tmp is the pod's writable emptyDir
@@ -60,13 +62,11 @@ COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
 # neither GUNICORN_CMD_ARGS nor a gunicorn.conf.py, so `--no-control-socket` cannot be passed from here.
 ENV FUNCTION_TARGET=${FUNCTION} \
     WORKERS=1 \
-    THREADS=8 \
     PORT=8080 \
     XDG_RUNTIME_DIR=/tmp
 USER 10001:10001
 EXPOSE 8080
 # Shell form so the variables expand; exec so gunicorn is PID 1 and gets SIGTERM directly.
 # tests/deploy/test_manifests.py runs this exact line locally against the function, and
-# tests/deploy/test_images.py runs it in the built image. The ASGI server is this same line with --asgi
-# after functions-framework.
-CMD exec functions-framework --target "$FUNCTION_TARGET" --source "functions/$FUNCTION_TARGET/main.py"
+# tests/deploy/test_images.py runs it in the built image; local/run.py runs the same command (`make run`).
+CMD exec functions-framework --asgi --target "$FUNCTION_TARGET" --source "functions/$FUNCTION_TARGET/main.py"

@@ -27,7 +27,7 @@ PACK_BUILDER ?= gcr.io/buildpacks/builder:v1
 DEPLOY_TIMEOUT ?= 300s
 # What the ops image installs (versions from requirements.lock): migrations, read-model rebuild,
 # dead-letter list/resend. Passed to the Dockerfile, whose default is the same list.
-OPS_PACKAGES := alembic SQLAlchemy PyMySQL redis boto3 requests cloudevents
+OPS_PACKAGES := alembic SQLAlchemy PyMySQL aiomysql greenlet orjson redis hiredis prometheus_client boto3 requests cloudevents
 
 # A function is a folder of functions/ with a main.py; its image is named after its Knative Service.
 FUNCTIONS := $(sort $(patsubst functions/%/main.py,%,$(wildcard functions/*/main.py)))
