@@ -55,6 +55,10 @@ def create_engine(url: str, isolation_level: str = "REPEATABLE READ", **override
         # its request with a 503, and SQLAlchemy then discards every pooled connection as old as it,
         # so after a database restart one request per process is refused, not one per connection.
         "pool_pre_ping": False,
+        # Every use ends its transaction itself (commit or rollback, or autocommit): the pool's own
+        # ROLLBACK when a connection comes back would be one more round trip per transaction. A
+        # connection cut off mid-transaction (a deadline) is discarded, not returned.
+        "pool_reset_on_return": None,
         "pool_recycle": 3600,
         "isolation_level": isolation_level,
         # Affected rows, not found rows: an upsert then says whether it changed anything (0, 1 or 2).

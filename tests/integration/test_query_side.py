@@ -109,7 +109,7 @@ async def version_watch_ready() -> None:
     """Until this loop's subscription to the projection's notices answers."""
     watch = version_watch()
     deadline = time.monotonic() + DEADLINE_S
-    while not watch.healthy:
+    while not await watch.ready():
         assert time.monotonic() < deadline, "the version watch did not subscribe"
         await asyncio.sleep(0.01)
 

@@ -501,6 +501,9 @@ class FakeVersionWatch:
     def land_when_waited(self, todo_id: int, projection: Callable[[], Awaitable[None]]) -> None:
         self._landings[todo_id] = projection
 
+    async def ready(self) -> bool:
+        return self.healthy
+
     def wait_for(self, todo_id: int, version: int) -> asyncio.Future[str]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()

@@ -235,26 +235,41 @@ def todo_cache() -> TodoCache:
 class VersionWatch:
     """This process's subscription to VERSIONS_CHANNEL, and the readers waiting for a version.
 
-    `healthy` is False while the subscription is down or Redis stops answering its pings; readers
-    then poll the read DB instead (bounded), as they would without Redis.
+    Subscribed only while readers wait (and IDLE_S after the last): a notice costs nothing in a
+    get_todos process that nobody asks for read-your-writes. `healthy` is False until subscribed,
+    and while the subscription is down or Redis stops answering its pings; readers then poll the
+    read DB instead (bounded), as they would without Redis.
     """
 
     PING_EVERY_S = 1.0
     HEALTHY_WITHIN_S = 2.5
+    IDLE_S = 10.0
+    SUBSCRIBE_WAIT_S = 0.05
 
     def __init__(self) -> None:
         self._waiters: dict[int, list[tuple[int, asyncio.Future[str]]]] = {}
         self._last_heard = 0.0
+        self._last_waiter = 0.0
+        self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @property
     def healthy(self) -> bool:
+        return self._subscribed.is_set() and time.monotonic() - self._last_heard < self.HEALTHY_WITHIN_S
+
+    async def ready(self) -> bool:
+        """Subscribe if need be (waiting a moment for it); True when notices can be relied on."""
+        self._last_waiter = time.monotonic()
         self._ensure_running()
-        return time.monotonic() - self._last_heard < self.HEALTHY_WITHIN_S
+        if not self._subscribed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), self.SUBSCRIBE_WAIT_S)
+        return self.healthy
 
     def wait_for(self, todo_id: int, version: int) -> asyncio.Future[str]:
         """A future that resolves (to the projection's traceparent) once `version` of the todo is applied.
         Register it before reading the read model, so that no notice falls between the two."""
+        self._last_waiter = time.monotonic()
         self._ensure_running()
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(todo_id, []).append((version, future))
@@ -302,14 +317,14 @@ class VersionWatch:
     async def _listen(self) -> None:
         s = settings()
         backoff = 0.1
-        while True:
+        while not self._idle():
             client = redis_client(s.redis_url, None)
             pubsub = client.pubsub()
             try:
                 await asyncio.wait_for(pubsub.subscribe(VERSIONS_CHANNEL), 1.0)
                 backoff = 0.1
                 next_ping = 0.0
-                while True:
+                while not self._idle():
                     now = time.monotonic()
                     if now >= next_ping:
                         await pubsub.ping()
@@ -318,19 +333,26 @@ class VersionWatch:
                     if message is None:
                         continue
                     self._last_heard = time.monotonic()  # a notice, a pong or the subscription's answer
-                    if message["type"] == "message":
+                    if message["type"] == "subscribe":
+                        self._subscribed.set()
+                    elif message["type"] == "message":
                         self.notice(message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reconnect; readers poll meanwhile
+                self._subscribed.clear()
                 self._last_heard = 0.0
                 log_event("version_watch_down", error=repr(exc)[:200], retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
+                self._subscribed.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                     await client.aclose()
+
+    def _idle(self) -> bool:
+        return not self._waiters and time.monotonic() - self._last_waiter > self.IDLE_S
 
 
 @loop_local

@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from todo_cqrs import db, metrics
 from todo_cqrs.adapters.publisher import OutboxRecord, publisher
 from todo_cqrs.logs import log_event
-from todo_cqrs.loop_local import loop_local
+from todo_cqrs.loop_local import close_loop_resources, loop_local
 from todo_cqrs.settings import settings
 
 LEASE_MARGIN_S = 1.0
@@ -195,7 +195,10 @@ async def drain_leased(lease: Lease) -> Drain:
         records = await _pending(lease.shard, s.relay_batch_size)
         if not records:
             return outcome
-        delivered = await asyncio.to_thread(publisher().publish, records, s.publish_timeout_s)
+        if _publish_in_a_thread:
+            delivered = await asyncio.to_thread(publisher().publish, records, s.publish_timeout_s)
+        else:  # at interpreter exit no new thread may start; blocking the exit's own loop is fine
+            delivered = publisher().publish(records, s.publish_timeout_s)
         if delivered:
             marked = await _mark_published(lease, delivered)
             outcome.published += marked
@@ -284,6 +287,7 @@ class OutboxPublisher:
     (a frozen holder) and it takes the shard over."""
 
     dirty: dict[int, _Dirty] = field(default_factory=dict)
+    draining: set[int] = field(default_factory=set)  # shards taken by the drain in progress
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -307,9 +311,11 @@ class OutboxPublisher:
             await self.wake.wait()
             self.wake.clear()
             work, self.dirty = self.dirty, {}
+            self.draining = set(work)
             results = await asyncio.gather(
                 *(self._drain(shard, entry) for shard, entry in work.items()), return_exceptions=True
             )
+            self.draining = set()
             failed = [shard for shard, ok in zip(work, results, strict=True) if ok is not True]
             if failed:
                 for shard in failed:
@@ -333,6 +339,7 @@ def outbox_publisher() -> OutboxPublisher:
 
 
 _at_exit: list[OutboxPublisher] = []
+_publish_in_a_thread = True
 
 
 def _remember_for_exit(publisher_: OutboxPublisher) -> None:
@@ -345,13 +352,18 @@ def _remember_for_exit(publisher_: OutboxPublisher) -> None:
 def _flush_at_exit() -> None:
     """When the process stops (scale-in, redeploy): publish, within EXIT_FLUSH_S, what its commands
     committed and it has not published yet. The relay publishes anything left."""
-    shards = {shard for p in _at_exit for shard in p.dirty}
+    global _publish_in_a_thread
+    shards = {shard for p in _at_exit for shard in (*p.dirty, *p.draining)}
     if not shards:
         return
 
     async def flush() -> None:
-        await asyncio.wait_for(asyncio.gather(*(drain_shard(s) for s in shards)), EXIT_FLUSH_S)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(drain_shard(s) for s in shards)), EXIT_FLUSH_S)
+        finally:
+            await close_loop_resources()
 
+    _publish_in_a_thread = False
     try:
         asyncio.run(flush())
     except Exception as exc:  # noqa: BLE001

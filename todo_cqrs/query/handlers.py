@@ -107,6 +107,7 @@ async def _wait_for_version(todo_id: int, min_version: int, state: str) -> tuple
     watch = version_watch()
     pause = _POLL_FIRST_S
     woken_by = ""
+    await watch.ready()
     while True:
         notified = watch.wait_for(todo_id, min_version) if watch.healthy else None
         try:
