@@ -280,9 +280,10 @@ def start(system: System) -> None:
     say(f"everything up in {time.monotonic() - started:.1f} s")
 
 
-def relay_schedule(stopping: threading.Event) -> None:
+def relay_schedule(stopping: threading.Event, paused: threading.Event | None = None) -> None:
     """What the PingSource does in a cluster: ask relay_outbox to publish whatever is still pending.
-    It never dies: a failed tick is logged and the next one follows."""
+    It never dies: a failed tick is logged and the next one follows. (`paused`: the bench measures
+    publishers without it.)"""
     request = urllib.request.Request(
         f"{BY_NAME['relay_outbox'].url}/",
         data=b"{}",
@@ -291,6 +292,8 @@ def relay_schedule(stopping: threading.Event) -> None:
     )
     failing = False
     while not stopping.wait(RELAY_PERIOD_S):
+        if paused is not None and paused.is_set():
+            continue
         try:
             urllib.request.urlopen(request, timeout=10).close()
             if failing:

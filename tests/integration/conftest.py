@@ -39,12 +39,12 @@ async def settle_outbox_publisher() -> None:
     """Let this loop's publisher finish what its commands committed (bounded), then stop it, so that
     no drain is cut off holding a lease and nothing is left for the flush at exit."""
     publisher = relay.outbox_publisher.peek()
-    if publisher is None or publisher.task is None:
+    if publisher is None or not publisher.holders:
         return
     deadline = time.monotonic() + PUBLISHER_SETTLE_S
     shards = range(settings().outbox_shards)
     while time.monotonic() < deadline and (
-        publisher.dirty or publisher.wake.is_set() or any([await relay.has_pending(s) for s in shards])
+        publisher.waiting or any([await relay.has_pending(s) for s in shards])
     ):
         await asyncio.sleep(0.02)
     await publisher.aclose()

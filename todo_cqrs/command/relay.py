@@ -42,6 +42,10 @@ from todo_cqrs.loop_local import close_loop_resources, loop_local
 from todo_cqrs.settings import settings
 
 LEASE_MARGIN_S = 1.0
+# A publisher keeps a shard's lease while rows keep coming, and this long after the last; meanwhile
+# it looks for rows other processes committed to the shard every HOLD_POLL_S (a read, no write).
+LINGER_S = 0.25
+HOLD_POLL_S = 0.01
 BUSY_POLL_FIRST_S, BUSY_POLL_MAX_S = 0.005, 0.05
 EXIT_FLUSH_S = 2.0
 GAUGE_REFRESH_S = 5.0
@@ -235,6 +239,10 @@ async def drain_shard(shard: int, wait_s: float = 0.0, through_id: int | None = 
         await release(lease)
 
 
+async def has_any_pending() -> bool:
+    return bool((await _execute(_PENDING_SHARDS, {})).first())
+
+
 async def drain_all(wait_s: float = 0.0) -> int:
     """Drain every shard that has pending rows (the scheduled relay); returns how many were published."""
     shards = [row.shard for row in (await _execute(_PENDING_SHARDS, {})).all()]
@@ -281,56 +289,90 @@ class _Dirty:
 
 @dataclass
 class OutboxPublisher:
-    """This process's publisher: one task that drains the shards its commands wrote to, right after
-    their commits; commits that arrive during a drain share the next one. When another process holds
-    a shard's lease, it waits until that holder has published its rows, or until the lease expires
-    (a frozen holder) and it takes the shard over."""
+    """This process's publisher: per shard its commands wrote to, one task that takes the shard's
+    lease and drains it right after their commits. It keeps the lease while rows keep coming (and
+    LINGER_S after the last), looking every HOLD_POLL_S for rows other processes committed, so a busy
+    shard costs one lease write per linger, not three per drain. When another process holds the lease,
+    it waits until that holder has published its rows, or until the lease expires (a frozen holder)
+    and it takes the shard over."""
 
-    dirty: dict[int, _Dirty] = field(default_factory=dict)
-    draining: set[int] = field(default_factory=set)  # shards taken by the drain in progress
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
+    waiting: dict[int, _Dirty] = field(default_factory=dict)  # commits not yet covered by a scan
+    wakes: dict[int, asyncio.Event] = field(default_factory=dict)
+    holders: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    leases: dict[int, Lease] = field(default_factory=dict)  # held now
 
     def committed(self, shard: int, outbox_id: int = 0) -> None:
-        entry = self.dirty.setdefault(shard, _Dirty())
+        entry = self.waiting.setdefault(shard, _Dirty())
         entry.through_id = max(entry.through_id, outbox_id)
-        self.wake.set()
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._run(), name="outbox-publisher")
+        self.wakes.setdefault(shard, asyncio.Event()).set()
+        holder = self.holders.get(shard)
+        if holder is None or holder.done():
+            self.holders[shard] = asyncio.get_running_loop().create_task(
+                self._hold(shard), name=f"outbox-{shard}"
+            )
             _remember_for_exit(self)
 
     async def aclose(self) -> None:
-        """Stop the task (what it had not published stays pending: the next drain or the relay takes it)."""
-        if self.task is not None:
-            self.task.cancel()
+        """Stop the tasks (what they had not published stays pending: the next drain or the relay
+        takes it)."""
+        for holder in self.holders.values():
+            holder.cancel()
+        for holder in self.holders.values():
             with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+                await holder
 
-    async def _run(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            work, self.dirty = self.dirty, {}
-            self.draining = set(work)
-            results = await asyncio.gather(
-                *(self._drain(shard, entry) for shard, entry in work.items()), return_exceptions=True
-            )
-            self.draining = set()
-            failed = [shard for shard, ok in zip(work, results, strict=True) if ok is not True]
-            if failed:
-                for shard in failed:
-                    self.dirty.setdefault(shard, work[shard])
+    async def _hold(self, shard: int) -> None:
+        while (entry := self.waiting.get(shard)) is not None:
+            try:
+                lease = await _take(shard, entry.through_id or None)
+                if lease is None:  # another holder published every row up to ours
+                    if self.waiting.get(shard) is entry:
+                        del self.waiting[shard]
+                    continue
+                self.leases[shard] = lease
+                try:
+                    complete = await self._drain_while_busy(lease)
+                finally:
+                    del self.leases[shard]
+                    await release(lease)
+            except Exception as exc:  # noqa: BLE001 - the task must survive any failure; rows stay pending
+                log_event("outbox_publish_failed", shard=shard, error=repr(exc)[:300])
+                complete = False
+            if not complete:  # Kafka or the database failed: rows may be pending; try again later
+                self.waiting.setdefault(shard, entry)
                 await asyncio.sleep(settings().publish_backoff_s)
-                self.wake.set()
 
-    async def _drain(self, shard: int, entry: _Dirty) -> bool:
-        wait_s = settings().outbox_lease_s + LEASE_MARGIN_S
-        try:
-            drain = await drain_shard(shard, wait_s, entry.through_id or None)
-        except Exception as exc:  # noqa: BLE001 - the task must survive any failure; rows stay pending
-            log_event("outbox_publish_failed", shard=shard, error=repr(exc)[:300])
-            return False
-        return drain is None or drain.complete
+    async def _drain_while_busy(self, lease: Lease) -> bool:
+        wake = self.wakes.setdefault(lease.shard, asyncio.Event())
+        last_work = time.monotonic()
+        while True:
+            self.waiting.pop(lease.shard, None)  # this drain's scan sees every row committed before it
+            wake.clear()
+            drained = await drain_leased(lease)
+            if not drained.complete:
+                return False
+            now = time.monotonic()
+            if drained.published:
+                last_work = now
+            elif now - last_work > LINGER_S and lease.shard not in self.waiting:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), HOLD_POLL_S)
+
+
+async def _take(shard: int, through_id: int | None) -> Lease | None:
+    """The shard's lease, waiting while another process holds it (at most its lease's length); None
+    when that holder published every row up to `through_id` meanwhile."""
+    deadline = time.monotonic() + settings().outbox_lease_s + LEASE_MARGIN_S
+    pause = BUSY_POLL_FIRST_S
+    while (lease := await acquire(shard)) is None:
+        if through_id is not None and not await has_pending(shard, through_id):
+            return None
+        if time.monotonic() + pause > deadline:
+            raise TimeoutError(f"the lease of shard {shard} stayed busy past its expiry")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, BUSY_POLL_MAX_S)
+    return lease
 
 
 @loop_local
@@ -353,13 +395,21 @@ def _flush_at_exit() -> None:
     """When the process stops (scale-in, redeploy): publish, within EXIT_FLUSH_S, what its commands
     committed and it has not published yet. The relay publishes anything left."""
     global _publish_in_a_thread
-    shards = {shard for p in _at_exit for shard in (*p.dirty, *p.draining)}
-    if not shards:
+    held = [lease for p in _at_exit for lease in p.leases.values()]
+    shards = {shard for p in _at_exit for shard in p.waiting} - {lease.shard for lease in held}
+    if not held and not shards:
         return
+
+    async def drain_and_release(lease: Lease) -> None:
+        try:
+            await drain_leased(lease)
+        finally:
+            await release(lease)
 
     async def flush() -> None:
         try:
-            await asyncio.wait_for(asyncio.gather(*(drain_shard(s) for s in shards)), EXIT_FLUSH_S)
+            drains = [*(drain_and_release(lease) for lease in held), *(drain_shard(s) for s in shards)]
+            await asyncio.wait_for(asyncio.gather(*drains), EXIT_FLUSH_S)
         finally:
             await close_loop_resources()
 
