@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FN ?= create_todo
 
 .PHONY: help install services services-down services-status migrate run func-run test test-unit lint \
-        format bench relay-once rebuild dead-letters dead-letters-resend consume clean
+        format bench soak relay-once rebuild dead-letters dead-letters-resend consume clean
 
 help:  ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
@@ -54,8 +54,11 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)  ## measure every path against its limit (see README, Performance)
+bench: $(STAMP)  ## every path against its limit, then the 3-minute soak (docs/performance.md)
 	$(PY) -m local.bench
+
+soak: $(STAMP)  ## only the soak: 3 minutes of 250 commands/s + 600 reads/s, open loop
+	$(PY) -m local.bench --soak
 
 relay-once: migrate  ## publish every pending outbox event now
 	$(PY) -m todo_cqrs.command.relay

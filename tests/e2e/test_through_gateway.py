@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
-from tests.sync_db import read_db, write_db
+from local.sync_db import read_db, write_db
 from todo_cqrs.adapters.read_store import todos_view
 from todo_cqrs.adapters.write_store import todos
 

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from tests.sync_db import write_db
+from local.sync_db import write_db
 from todo_cqrs import db
 from todo_cqrs.adapters.write_store import idempotency_keys, outbox, todos
 from todo_cqrs.command import idempotency

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from tests.sync_db import read_db, write_db
+from local.sync_db import read_db, write_db
 from todo_cqrs.adapters.read_store import todos_view
 from todo_cqrs.adapters.write_store import outbox, todos
 from todo_cqrs.command import handlers as commands

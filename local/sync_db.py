@@ -1,5 +1,5 @@
-"""Plain synchronous engines on the system's databases, for tests that look at the rows themselves
-(the product's engines are asyncio, one per event loop; a test reading rows needs neither)."""
+"""Plain synchronous engines on the system's databases, for tests and the bench that look at the rows
+themselves (the product's engines are asyncio, one per event loop; a test reading rows needs neither)."""
 
 from __future__ import annotations
 
