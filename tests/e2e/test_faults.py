@@ -110,6 +110,7 @@ def test_a_frozen_command_process_holds_up_another_functions_events_for_at_most_
             read = _read_until_version(gateway, target["id"], 2)
             stalled_s = time.monotonic() - started
             assert (read.status, read.body["status"]) == (200, "FINISHED")
+            print(f"PATCH visible {stalled_s:.2f} s after create_todo froze")  # pytest -s shows it
             assert stalled_s < settings().outbox_lease_s + 5
     finally:
         burst.shutdown(wait=True)

@@ -8,6 +8,7 @@ stopped with SIGSTOP, as a paused pod or a partitioned node would be: it keeps i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,7 +36,8 @@ from todo_cqrs.command import relay
 from todo_cqrs.settings import settings
 
 async def hold() -> None:
-    leases = [await relay.acquire(shard) for shard in range(settings().outbox_shards)]
+    shards = [int(a) for a in sys.argv[1:]] or range(settings().outbox_shards)
+    leases = [await relay.acquire(shard) for shard in shards]
     print("held" if all(leases) else "busy", flush=True)
     await asyncio.sleep(3600)
 
@@ -57,12 +59,16 @@ async def _peek(loop_local: object) -> object:
     return loop_local.peek()  # type: ignore[attr-defined]
 
 
-@pytest.fixture
-def frozen_holder() -> Iterator[subprocess.Popen[str]]:
-    """A publisher process that holds every shard's lease, then freezes (SIGSTOP) with its session open."""
+@contextlib.contextmanager
+def frozen_holding(*shards: int) -> Iterator[subprocess.Popen[str]]:
+    """A publisher process that holds these shards' leases (all by default), then freezes (SIGSTOP)
+    with its session open."""
     free_every_lease()
     process = subprocess.Popen(
-        [sys.executable, "-c", HOLD_ALL_SHARDS], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+        [sys.executable, "-c", HOLD_ALL_SHARDS, *map(str, shards)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
     )
     try:
         assert process.stdout is not None and process.stdout.readline().strip() == "held"
@@ -73,6 +79,12 @@ def frozen_holder() -> Iterator[subprocess.Popen[str]]:
         process.kill()
         process.wait(10)
         free_every_lease()
+
+
+@pytest.fixture
+def frozen_holder() -> Iterator[subprocess.Popen[str]]:
+    with frozen_holding() as process:
+        yield process
 
 
 def free_every_lease() -> None:
@@ -130,7 +142,22 @@ def test_a_frozen_lease_holder_delays_another_process_events_by_at_most_one_leas
     stalled_s = wait_until_published(answered.json()["id"], bound_s=lease_s + 5)
     # The frozen process still holds its DB session: only the lease's expiry let the other one in.
     assert Path(f"/proc/{frozen_holder.pid}/stat").read_text().split()[2] == "T"
+    print(f"stalled behind the frozen holder: {stalled_s:.2f} s (lease {lease_s} s)")  # pytest -s shows it
     assert stalled_s <= lease_s + 2
+
+
+def test_a_frozen_holder_of_one_shard_does_not_delay_the_other_shards(create: TestClient) -> None:
+    """Shards drain independently, each under its own lease: publishing is not one drainer for all."""
+    shards = settings().outbox_shards
+    assert shards > 1
+    with frozen_holding(0):
+        while (
+            todo_id := create.post("/", json={"title": f"off shard 0 {uuid.uuid4()}"}).json()["id"]
+        ) % shards == 0:
+            pass
+        published_s = wait_until_published(todo_id, bound_s=settings().outbox_lease_s)
+    print(f"shard {todo_id % shards} published in {published_s:.2f} s beside a frozen shard 0")
+    assert published_s < settings().outbox_lease_s / 2  # long before shard 0's lease could run out
 
 
 def test_a_live_holder_keeps_its_shard_and_a_released_one_is_free_at_once(loop: asyncio.Runner) -> None:
