@@ -139,25 +139,31 @@ def test_a_frozen_lease_holder_delays_another_process_events_by_at_most_one_leas
     lease_s = settings().outbox_lease_s
     answered = create.post("/", json={"title": f"behind a frozen publisher {uuid.uuid4()}"})
     assert answered.status_code == 201
-    stalled_s = wait_until_published(answered.json()["id"], bound_s=lease_s + 5)
+    stalled_s = wait_until_published(answered.json()["id"], bound_s=lease_s + 10)
     # The frozen process still holds its DB session: only the lease's expiry let the other one in.
     assert Path(f"/proc/{frozen_holder.pid}/stat").read_text().split()[2] == "T"
     print(f"stalled behind the frozen holder: {stalled_s:.2f} s (lease {lease_s} s)")  # pytest -s shows it
-    assert stalled_s <= lease_s + 2
+    # One lease (5 s), then the takeover: the issue's bound is about 10 s, kept on a loaded machine too.
+    assert stalled_s <= lease_s + 5
 
 
 def test_a_frozen_holder_of_one_shard_does_not_delay_the_other_shards(create: TestClient) -> None:
     """Shards drain independently, each under its own lease: publishing is not one drainer for all."""
     shards = settings().outbox_shards
     assert shards > 1
+    created: list[int] = []
     with frozen_holding(0):
         while (
             todo_id := create.post("/", json={"title": f"off shard 0 {uuid.uuid4()}"}).json()["id"]
         ) % shards == 0:
-            pass
+            created.append(todo_id)
         published_s = wait_until_published(todo_id, bound_s=settings().outbox_lease_s)
     print(f"shard {todo_id % shards} published in {published_s:.2f} s beside a frozen shard 0")
     assert published_s < settings().outbox_lease_s / 2  # long before shard 0's lease could run out
+    # Leave no publisher busy for the next test: shard 0's rows go out once the frozen holder is gone.
+    for stalled in created:
+        wait_until_published(stalled, bound_s=settings().outbox_lease_s + 5)
+    wait_until_released(0)
 
 
 def test_a_live_holder_keeps_its_shard_and_a_released_one_is_free_at_once(loop: asyncio.Runner) -> None:
