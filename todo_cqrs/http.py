@@ -255,6 +255,22 @@ def _metrics(method: str) -> Response:
     return Response(body, 200, media_type=content_type)
 
 
+def _error_answer(error: errors.TodoError, record: dict[str, Any]) -> Response:
+    """The error's answer; the log line gets what a dependency failed with."""
+    if isinstance(error, errors.DependencyUnavailable) and error.cause is not None:
+        record["cause"] = repr(error.cause)[:300]
+    return error_response(error)
+
+
+def _finish(record: dict[str, Any], started: float, route: str, method: str, response: Response) -> Response:
+    """Every request's end: its log line and its metrics."""
+    elapsed = time.perf_counter() - started
+    record.update(status=response.status_code, latency_ms=round(elapsed * 1000, 2))
+    logs.write(record)
+    metrics.request_metrics.observe(route, method, response.status_code, elapsed)
+    return response
+
+
 def _internal_error() -> Response:
     traceback.print_exc(file=sys.stderr)  # the log gets the trace, the client a JSON 500
     return json_response(500, error_body("internal", "internal error"))
@@ -316,18 +332,12 @@ class HttpFunction:
                         raise errors.MethodNotAllowed(list(views))
                     response = await view(request, todo_id)
             except errors.TodoError as error:
-                if isinstance(error, errors.DependencyUnavailable) and error.cause is not None:
-                    record["cause"] = repr(error.cause)[:300]
-                response = error_response(error)
+                response = _error_answer(error, record)
             except Exception as exc:  # noqa: BLE001 - any bug answers a JSON 500
                 span.fail(exc)
                 response = _internal_error()
             span.set(**{"http.route": route, "http.response.status_code": response.status_code})
-        elapsed = time.perf_counter() - started
-        record.update(status=response.status_code, latency_ms=round(elapsed * 1000, 2))
-        logs.write(record)
-        metrics.request_metrics.observe(route, method, response.status_code, elapsed)
-        return response
+        return _finish(record, started, route, method, response)
 
 
 def _event_parent(event: Event | None, request: Request) -> tracing.TraceContext | None:
@@ -397,15 +407,9 @@ class CloudEventSink:
                 response = json_response(200, {"outcome": outcome})
             except errors.TodoError as error:
                 record["error"] = error.message[:300]
-                if isinstance(error, errors.DependencyUnavailable) and error.cause is not None:
-                    record["cause"] = repr(error.cause)[:300]
-                response = error_response(error)
+                response = _error_answer(error, record)
             except Exception as exc:  # noqa: BLE001 - a bug: 500, which the KafkaSource retries
                 span.fail(exc)
                 response = _internal_error()
             span.set(**{"http.response.status_code": response.status_code})
-        elapsed = time.perf_counter() - started
-        record.update(status=response.status_code, latency_ms=round(elapsed * 1000, 2))
-        logs.write(record)
-        metrics.request_metrics.observe("/", method, response.status_code, elapsed)
-        return response
+        return _finish(record, started, "/", method, response)

@@ -35,7 +35,7 @@ from todo_cqrs.command import handlers as command_handlers
 from todo_cqrs.command import idempotency, relay
 from todo_cqrs.command.idempotency import IdempotencyKey, Reply
 from todo_cqrs.dead_letter.store import DeadLetter
-from todo_cqrs.domain.errors import Conflict, DependencyUnavailable, IdempotencyKeyReused
+from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.domain.events import Change, TodoEvent
 from todo_cqrs.domain.todo import NewTodo, Status, Todo
 from todo_cqrs.projection import handlers as projection_handlers
@@ -298,18 +298,15 @@ class FakeWriteStore:
         self._check(conn)
         stored = self.keys.get(key.key_hash)
         if key.key_hash in self._held_elsewhere or (stored is not None and stored.holder not in (None, conn)):
-            raise Conflict("a request with this Idempotency-Key is still being processed; retry shortly")
+            raise idempotency.in_flight()
         if stored is None:
             self.keys[key.key_hash] = StoredKey(key.fingerprint, None, conn)
             conn.undo.append(lambda: self.keys.pop(key.key_hash, None))
             return None
         if stored.fingerprint != key.fingerprint:
-            raise IdempotencyKeyReused(
-                "this Idempotency-Key was used for another request",
-                [{"field": "Idempotency-Key", "message": "reused with a different method, path or body"}],
-            )
+            raise idempotency.reused()
         if stored.reply is None:
-            raise Conflict("a request with this Idempotency-Key is still being processed; retry shortly")
+            raise idempotency.in_flight()
         return stored.reply
 
     async def store_reply(self, conn: Any, key: IdempotencyKey, reply: Reply) -> None:

@@ -38,6 +38,7 @@ LIST_GENERATION_KEY = "todos:list:gen"
 VERSIONS_CHANNEL = "todos:versions"
 # After a failure, reads skip Redis for this long instead of paying its timeout on every request.
 READ_BREAKER_S = 1.0
+REDIS_DOWN = (RedisError, OSError, TimeoutError)  # what a Redis that is down, frozen or cut off raises
 
 _STORE_TODO = """
 local current = redis.call('GET', KEYS[1])
@@ -156,7 +157,7 @@ class TodoCache:
         self._check_breaker()
         try:
             value = await self._batched.get(todo_key(todo_id))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             self._read_failed()
             raise CacheUnavailable(str(exc)) from exc
         if not value:
@@ -168,7 +169,7 @@ class TodoCache:
         """Store a row read from the DB unless a newer version was cached or invalidated meanwhile."""
         try:
             await self._store_todo(keys=[todo_key(todo_id)], args=[version, body, settings().cache_ttl_s])
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_DOWN:
             self._read_failed()  # the answer is already known; a failed store only costs a later miss
 
     async def get_list(self, page: str) -> tuple[bytes, bytes | None]:
@@ -176,7 +177,7 @@ class TodoCache:
         self._check_breaker()
         try:
             generation, body = await self._read_list(keys=[LIST_GENERATION_KEY], args=[page])
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             self._read_failed()
             raise CacheUnavailable(str(exc)) from exc
         return generation, body
@@ -184,7 +185,7 @@ class TodoCache:
     async def store_list(self, generation: bytes, page: str, body: bytes) -> None:
         try:
             await self.client.set(list_key(generation, page), body, ex=settings().list_cache_ttl_s)
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_DOWN:
             self._read_failed()
 
     async def invalidate(self, todo_id: int, version: int, traceparent: str | None = None) -> None:
@@ -195,7 +196,7 @@ class TodoCache:
                 keys=[todo_key(todo_id), LIST_GENERATION_KEY],
                 args=[version, settings().cache_ttl_s, VERSIONS_CHANNEL, todo_id, traceparent or ""],
             )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             raise DependencyUnavailable("redis is unreachable", cause=exc) from exc
 
     async def forget_everything(self) -> None:
@@ -208,7 +209,7 @@ class TodoCache:
                 if value and b":t:" in value[:24]:
                     await self.client.delete(key)
             await self.client.incr(LIST_GENERATION_KEY)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             raise DependencyUnavailable("redis is unreachable", cause=exc) from exc
 
 

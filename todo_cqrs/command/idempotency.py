@@ -78,8 +78,17 @@ _STORE = sa.text(
 _PURGE = sa.text(f"DELETE FROM idempotency_keys WHERE expires_at < UTC_TIMESTAMP(3) LIMIT {_PURGE_BATCH}")
 
 
-def _in_flight() -> Conflict:
+def in_flight() -> Conflict:
+    """409: another request with the key has not finished."""
     return Conflict("a request with this Idempotency-Key is still being processed; retry shortly")
+
+
+def reused() -> IdempotencyKeyReused:
+    """422: the key was first used with another method, path, body or If-Match."""
+    return IdempotencyKeyReused(
+        "this Idempotency-Key was used for another request",
+        [{"field": "Idempotency-Key", "message": "reused with a different method, path or body"}],
+    )
 
 
 async def claim(conn: AsyncConnection, key: IdempotencyKey) -> Reply | None:
@@ -96,24 +105,21 @@ async def claim(conn: AsyncConnection, key: IdempotencyKey) -> Reply | None:
         pass  # the key was used before (and committed): look at what it answered
     except DBAPIError as exc:
         if db.error_code(exc) == _LOCK_WAIT_TIMEOUT:
-            raise _in_flight() from exc
+            raise in_flight() from exc
         raise
     try:
         row = (await conn.execute(_STORED, {"key_hash": key.key_hash})).one()
     except DBAPIError as exc:
         if db.error_code(exc) in db.LOCK_BUSY_CODES:
-            raise _in_flight() from exc
+            raise in_flight() from exc
         raise
     if not row.live:  # expired: the key is free again
         await conn.execute(_RENEW, params)
         return None
     if row.fingerprint != key.fingerprint:
-        raise IdempotencyKeyReused(
-            "this Idempotency-Key was used for another request",
-            [{"field": "Idempotency-Key", "message": "reused with a different method, path or body"}],
-        )
+        raise reused()
     if row.status is None:
-        raise _in_flight()
+        raise in_flight()
     return Reply(row.status, orjson.loads(row.headers), row.body.encode())
 
 
