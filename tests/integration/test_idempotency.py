@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
-import functions_framework.aio
 import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
@@ -19,34 +17,18 @@ from todo_cqrs import db
 from todo_cqrs.adapters.write_store import idempotency_keys, outbox, todos
 from todo_cqrs.command import idempotency
 from todo_cqrs.command.idempotency import IdempotencyKey
-from todo_cqrs.loop_local import close_loop_resources
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
 
-def _client(name: str) -> TestClient:
-    return TestClient(
-        functions_framework.aio.create_asgi_app(target=name, source=f"functions/{name}/main.py")
-    )
-
-
-@contextmanager
-def running(name: str) -> Iterator[TestClient]:
-    with _client(name) as client:
-        yield client
-        client.portal.call(close_loop_resources)
+@pytest.fixture(scope="module")
+def create(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("create_todo")
 
 
 @pytest.fixture(scope="module")
-def create() -> Iterator[TestClient]:
-    with running("create_todo") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def update() -> Iterator[TestClient]:
-    with running("update_todo") as client:
-        yield client
+def update(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("update_todo")
 
 
 def count(table: sa.Table, where: sa.ColumnElement[bool]) -> int:
@@ -137,7 +119,9 @@ def test_keys_are_kept_a_day_and_an_expired_key_is_free_again(create: TestClient
     assert again.status_code == 201 and again.json()["title"] == title
 
 
-def test_expired_keys_are_purged_by_the_relay(create: TestClient) -> None:
+def test_expired_keys_are_purged_by_the_relay(
+    create: TestClient, function_client: Callable[[str], TestClient]
+) -> None:
     key_text = f"key-{uuid.uuid4()}"
     create.post("/", json={"title": "to purge"}, headers={"Idempotency-Key": key_text})
     key = IdempotencyKey.of(key_text, "", None, None)
@@ -149,8 +133,8 @@ def test_expired_keys_are_purged_by_the_relay(create: TestClient) -> None:
             .where(where)
             .values(expires_at=sa.text("UTC_TIMESTAMP(3) - INTERVAL 1 SECOND"))
         )
-    with running("relay_outbox") as relay:
-        assert relay.post("/", json={}).json()["expired_keys_deleted"] >= 1
+    relay = function_client("relay_outbox")
+    assert relay.post("/", json={}).json()["expired_keys_deleted"] >= 1
     assert count(idempotency_keys, where) == 0
 
 

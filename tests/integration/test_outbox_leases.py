@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -123,14 +123,8 @@ def wait_until_published(todo_id: int, bound_s: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def create() -> Iterator[TestClient]:
-    import functions_framework.aio
-
-    app = functions_framework.aio.create_asgi_app(
-        target="create_todo", source="functions/create_todo/main.py"
-    )
-    with TestClient(app) as client:
-        yield client
+def create(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("create_todo")
 
 
 def test_a_frozen_lease_holder_delays_another_process_events_by_at_most_one_lease(

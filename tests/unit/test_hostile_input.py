@@ -153,7 +153,7 @@ def test_field_name_with_a_lone_surrogate_answers_422_with_a_json_body(
 
 @pytest.mark.parametrize("function", SINKS)
 @pytest.mark.parametrize("attribute", ["id", "source", "subject"])
-def test_structured_event_with_a_lone_surrogate_in_an_attribute_answers_4xx_with_a_json_body(
+def test_structured_event_with_a_lone_surrogate_in_an_attribute_gets_a_final_answer_never_5xx(
     clients: dict[str, TestClient], fakes: Fakes, function: str, attribute: str
 ) -> None:
     """A 500 here is retried for ever by the KafkaSource (a poison event): the answer must be final."""

@@ -1,4 +1,5 @@
-"""GET /metrics on every function: the Prometheus text format, counting every request it answers.
+"""GET /metrics on every function, run on fakes of every dependency (tests/unit/fakes.py): the
+Prometheus text format, counting every request it answers.
 
 The registry is the process's (one process per function in production); in this test process every
 function shares it, so counts are compared before and after, and the `function` label is not checked.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
+from todo_cqrs.adapters import read_store, write_store
 from todo_cqrs.domain.numbers import MAX_ID, MAX_VERSION, ascii_positive_int
 
 
@@ -52,4 +54,9 @@ def test_huge_digit_strings_are_refused_without_converting_them(digits: int) -> 
 
 
 def test_the_limits_are_the_columns_of_both_databases() -> None:
-    assert (MAX_ID, MAX_VERSION) == (2**63 - 1, 2**31 - 1)
+    """A signed BIGINT id and a signed INT version, in the write DB's tables and the read model's."""
+    for table in (write_store.todos, read_store.todos_view):
+        assert type(table.c.id.type) is sa.BigInteger, table.name
+        assert type(table.c.version.type) is sa.Integer, table.name
+    assert type(write_store.outbox.c.version.type) is sa.Integer
+    assert (MAX_ID, MAX_VERSION) == (2**63 - 1, 2**31 - 1)  # the signed ranges of those two types

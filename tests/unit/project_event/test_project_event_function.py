@@ -202,7 +202,7 @@ def test_id_and_version_at_their_columns_limits_are_applied(
 @pytest.mark.parametrize(
     ("held_version", "event_version"), [(1, 2), (2, 2), (3, 2)], ids=["newer", "duplicate", "older"]
 )
-def test_every_accepted_event_invalidates_the_todo_and_the_lists_after_the_commit(
+def test_every_accepted_event_invalidates_the_todo_and_the_lists(
     client: TestClient, read_model: FakeReadModel, cache: FakeCache, held_version: int, event_version: int
 ) -> None:
     read_model.put(a_todo(7, version=held_version))
