@@ -41,7 +41,6 @@ os.environ.update(
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import signal  # noqa: E402
@@ -58,7 +57,7 @@ from typing import Any  # noqa: E402
 
 from local import bench_load as load  # noqa: E402
 from local import bench_system as bs  # noqa: E402
-from local import run, services  # noqa: E402
+from local import deploy_tools, kafkasource, queue_proxy, run, services  # noqa: E402
 from local.topology import BY_NAME, FUNCTIONS, GATEWAY_PORT, HOST, KAFKASOURCE_METRICS_PORT, REPO  # noqa: E402
 from todo_cqrs.query.handlers import encode_cursor  # noqa: E402
 
@@ -152,32 +151,21 @@ def loadavg() -> list[str]:
     return Path("/proc/loadavg").read_text().split()[:3]
 
 
-# --- queue-proxy (local/queue_proxy.py is another engineer's) -----------------------------------------
+# --- queue-proxy ---------------------------------------------------------------------------------------
 
 
 def queue_proxy_available() -> str | None:
-    """None when local/queue_proxy.py exists and a cached queue-proxy binary is found; else why not."""
-    if importlib.util.find_spec("local.queue_proxy") is None:
-        return QUEUE_PROXY_NOT_BUILT
-    cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "todo-cqrs" / "bin"
-    if not any(cache_dir.glob("queue-proxy*")):
-        return QUEUE_PROXY_NOT_BUILT
-    return None
+    """None when the cached queue-proxy binary (local/deploy_tools.py) is there; else why not (the bench
+    does not start a build in the middle of a run)."""
+    return None if deploy_tools.TOOLS["queue-proxy"].cached_path().exists() else QUEUE_PROXY_NOT_BUILT
 
 
 @contextlib.contextmanager
 def behind_queue_proxy(user_port: int, service: str) -> Iterator[str]:
-    """The one call into local/queue_proxy.py: Knative's queue-proxy in front of 127.0.0.1:user_port,
-    configured as in a pod of Knative Service `service`; yields the URL that reaches the function
-    through it. (Adapt here if its interface changes.)"""
-    from local import queue_proxy as qp  # type: ignore[attr-defined]
-
-    if hasattr(qp, "queue_proxy"):  # the interface the bench was first written against
-        with qp.queue_proxy(user_port=user_port, service=service) as url:
-            yield url
-    else:  # start_queue_proxy(user_port, service) -> a context manager with .url
-        with qp.start_queue_proxy(user_port, service) as proxy:
-            yield proxy.url
+    """Knative's queue-proxy in front of 127.0.0.1:user_port, configured as in a pod of Knative Service
+    `service`; yields the URL that reaches the function through it."""
+    with queue_proxy.start_queue_proxy(user_port, service) as proxy:
+        yield proxy.url
 
 
 # --- the bench ----------------------------------------------------------------------------------------
@@ -534,7 +522,7 @@ class Bench:
     def drains(self) -> None:
         self.mark("drain")
         shipped = self.system.kafkasource_ordering
-        in_flight = os.environ.get("LOCAL_KAFKASOURCE_IN_FLIGHT", "16")
+        in_flight = kafkasource.UNORDERED_IN_FLIGHT  # the bench clears LOCAL_KAFKASOURCE_IN_FLIGHT
         for ordering in ("ordered", "unordered"):
             rate, detail = self.drain(ordering)
             label = (
@@ -690,7 +678,6 @@ class Bench:
             f"open loop; every {sp.probe_every}th command read back with min_version"
         )
         rss_start = {name: bs.process_rss_mb(pid) for name, pid in functions.items()}
-        cpu_start = {name: bs.cpu_seconds(pid) for name, pid in functions.items()}
 
         def sample(elapsed: float) -> dict[str, Any]:
             return {
@@ -701,11 +688,8 @@ class Bench:
         with bs.CpuMeter(self.cpu_sample) as meter:
             result = load.run_async(load.soak(HOST, ports, sp, on_second=sample))
         rss_end = {name: bs.process_rss_mb(pid) for name, pid in functions.items()}
-        cpu = {
-            name: (bs.cpu_seconds(pid) - cpu_start[name]) / result.seconds for name, pid in functions.items()
-        }
         summary = result.summary()
-        summary["cores"] = meter.cores()
+        summary["cores"] = cores = meter.cores()
         converged = bs.wait_until_projected(SOAK_CATCH_UP_S)
         summary["converged_s_after_load"] = round(converged, 2) if converged is not None else None
         for name in functions:
@@ -713,7 +697,7 @@ class Bench:
                 "rss_start_mb": round(rss_start[name], 1),
                 "rss_end_mb": round(rss_end[name], 1),
                 "growth_mb": round(rss_end[name] - rss_start[name], 1),
-                "cpu_cores": round(cpu[name], 2),
+                "cpu_cores": round(cores.get(name, 0.0), 2),
             }
         self.results["soak"] = summary
         self.soak_result = summary

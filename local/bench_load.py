@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from local import http1
+from local import http1, pipeline
 
 WRK_TIMEOUT_S = 5
 TICK_S = 0.002  # the open-loop client's scheduling tick
@@ -492,23 +492,6 @@ class SoakResult:
         }
 
 
-def parse_metrics(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """The samples of one metric in a Prometheus text exposition: ({label: value}, value) each."""
-    samples = []
-    for line in text.splitlines():
-        if not line.startswith(name) or line[len(name) : len(name) + 1] not in ("{", " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        labels: dict[str, str] = {}
-        if "{" in head:
-            for part in head[head.index("{") + 1 : head.rindex("}")].split(","):
-                if "=" in part:
-                    key, _, val = part.partition("=")
-                    labels[key.strip()] = val.strip().strip('"')
-        samples.append((labels, float(value)))
-    return samples
-
-
 async def soak(
     host: str,
     ports: dict[str, int],
@@ -601,7 +584,8 @@ async def soak(
             answer = await clients["kafkasource_metrics"].request("GET", "/metrics", None, 2.0)
         except CLIENT_ERRORS:
             return
-        behind = sum(v for _, v in parse_metrics(answer.body.decode(), "todo_kafkasource_consumer_lag"))
+        samples = pipeline.parse_exposition(answer.body.decode())
+        behind = sum(v for name, _, v in samples if name == "todo_kafkasource_consumer_lag")
         win = windows[min(len(windows) - 1, int(elapsed / plan.window_s))]
         win.consumer_lag_max = max(win.consumer_lag_max, behind)
 
@@ -623,14 +607,19 @@ async def soak(
         # Everything whose time has come, each with its own scheduled time (a late tick sends a burst).
         while t0 + n_commands / plan.command_rate <= now:
             scheduled = t0 + n_commands / plan.command_rate
+            win = window(scheduled)
+            win.commands += 1
+            if n_commands % plan.probe_every == 0:
+                win.reads += 1  # its read-back
             if in_flight >= plan.max_in_flight:
-                window(scheduled).error("client: too many in flight")
+                win.error("client: too many in flight")
             else:
                 in_flight += 1
                 launch(command(n_commands, scheduled))
             n_commands += 1
         while t0 + n_reads / plain_read_rate <= now:
             scheduled = t0 + n_reads / plain_read_rate
+            window(scheduled).reads += 1
             if in_flight >= plan.max_in_flight:
                 window(scheduled).error("client: too many in flight")
             else:
@@ -647,15 +636,6 @@ async def soak(
             window(time.monotonic()).client_late_ms.append((time.monotonic() - now - TICK_S) * 1000)
     result.sent_commands = n_commands
     result.sent_reads = n_reads + n_commands // plan.probe_every
-    for win in windows:
-        win.commands = 0
-        win.reads = 0
-    for i in range(n_commands):
-        window(t0 + i / plan.command_rate).commands += 1
-        if i % plan.probe_every == 0:
-            window(t0 + i / plan.command_rate).reads += 1
-    for i in range(n_reads):
-        window(t0 + i / plain_read_rate).reads += 1
     await asyncio.gather(*list(tasks))
     result.seconds = time.monotonic() - t0
     result.client_cpu_s = time.process_time() - cpu_before

@@ -36,8 +36,8 @@ from sqlalchemy.engine import make_url
 from local import run
 from local.kafkasource import load_spec
 from local.sync_db import read_db, write_db
-from local.topology import FUNCTIONS, HOST, REPO, Function
-from todo_cqrs.adapters.write_store import outbox, todos
+from local.topology import FUNCTIONS, HOST, KAFKASOURCE_METRICS_PORT, REPO, Function
+from todo_cqrs.adapters.write_store import outbox, shard_of, todo_values, todos
 from todo_cqrs.domain import events
 from todo_cqrs.domain.clock import naive_utc, utc_now
 from todo_cqrs.domain.todo import NewTodo
@@ -155,26 +155,11 @@ def insert_backlog(count: int) -> range:
     first = max(first, API_ID_BASE)
     ids = range(first, first + count)
     now = utc_now()
-    shards = settings().outbox_shards
     for lo in range(0, count, 1000):
         chunk = [NewTodo(title=f"backlog {i}", description="").created(i, now) for i in ids[lo : lo + 1000]]
         created = [events.todo_created(todo) for todo in chunk]
         with write_db().begin() as conn:
-            conn.execute(
-                sa.insert(todos),
-                [
-                    {
-                        "id": t.id,
-                        "title": t.title,
-                        "description": t.description,
-                        "status": t.status.value,
-                        "version": t.version,
-                        "created_at": naive_utc(t.created_at),
-                        "updated_at": naive_utc(t.updated_at),
-                    }
-                    for t in chunk
-                ],
-            )
+            conn.execute(sa.insert(todos), [{"id": t.id, **todo_values(t)} for t in chunk])
             conn.execute(
                 sa.insert(outbox),
                 [
@@ -185,7 +170,7 @@ def insert_backlog(count: int) -> range:
                         "version": e.version,
                         "occurred_at": naive_utc(e.time),
                         "payload": e.payload.decode(),
-                        "shard": e.todo_id % shards,
+                        "shard": shard_of(e.todo_id),
                     }
                     for e in created
                 ],
@@ -433,13 +418,13 @@ class BenchSystem:
         spec.write_text(text + yaml.safe_dump_all(docs, sort_keys=False))
         return spec
 
-    def start_kafkasource(self, ordering: str | None = None, metrics_port: int | None = None) -> None:
+    def start_kafkasource(self, ordering: str | None = None) -> None:
         """The local KafkaSource on the bench's copy of kafka-source.yaml (its ordering unless given)."""
         self.stop_kafkasource()
         spec = self.kafkasource_spec(ordering)
-        port = metrics_port or int(os.environ["KAFKASOURCE_METRICS_PORT"])
+        port = KAFKASOURCE_METRICS_PORT
         argv = [sys.executable, "-m", "local.kafkasource", "--file", str(spec), "--metrics-port", str(port)]
-        self._kafkasource = self.system.spawn("kafkasource", argv, {"KAFKA_SOURCE_FILE": str(spec)}, port)
+        self._kafkasource = self.system.spawn("kafkasource", argv, {}, port)
         self.kafkasource_ordering = load_spec(spec).ordering
 
     @property

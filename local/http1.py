@@ -1,6 +1,7 @@
 """A small asyncio HTTP/1.1 client with keep-alive connection pools (httptools parses the answers).
 
-Local tooling only: the gateway forwards through it, the local KafkaSource posts events with it.
+Local tooling only: the local KafkaSource posts events with it, the pipeline page scrapes metrics and the
+bench sends its open-loop load with it.
 One request at a time per connection; a pool per origin keeps idle connections for less than the
 functions' keep-alive (gunicorn's 2 s), so a reused connection is never one the server is closing.
 """
@@ -29,10 +30,6 @@ class Answer:
     status: int
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
-
-    def header(self, name: bytes) -> bytes | None:
-        lowered = name.lower()
-        return next((value for key, value in self.headers if key.lower() == lowered), None)
 
 
 class _Connection(asyncio.Protocol):
@@ -108,10 +105,6 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
         return self._future
 
-    @property
-    def busy(self) -> bool:
-        return self._future is not None
-
     def _fail(self, error: Exception) -> None:
         future = self._future
         self._future, self._parser = None, None
@@ -154,18 +147,19 @@ class Pool:
     ) -> Answer:
         """Send raw request bytes, await the answer. `retry`: the request is idempotent, so it is sent
         once more on a fresh connection when a reused one fails before answering."""
-        conn, reused = await self._connection()
-        try:
-            answer = await asyncio.wait_for(conn.send(request, head), timeout_s)
-        except UpstreamError:
-            conn._close()
-            if not (reused and retry):
+        while True:
+            conn, reused = await self._connection()
+            try:
+                answer = await asyncio.wait_for(conn.send(request, head), timeout_s)
+                break
+            except UpstreamError:
+                conn._close()
+                if not (reused and retry):
+                    raise
+                # again: another idle connection may be as stale; a fresh one fails for real
+            except BaseException:
+                conn._close()  # a timeout or a cancellation: its answer may still come, on no one's request
                 raise
-            conn, _ = await self._connection()
-            answer = await asyncio.wait_for(conn.send(request, head), timeout_s)
-        except BaseException:
-            conn._close()  # a timeout or a cancellation: its answer may still come, on no one's request
-            raise
         if not conn.closed:
             conn.idle_since = time.monotonic()
             if len(self._idle) < MAX_IDLE:

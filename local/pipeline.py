@@ -98,7 +98,9 @@ Sample = tuple[str, dict[str, str], float]
 
 
 def parse_exposition(text: str) -> list[Sample]:
-    """The samples of the metrics this page reads, from the Prometheus text format."""
+    """The samples of the metrics this page (and the bench's soak) reads, from the Prometheus text format:
+    a filter over the lines, not a full parser, as the page scrapes every function every second and most
+    of an exposition is request-duration buckets it never shows."""
     samples: list[Sample] = []
     for line in text.splitlines():
         if not line.startswith("todo_") or line.startswith(SKIPPED_PREFIX):
