@@ -19,8 +19,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import orjson
+
 from local import services
 from local.topology import BY_NAME, GATEWAY_PORT, HOST, PIPELINE_PORT, REPO, ROUTES
+from todo_cqrs.domain.errors import error_body
 from todo_cqrs.settings import LOCAL_DIR
 
 RUN_DIR = LOCAL_DIR / "gateway" / str(GATEWAY_PORT)  # one per system (make run, the tests, the bench)
@@ -31,7 +34,11 @@ UPSTREAM_IDLE_S = 1
 
 
 def _error(code: str, message: str) -> str:
-    return '{"error":{"code":"%s","message":"%s","details":[]}}' % (code, message)  # noqa: UP031 - nginx text
+    """The contract's error body, as nginx's `return` text (between single quotes: none in a message)."""
+    text = orjson.dumps(error_body(code, message)).decode()
+    if "'" in text:
+        raise ValueError(f"a gateway message may not hold a single quote: {message!r}")
+    return text
 
 
 def _routes() -> tuple[str, str]:

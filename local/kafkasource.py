@@ -53,7 +53,6 @@ import sys
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -585,36 +584,16 @@ class _Delivery:
                 return None
 
 
-@dataclass(frozen=True)
 class _Target:
-    url: str
+    """A sink: its URL, the request path, and keep-alive connections to it (opened on the source's loop)."""
 
-    @property
-    def pool(self) -> http1.Pool:
-        return _pool_for(self.url, asyncio.get_running_loop())
-
-    @property
-    def path(self) -> str:
-        parts = urlsplit(self.url)
-        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-
-# Per event loop: a connection belongs to the loop that opened it (a source started after another one
-# stopped, in the same process, has a loop of its own).
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], http1.Pool]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _pool_for(url: str, loop: asyncio.AbstractEventLoop) -> http1.Pool:
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"the local KafkaSource posts over plain HTTP only, not to {url!r}")
-    key = (parts.hostname, parts.port or 80)
-    pools = _pools.setdefault(loop, {})
-    if key not in pools:
-        pools[key] = http1.Pool(*key)
-    return pools[key]
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"the local KafkaSource posts over plain HTTP only, not to {url!r}")
+        self.url = url
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.pool = http1.Pool(parts.hostname, parts.port or 80)
 
 
 def _ms_since(started: float) -> float:
@@ -758,8 +737,10 @@ class LocalKafkaSource:
             self._loop_thread.join(5)
 
     async def _close_pools(self) -> None:
-        for pool in _pools.pop(asyncio.get_running_loop(), {}).values():
-            pool.close()
+        if self.delivery is not None:
+            for target in (self.delivery.sink, self.delivery.dead_letter_sink):
+                if target is not None:
+                    target.pool.close()
 
     # The consumer thread: polls, hands records to the partitions, pauses full partitions.
     def _run(self) -> None:

@@ -57,6 +57,8 @@ import orjson
 
 from local import http1
 from local.topology import FUNCTIONS, HOST, KAFKASOURCE_METRICS_PORT
+from todo_cqrs.domain.errors import error_body
+from todo_cqrs.loop_local import loop_local
 
 PIPELINE_PATH = "/ui/api/pipeline"
 SCRAPE_TIMEOUT_S = 0.5
@@ -297,20 +299,19 @@ class PipelineState:
 
 
 _state = PipelineState()
-_pools: dict[str, http1.Pool] = {}
-_pools_loop: asyncio.AbstractEventLoop | None = None
+
+
+@loop_local
+def _pools() -> dict[str, http1.Pool]:
+    """Keep-alive connections to each target, per event loop (a pool's connections belong to one)."""
+    return {}
 
 
 def _pool(name: str) -> http1.Pool:
-    """Keep-alive connections to a target, on the running loop (a pool's connections belong to one)."""
-    global _pools_loop
-    loop = asyncio.get_running_loop()
-    if _pools_loop is not loop:
-        _pools.clear()
-        _pools_loop = loop
-    pool = _pools.get(name)
+    pools = _pools()
+    pool = pools.get(name)
     if pool is None:
-        pool = _pools[name] = http1.Pool(HOST, TARGETS[name], connect_timeout_s=SCRAPE_TIMEOUT_S)
+        pool = pools[name] = http1.Pool(HOST, TARGETS[name], connect_timeout_s=SCRAPE_TIMEOUT_S)
     return pool
 
 
@@ -516,9 +517,7 @@ async def pipeline_document() -> bytes:
 
 
 def _not_found(path: str) -> bytes:
-    return orjson.dumps(
-        {"error": {"code": "not_found", "message": f"no such endpoint {path}", "details": []}}
-    )
+    return orjson.dumps(error_body("not_found", f"no such endpoint {path}"))
 
 
 async def answer(path: str) -> tuple[int, bytes]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import uvicorn
 
 from local import pipeline
 from local.topology import HOST, PIPELINE_PORT
+from todo_cqrs.domain.errors import error_body
 
-_NOT_ALLOWED = b'{"error":{"code":"method_not_allowed","message":"method not allowed; use GET","details":[]}}'
+_NOT_ALLOWED = orjson.dumps(error_body("method_not_allowed", "method not allowed; use GET"))
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

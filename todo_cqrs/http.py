@@ -28,6 +28,7 @@ from starlette.responses import Response
 from todo_cqrs import logs, metrics, tracing
 from todo_cqrs.command.idempotency import Reply
 from todo_cqrs.domain import errors
+from todo_cqrs.domain.errors import error_body
 from todo_cqrs.domain.numbers import MAX_ID, ascii_positive_int
 from todo_cqrs.domain.todo import Todo
 
@@ -77,11 +78,6 @@ def json_response(status: int, body: Any, headers: Mapping[str, str] | None = No
 
 def status_of(error: errors.TodoError) -> int:
     return next(code for cls, code in STATUS_OF.items() if isinstance(error, cls))
-
-
-def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The contract's error body, the same for our errors, the framework's and the 500."""
-    return {"error": {"code": code, "message": message, "details": details or []}}
 
 
 def error_response(error: errors.TodoError) -> Response:

@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The contract's error body, the same for our errors, the framework's, the 500 and the local
+    gateway's own answers."""
+    return {"error": {"code": code, "message": message, "details": details or []}}
+
+
 class TodoError(Exception):
     """Base of every error a client can be told about."""
 
