@@ -6,6 +6,12 @@ request to an `HttpFunction` (commands, queries, the relay) or a `CloudEventSink
 dead_letter) built here. The CloudEvent sinks are HTTP functions too: that is how they answer the
 contract's statuses (400 for what is not a CloudEvent, 413 above 64 KiB, JSON error bodies) and
 serve /healthz and /metrics, which a framework `cloud_event` function cannot.
+
+functions-framework's own router answers a few requests before the function sees them, in plain
+text: GET/HEAD of /favicon.ico and /robots.txt (404), a method outside the seven it routes (405,
+with its own Allow), and a path its catch-all pattern misses: one holding an encoded newline (404).
+Its public API offers no way to change those answers short of replacing its CLI, so they stay
+as it gives them (README.md, under the architecture).
 """
 
 from __future__ import annotations
@@ -17,11 +23,8 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import functions_framework.aio
 import orjson
-import starlette.applications
 from cloudevents.http import CloudEvent, from_http
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -99,38 +102,6 @@ def todo_reply(todo: Todo, status: int = 200, *, location: bool = False) -> Repl
 
 def reply_response(reply: Reply) -> Response:
     return Response(reply.body, reply.status, reply.headers, JSON)
-
-
-# The function's edge (an HttpFunction or a CloudEventSink), set when main.py builds it.
-_edge: Callable[[Request], Awaitable[Response]] | None = None
-
-
-async def _framework_not_found(request: Request) -> Response:
-    """functions-framework's own routes /favicon.ico and /robots.txt: 404, in the contract's body."""
-    return json_response(404, error_body("not_found", f"no route for {request.scope['path']}"))
-
-
-async def _framework_refusal(request: Request, exc: Exception) -> Response:
-    """What the framework's router would answer itself, in plain text: 405 for a method it does not route
-    (TRACE, any extension method), 404 for a path its pattern misses (an encoded newline). The
-    function's edge answers instead: the contract's JSON body, the function's own Allow."""
-    if _edge is not None:
-        return await _edge(request)
-    return await _framework_not_found(request)
-
-
-class _FunctionApp(starlette.applications.Starlette):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        handlers = dict(kwargs.pop("exception_handlers", None) or {})
-        handlers[StarletteHTTPException] = _framework_refusal
-        kwargs["exception_handlers"] = handlers
-        super().__init__(*args, **kwargs)
-
-
-# functions-framework looks these names up when it builds the app, after main.py (and so this module)
-# is imported: its not-found endpoint, and the Starlette class it builds the app from.
-functions_framework.aio._handle_not_found = _framework_not_found
-setattr(functions_framework.aio, "Starlette", _FunctionApp)  # noqa: B010 - a class, assigned by name
 
 
 # --- reading requests --------------------------------------------------------------------------------
@@ -282,17 +253,13 @@ class HttpFunction:
         item: Mapping[str, View] | None = None,
         *,
         any_path: Mapping[str, View] | None = None,
-        edge: bool = True,
     ):
-        global _edge
         self._collection = dict(collection or {})
         self._item = dict(item or {})
         self._any_path = dict(any_path or {})
         for views in (self._collection, self._item):
             if "GET" in views:
                 views.setdefault("HEAD", views["GET"])
-        if edge:
-            _edge = self
 
     def _route(self, path: str) -> tuple[str, dict[str, View], int | None]:
         parts = [p for p in path.split("/") if p]
@@ -371,12 +338,10 @@ class CloudEventSink:
     """
 
     def __init__(self, handle: EventHandler, read: EventReader = parse_cloud_event) -> None:
-        global _edge
         self._handle = handle
         self._read = read
         # Health, metrics, and other methods (405, Allow: POST): the same answers and log line as the others.
-        self._others = HttpFunction(any_path={"POST": _never}, edge=False)
-        _edge = self
+        self._others = HttpFunction(any_path={"POST": _never})
 
     async def __call__(self, request: Request) -> Response:
         method, path = request.method, request.scope["path"]

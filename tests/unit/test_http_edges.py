@@ -1,11 +1,12 @@
-"""The HTTP edge every function shares (todo_cqrs/http.py): framework routes, methods the framework
-does not route, health paths. Every function runs on fakes of every dependency, all of them down
+"""The HTTP edge every function shares (todo_cqrs/http.py): what functions-framework answers itself
+(unpatched: in plain text), health paths. Every function runs on fakes of every dependency, all of them down
 where the test says so: none of these requests may need one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
@@ -19,7 +20,7 @@ from tests.unit.fakes import (
     faked_function,
 )
 
-# The methods each function serves on `/` (the sinks: any path); the framework routes these seven.
+# The methods each function serves on `/` (the sinks: any path).
 ALLOWED = {
     "create_todo": "POST",
     "update_todo": "PATCH",
@@ -56,33 +57,61 @@ def fakes(loaded: tuple[str, TestClient, Fakes], monkeypatch: pytest.MonkeyPatch
     return fresh
 
 
+# The seven methods functions-framework routes to the function (its Allow when it refuses another).
+FRAMEWORK_METHODS = "GET, POST, PUT, DELETE, OPTIONS, HEAD, PATCH"
+
+
+def assert_framework_answer(response: Any, status: int) -> None:
+    """functions-framework's own refusal, unpatched: Starlette's plain text, before the function."""
+    assert response.status_code == status, (response.status_code, response.content)
+    assert response.headers["content-type"].startswith("text/plain"), response.headers
+    assert response.text == {404: "Not Found", 405: "Method Not Allowed"}[status]
+
+
 @pytest.mark.parametrize("path", ["/favicon.ico", "/robots.txt"])
-def test_framework_routes_answer_404_with_the_json_error_body(client: TestClient, path: str) -> None:
-    """functions-framework routes GET of these two to a plain-text 404 of its own, before the function."""
-    assert_error(client.get(path), 404, "not_found")
+def test_framework_answers_get_of_its_two_routes_404_in_plain_text(client: TestClient, path: str) -> None:
+    """functions-framework routes GET (and HEAD) of these two to a 404 of its own."""
+    assert_framework_answer(client.get(path), 404)
 
 
-def test_method_the_framework_does_not_route_answers_405_with_the_json_error_body_and_allow(
+@pytest.mark.parametrize("path", ["/favicon.ico", "/robots.txt"])
+def test_framework_routes_other_methods_of_its_two_paths_to_the_function(
+    client: TestClient, function: str, path: str
+) -> None:
+    """Only GET and HEAD are the framework's there: the function answers every other method itself."""
+    response = client.request("DELETE", path)
+
+    assert_error_body(response)
+    assert response.status_code in (400, 404, 405), (response.status_code, response.content)
+
+
+def test_framework_answers_a_method_it_does_not_route_405_in_plain_text_with_its_allow(
     client: TestClient, function: str
 ) -> None:
     """The framework routes seven methods to the function; Starlette answers any other one itself."""
     response = client.request("TRACE", ITEM_PATH.get(function, "/"))
 
-    assert_error(response, 405, "method_not_allowed")
-    assert response.headers["Allow"] == ALLOWED[function]
+    assert_framework_answer(response, 405)
+    assert set(response.headers["Allow"].split(", ")) == set(FRAMEWORK_METHODS.split(", "))
 
 
-def test_path_holding_an_encoded_newline_answers_with_the_json_error_body(
+def test_framework_answers_a_path_holding_an_encoded_newline_404_in_plain_text(
     client: TestClient, function: str
 ) -> None:
     """The framework's catch-all route is a regex whose `.*` stops at a newline: Starlette then
-    answers a plain-text 404 of its own, before the function."""
+    answers a 404 of its own, before the function."""
     method = ALLOWED[function].split(",")[0]
 
-    response = client.request(method, "/todo/a%0Ab")
+    assert_framework_answer(client.request(method, "/todo/a%0Ab"), 404)
 
-    assert response.status_code in (400, 404), (response.status_code, response.content)
-    assert_error_body(response)
+
+def test_functions_framework_is_not_patched() -> None:
+    """The framework's module keeps its own router pieces: nothing of the project replaces them."""
+    import functions_framework.aio
+    import starlette.applications
+
+    assert functions_framework.aio.Starlette is starlette.applications.Starlette
+    assert functions_framework.aio._handle_not_found.__module__ == "functions_framework.aio"
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])

@@ -214,7 +214,7 @@ def test_id_that_is_not_a_positive_integer_in_ascii_digits_answers_400(
     assert read_model.reads == 0
 
 
-@pytest.mark.parametrize("path", ["/foo/bar", "/todo/7/x", "/todo/todo/7", "/favicon.ico"])
+@pytest.mark.parametrize("path", ["/foo/bar", "/todo/7/x", "/todo/todo/7"])
 def test_unknown_path_answers_404(client: TestClient, todo: Todo, path: str) -> None:
     assert_error(client.get(path), 404, "not_found")
 
