@@ -7,14 +7,22 @@ in docs/performance.md), with keep-alive connections to every function. The func
 their own paths and the gateway's, so nothing is rewritten. Unknown paths answer 404 and wrong
 methods 405 (with Allow) in the contract's JSON error body; an unreachable or silent function
 answers 503 with Retry-After; nginx's own refusals (a malformed request, a body over 1 MiB, huge
-headers) get the same JSON body. `/ui/api/` goes to the live page's pipeline server.
+headers) get the same JSON body. `/ui/api/` goes to the live page's pipeline server. No path
+reaches a function's /metrics (Prometheus scrapes each function on its own port): any path ending
+in `/metrics` answers 404.
+
+nginx's worker runs as the user who runs the gateway (root included, which nginx would otherwise drop
+to `nobody`): it serves `ui/` and writes its temp files under `.local` in a checkout that only its
+owner can read (mode 0700, what `mktemp -d` and Debian's home directories give).
 
 Run: `python -m local.gateway` (writes `.local/gateway/nginx.conf`, then runs nginx in the foreground).
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -68,6 +76,14 @@ def _routes() -> tuple[str, str]:
     return "".join(maps), "".join(locations)
 
 
+def _worker_user() -> str:
+    """The `user` directive: as root, the worker stays root (nginx would drop to `nobody`, who cannot
+    read a private checkout); otherwise nginx keeps the invoking user and ignores the directive."""
+    if os.geteuid() != 0:
+        return ""
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
+
+
 def render_config(port: int = GATEWAY_PORT, run_dir: Path = RUN_DIR) -> str:
     """nginx.conf for the routes of local.topology."""
     keepalive = f"keepalive 64; keepalive_timeout {UPSTREAM_IDLE_S}s;"
@@ -78,7 +94,7 @@ def render_config(port: int = GATEWAY_PORT, run_dir: Path = RUN_DIR) -> str:
     maps, locations = _routes()
     temp = {name: run_dir / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
     return f"""# Written by local/gateway.py from local/topology.py: do not edit.
-worker_processes 1;
+{_worker_user()}worker_processes 1;
 daemon off;
 pid {run_dir / "nginx.pid"};
 error_log stderr warn;
@@ -87,7 +103,8 @@ http {{
   access_log off;
   server_tokens off;
   default_type application/json;
-  types {{ text/html html; text/css css; application/javascript js; image/png png; image/svg+xml svg; }}
+  # No type by extension outside /ui/: every answer of the gateway's own (a 404 of /x.js too) is JSON.
+  types {{ }}
   client_body_temp_path {temp["body"]};
   proxy_temp_path {temp["proxy"]};
   fastcgi_temp_path {temp["fastcgi"]};
@@ -116,6 +133,7 @@ http {{
     error_page 494 =431 @headers_too_large;
     error_page 502 504 =503 @unavailable;
     location = /healthz {{ return 200 '{{"status":"ok"}}'; }}
+    location ~ /metrics/?$ {{ return 404 '{_error("not_found", "no route for this path")}'; }}
 {locations}
     location = /ui {{ return 308 /ui/; }}
     location /ui/api/ {{
@@ -124,12 +142,15 @@ http {{
     }}
     location /ui/ {{
       alias {UI_DIR}/;
+      types {{ text/html html; text/css css; application/javascript js; image/png png; image/svg+xml svg; }}
       index index.html;
       charset utf-8;
       charset_types text/css application/javascript;
       add_header Cache-Control no-cache;
+      error_page 404 @not_found;
     }}
     location / {{ return 404 '{_error("not_found", "no route for this path")}'; }}
+    location @not_found {{ return 404 '{_error("not_found", "no route for this path")}'; }}
     location @bad_request {{ return 400 '{_error("bad_request", "malformed HTTP request")}'; }}
     location @too_large {{ return 413 '{_error("payload_too_large", "the body is too large")}'; }}
     location @uri_too_long {{ return 414 '{_error("uri_too_long", "the request target is too long")}'; }}

@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from cloudevents.http import CloudEvent, from_http
@@ -45,6 +45,8 @@ JSON = "application/json"
 STATUS_OF: dict[type[errors.TodoError], int] = {
     errors.BadRequest: 400,
     errors.InvalidEvent: 400,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
     errors.NotFound: 404,
     errors.MethodNotAllowed: 405,
     errors.Conflict: 409,
@@ -243,6 +245,32 @@ def _internal_error() -> Response:
     return json_response(500, error_body("internal", "internal error"))
 
 
+class SenderCheck(Protocol):
+    """An event receiver's check of who sent a request (todo_cqrs/sender_identity.py), made before the
+    body is read; raises Unauthenticated, Forbidden or DependencyUnavailable."""
+
+    async def admit(self, request: Request) -> None: ...
+
+
+class SenderGate:
+    """A receiver's SenderCheck, built by its factory on the first request that needs it: nothing is
+    built (no settings read, no key fetched) at import."""
+
+    def __init__(self, build: Callable[[], SenderCheck]) -> None:
+        self._build = build
+        self._check: SenderCheck | None = None
+
+    async def admit(self, request: Request) -> None:
+        if self._check is None:
+            self._check = self._build()
+        await self._check.admit(request)
+
+
+def _open_to_all(method: str, path: str) -> bool:
+    """Probes and scrapers need no identity: GET/HEAD of the health paths and /metrics."""
+    return method in ("GET", "HEAD") and (path in HEALTH_PATHS or path == METRICS_PATH)
+
+
 class HttpFunction:
     """An HTTP function's routes: `/` (the collection) and `/{id}` (an item), also under `/todo`, each a
     view per method; plus the health paths and /metrics. One span, log line and metric per request."""
@@ -253,7 +281,13 @@ class HttpFunction:
         item: Mapping[str, View] | None = None,
         *,
         any_path: Mapping[str, View] | None = None,
+        identity: Callable[[], SenderCheck] | SenderGate | None = None,
     ):
+        """identity: an event receiver's sender check (or its factory), asked on every request except
+        the open ones (`_open_to_all`); the public functions have none."""
+        self._gate = (
+            identity if identity is None or isinstance(identity, SenderGate) else SenderGate(identity)
+        )
         self._collection = dict(collection or {})
         self._item = dict(item or {})
         self._any_path = dict(any_path or {})
@@ -284,6 +318,8 @@ class HttpFunction:
                 method=method, path=path, trace_id=span.context.trace_id, span_id=span.context.span_id
             )
             try:
+                if self._gate is not None and not _open_to_all(method, path):
+                    await self._gate.admit(request)
                 if path in HEALTH_PATHS:
                     route, response = path, _health(method)
                 elif path == METRICS_PATH:
@@ -337,11 +373,20 @@ class CloudEventSink:
     without retries; 503 (a dependency is down) and 500 (a bug) are retried.
     """
 
-    def __init__(self, handle: EventHandler, read: EventReader = parse_cloud_event) -> None:
+    def __init__(
+        self,
+        handle: EventHandler,
+        read: EventReader = parse_cloud_event,
+        *,
+        identity: Callable[[], SenderCheck] | None = None,
+    ) -> None:
+        """identity: the factory of the sender check every request but the open ones must pass, before
+        its body is read (None: anyone may deliver)."""
         self._handle = handle
         self._read = read
+        self._gate = SenderGate(identity) if identity is not None else None
         # Health, metrics, and other methods (405, Allow: POST): the same answers and log line as the others.
-        self._others = HttpFunction(any_path={"POST": _never})
+        self._others = HttpFunction(any_path={"POST": _never}, identity=self._gate)
 
     async def __call__(self, request: Request) -> Response:
         method, path = request.method, request.scope["path"]
@@ -352,10 +397,17 @@ class CloudEventSink:
         event: Event | None = None
         unreadable: errors.TodoError | None = None
         try:
+            if self._gate is not None:
+                await self._gate.admit(request)  # before the body: a refused sender changes nothing
             event, body = await _read_event(request, self._read)
         except errors.TodoError as error:
             unreadable = error
-        name = f"{event['type']} process" if event is not None else "unreadable event"
+        if event is not None:
+            name = f"{event['type']} process"
+        elif isinstance(unreadable, errors.Unauthenticated | errors.Forbidden):
+            name = "refused event"
+        else:
+            name = "unreadable event"
         with tracing.start_span(name, _event_parent(event, request), kind="consumer") as span:
             record.update(trace_id=span.context.trace_id, span_id=span.context.span_id)
             try:

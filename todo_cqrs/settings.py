@@ -14,6 +14,8 @@ from pathlib import Path
 # The local services keep their state here (git-ignored); the DB password is generated into it.
 LOCAL_DIR = Path(os.environ.get("TODO_LOCAL_DIR", Path(__file__).resolve().parent.parent / ".local"))
 LOCAL_DB_PASSWORD_FILE = LOCAL_DIR / "secrets" / "db-password"
+# A pod's service-account token and the cluster's CA (read the OIDC issuer's keys with them).
+_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def _db_password() -> str:
@@ -69,6 +71,13 @@ class Settings:
     project_event_url: str
     function_name: str
     metrics_enabled: bool
+    # Sender identity of the event receivers (todo_cqrs/sender_identity.py): off | on | required.
+    sender_identity: str
+    oidc_issuer: str
+    oidc_audience: str
+    oidc_allowed_subjects: tuple[str, ...]
+    oidc_ca_file: str
+    oidc_token_file: str
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -101,6 +110,15 @@ class Settings:
             project_event_url=os.environ.get("PROJECT_EVENT_URL", "http://127.0.0.1:8085"),
             function_name=os.environ.get("K_SERVICE") or os.environ.get("FUNCTION_TARGET", "todo"),
             metrics_enabled=os.environ.get("METRICS_ENABLED", "1").lower() not in ("0", "false", "no", "off"),
+            sender_identity=os.environ.get("SENDER_IDENTITY", "off").strip().lower(),
+            oidc_issuer=os.environ.get("OIDC_ISSUER", "https://kubernetes.default.svc").rstrip("/"),
+            # The receiver's own audience: its Knative Service name unless set.
+            oidc_audience=os.environ.get("OIDC_AUDIENCE") or os.environ.get("K_SERVICE", ""),
+            oidc_allowed_subjects=tuple(
+                s.strip() for s in os.environ.get("OIDC_ALLOWED_SUBJECTS", "").split(",") if s.strip()
+            ),
+            oidc_ca_file=os.environ.get("OIDC_CA_FILE", f"{_SERVICE_ACCOUNT_DIR}/ca.crt"),
+            oidc_token_file=os.environ.get("OIDC_TOKEN_FILE", f"{_SERVICE_ACCOUNT_DIR}/token"),
         )
 
 

@@ -2,6 +2,7 @@
 
 Answers 200 once the event is stored, 503 while the store is unreachable (retried: never lost). Only the
 event's attributes are read: its data is kept as the bytes that arrived, even data no parser takes.
+Only the KafkaSource may deliver (SENDER_IDENTITY, todo_cqrs/sender_identity.py).
 """
 
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from todo_cqrs import sender_identity
 from todo_cqrs.dead_letter import DeadLetter, keep_dead_letter
 from todo_cqrs.http import CloudEventSink
 
@@ -29,7 +31,7 @@ async def keep(event: Mapping[str, str], request: Request, body: bytes) -> str:
     return "stored"
 
 
-sink = CloudEventSink(keep, read=attributes)
+sink = CloudEventSink(keep, read=attributes, identity=sender_identity.from_settings)
 
 
 @functions_framework.aio.http

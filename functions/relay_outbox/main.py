@@ -1,9 +1,12 @@
-"""relay_outbox: publishes pending outbox events; a PingSource POSTs to it (locally the runner does)."""
+"""relay_outbox: publishes pending outbox events; a PingSource POSTs to it (locally the runner does).
+
+Only that PingSource may call it (SENDER_IDENTITY, todo_cqrs/sender_identity.py)."""
 
 import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from todo_cqrs import sender_identity
 from todo_cqrs.command.idempotency import purge_expired
 from todo_cqrs.command.relay import drain_all
 from todo_cqrs.http import HttpFunction, json_response
@@ -15,7 +18,7 @@ async def relay(request: Request, todo_id: None) -> Response:
     return json_response(200, {"published": published, "expired_keys_deleted": purged})
 
 
-function = HttpFunction(collection={"POST": relay})
+function = HttpFunction(collection={"POST": relay}, identity=sender_identity.from_settings)
 
 
 @functions_framework.aio.http

@@ -90,6 +90,22 @@ class NotYetConsistent(DependencyUnavailable):
     code = "not_yet_consistent"
 
 
+class Unauthenticated(TodoError):
+    """An event receiver got no sender identity, or one that does not verify (401, WWW-Authenticate)."""
+
+    code = "unauthenticated"
+
+    def __init__(self, message: str, challenge: str = "Bearer") -> None:
+        super().__init__(message)
+        self.headers["WWW-Authenticate"] = challenge
+
+
+class Forbidden(TodoError):
+    """A verified sender that is not this receiver's source (403)."""
+
+    code = "forbidden"
+
+
 class InvalidEvent(TodoError):
     """An event the projection can never apply (400: to the dead-letter sink, no retry)."""
 

@@ -83,6 +83,21 @@ def _positive_int(data: dict[str, Any], field: str, maximum: int) -> int:
     return value
 
 
+def check_subject(subject: Any, data: Any) -> None:
+    """An event is about the todo its `subject` names: InvalidEvent when data.id names another. (Every
+    event of the commands has a subject; data that cannot be read is left to `read_change` to refuse.)"""
+    if isinstance(data, bytes | str):
+        try:
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+    todo_id = data.get("id") if isinstance(data, dict) else None
+    if subject is None or isinstance(todo_id, bool) or not isinstance(todo_id, int):
+        return
+    if subject != str(todo_id):
+        raise InvalidEvent(f"the event's subject {str(subject)[:40]!r} is not its data.id ({todo_id})")
+
+
 def read_change(event_type: str, data: Any) -> Change:
     """The change an event carries; raises InvalidEvent for one that can never be applied."""
     if event_type not in EVENT_TYPES:
