@@ -5,6 +5,7 @@ import sys
 from alembic import command
 
 from todo_cqrs.migrations import alembic_config, upgrade
+from todo_cqrs.settings import settings
 
 USAGE = "usage: python -m todo_cqrs.migrations upgrade | current [write|read] | history [write|read]"
 
@@ -15,6 +16,6 @@ if __name__ == "__main__":
         upgrade()
     elif verb in ("current", "history"):
         for database in databases:
-            getattr(command, verb)(alembic_config(database))
+            getattr(command, verb)(alembic_config(database, settings()))
     else:
         sys.exit(USAGE)

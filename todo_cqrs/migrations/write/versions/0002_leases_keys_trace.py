@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.mysql import DATETIME, MEDIUMTEXT
 
-from todo_cqrs.settings import settings
+from todo_cqrs.migrations import outbox_shards
 
 revision = "w0002"
 down_revision = "w0001"
@@ -18,7 +18,7 @@ def upgrade() -> None:
     op.add_column("outbox", sa.Column("traceparent", sa.String(55), nullable=True))
     op.add_column("outbox", sa.Column("tracestate", sa.String(512), nullable=True))
     # Rows written before shards existed go where the publishers now look for their todo.
-    op.execute(f"UPDATE outbox SET shard = MOD(todo_id, {settings().outbox_shards})")
+    op.execute(f"UPDATE outbox SET shard = MOD(todo_id, {outbox_shards(op.get_context().config)})")
     op.create_index("ix_outbox_shard_pending", "outbox", ["shard", "published_at", "id"])
     op.create_table(
         "outbox_leases",
