@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -95,11 +96,11 @@ def tmpfs_size(limit: str | None) -> str:
 class Pod:
     """One function's image run as the user container of its Knative Service's pod."""
 
-    def __init__(self, cli: str, service: str) -> None:
+    def __init__(self, cli: str, service: str, role: str = "test") -> None:
         self.cli, self.service = cli, service
         self.doc = knative_pod.service_manifest(service)
         self.port = free_port()
-        self.name = f"todo-cqrs-test-{service}-{os.getpid()}"
+        self.name = f"todo-cqrs-{role}-{service}-{os.getpid()}"
         context = knative_pod.user_container(self.doc)["securityContext"]
         argv = [cli, "run", "--detach", "--name", self.name, "--network", "host", *ULIMITS]
         if context.get("readOnlyRootFilesystem"):
@@ -190,9 +191,9 @@ def error_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if ERROR_LINE.search(line)]
 
 
-@pytest.fixture(scope="module", params=knative_pod.services())
-def pod(request: pytest.FixtureRequest, cli: str, images: None) -> Iterator[Pod]:
-    running = Pod(cli, request.param)
+@contextmanager
+def healthy_pod(cli: str, service: str, role: str = "test") -> Iterator[Pod]:
+    running = Pod(cli, service, role)
     try:
         running.start()
         running.startup_s = running.wait_healthy()
@@ -201,7 +202,18 @@ def pod(request: pytest.FixtureRequest, cli: str, images: None) -> Iterator[Pod]
         running.remove()
 
 
-# The tests below run in this order for each Service's pod; the last one stops it.
+@pytest.fixture(scope="module", params=knative_pod.services())
+def pod(request: pytest.FixtureRequest, cli: str, images: None) -> Iterator[Pod]:
+    """One pod per Service, shared by the tests that only look at it."""
+    with healthy_pod(cli, request.param) as running:
+        yield running
+
+
+@pytest.fixture(params=knative_pod.services())
+def pod_to_stop(request: pytest.FixtureRequest, cli: str, images: None) -> Iterator[Pod]:
+    """A pod of the test's own, for a test that stops it."""
+    with healthy_pod(cli, request.param, role="stop") as running:
+        yield running
 
 
 def test_image_runs_as_a_non_root_numeric_user(pod: Pod, cli: str) -> None:
@@ -237,10 +249,10 @@ def test_logs_no_error_at_start(pod: Pod) -> None:
     assert not error_lines(pod.logs()), pod.logs()
 
 
-def test_stops_cleanly_on_sigterm_within_the_grace_period(pod: Pod) -> None:
-    grace = knative_pod.grace_period_seconds(pod.doc)
-    code, seconds = pod.terminate()
-    log = pod.logs()
+def test_stops_cleanly_on_sigterm_within_the_grace_period(pod_to_stop: Pod) -> None:
+    grace = knative_pod.grace_period_seconds(pod_to_stop.doc)
+    code, seconds = pod_to_stop.terminate()
+    log = pod_to_stop.logs()
     assert code == 0, f"exit code {code} after SIGTERM ({seconds:.1f} s, grace {grace} s):\n{log}"
     assert seconds < grace, f"took {seconds:.1f} s, grace period {grace} s"
     assert not error_lines(log), log
@@ -266,7 +278,7 @@ def test_a_function_answers_behind_knatives_queue_proxy_configured_from_its_serv
     cli: str, images: None
 ) -> None:
     service = "get-todos"
-    pod = Pod(cli, service)
+    pod = Pod(cli, service, role="queue-proxy")  # its own name: the shared get-todos pod may still run
     try:
         pod.start()
         pod.wait_healthy()
