@@ -176,15 +176,21 @@ def test_pipeline_api_answers_one_document_and_404_elsewhere(gateway):
     assert unknown.body["error"]["code"] == "not_found"
 
 
-def test_a_component_that_is_down_is_named_and_the_page_keeps_working(
-    page, script_errors, system: run.System
-):
-    """Last in this module: it kills the module's own dead_letter process for good."""
+@pytest.fixture
+def dead_letter_down(system: run.System) -> Iterator[None]:
+    """The module's dead_letter process killed for the test, started again (and ready) after it."""
     dead_letter = next(child for child in system.children if child.name == "dead_letter")
     assert dead_letter.process is not None
     os.killpg(dead_letter.process.pid, signal.SIGKILL)  # its gunicorn master and worker
     dead_letter.process.wait(10)
+    yield
+    system._start(dead_letter)  # what the runner's supervisor does, without its backoff
+    run.wait_http_ready(system, "dead_letter", f"{run.BY_NAME['dead_letter'].url}/healthz")
 
+
+def test_a_component_that_is_down_is_named_and_the_page_keeps_working(
+    page, script_errors, dead_letter_down: None
+):
     expect(page.locator('#pipeline-errors [data-component="dead_letter"]')).to_have_text(
         "dead_letter unreachable", timeout=WAIT_MS
     )
