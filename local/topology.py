@@ -17,7 +17,9 @@ class Function:
     name: str  # folder under functions/ and the functions-framework target
     service: str  # Knative Service name (kafka-source.yaml and knative/ refer to it)
     port: int
-    signature: str  # "http" or "cloudevent"
+    # "http": every function is a functions_framework.aio.http function (the CloudEvent sinks read
+    # their events themselves, todo_cqrs/http.py)
+    signature: str
 
     @property
     def source(self) -> Path:
@@ -34,9 +36,10 @@ FUNCTIONS = [
     Function("update_todo", "update-todo", _BASE_PORT + 1, "http"),
     Function("delete_todo", "delete-todo", _BASE_PORT + 2, "http"),
     Function("get_todos", "get-todos", _BASE_PORT + 3, "http"),
-    Function("project_event", "project-event", _BASE_PORT + 4, "cloudevent"),
+    Function("project_event", "project-event", _BASE_PORT + 4, "http"),
     Function("relay_outbox", "relay-outbox", _BASE_PORT + 5, "http"),
-    Function("dead_letter", "dead-letter", _BASE_PORT + 6, "cloudevent"),
+    Function("dead_letter", "dead-letter", _BASE_PORT + 6, "http"),
+    Function("reconcile", "reconcile", _BASE_PORT + 9, "http"),
 ]
 BY_NAME = {f.name: f for f in FUNCTIONS}
 # The local KafkaSource's Prometheus metrics (consumer lag, retries), next to the functions' ports.

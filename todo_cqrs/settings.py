@@ -71,6 +71,11 @@ class Settings:
     project_event_url: str
     function_name: str
     metrics_enabled: bool
+    # Reconciliation (todo_cqrs/reconcile): how often `make run` ticks it (a PingSource in a cluster),
+    # how old a difference must be to count as drift, and how long published outbox rows are kept.
+    reconcile_interval_s: float
+    reconcile_grace_s: float
+    outbox_retention_h: float
     # Sender identity of the event receivers (todo_cqrs/sender_identity.py): off | on | required.
     sender_identity: str
     oidc_issuer: str
@@ -110,6 +115,9 @@ class Settings:
             project_event_url=os.environ.get("PROJECT_EVENT_URL", "http://127.0.0.1:8085"),
             function_name=os.environ.get("K_SERVICE") or os.environ.get("FUNCTION_TARGET", "todo"),
             metrics_enabled=os.environ.get("METRICS_ENABLED", "1").lower() not in ("0", "false", "no", "off"),
+            reconcile_interval_s=_float("RECONCILE_INTERVAL_SECONDS", 10.0),
+            reconcile_grace_s=_float("RECONCILE_GRACE_SECONDS", 30.0),
+            outbox_retention_h=_float("OUTBOX_RETENTION_HOURS", 168.0),
             sender_identity=os.environ.get("SENDER_IDENTITY", "off").strip().lower(),
             oidc_issuer=os.environ.get("OIDC_ISSUER", "https://kubernetes.default.svc").rstrip("/"),
             # The receiver's own audience: its Knative Service name unless set.

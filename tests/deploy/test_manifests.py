@@ -50,6 +50,7 @@ NOT_FROM_CONFIG = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": "unset (no export) unless a collector is named (configmap.yaml's comment)",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "the OpenTelemetry SDK's per-signal form of the endpoint",
     "OTEL_SERVICE_NAME": "defaults to K_SERVICE, the Knative Service's name",
+    "RECONCILE_INTERVAL_SECONDS": "local only: make run's tick; in a cluster the PingSource's schedule",
 }
 
 
@@ -242,21 +243,24 @@ def test_project_event_keeps_a_warm_pod_and_a_bounded_scale() -> None:
     assert 1 <= int(annotations["autoscaling.knative.dev/max-scale"]) <= kafka_topic()["spec"]["partitions"]
 
 
-def test_relay_outbox_runs_one_pass_at_a_time_every_minute() -> None:
-    relay = knative_services()["relay-outbox"]["spec"]["template"]
-    assert relay["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] == "1"
-    assert relay["spec"]["containerConcurrency"] == 1
-    (ping,) = objects("PingSource", "sources.knative.dev/v1").values()
+@pytest.mark.parametrize(
+    ("service", "tick"), [("relay-outbox", "relay-outbox-tick"), ("reconcile", "reconcile-tick")]
+)
+def test_scheduled_functions_run_one_pass_at_a_time_every_minute(service: str, tick: str) -> None:
+    template = knative_services()[service]["spec"]["template"]
+    assert template["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] == "1"
+    assert template["spec"]["containerConcurrency"] == 1
+    ping = objects("PingSource", "sources.knative.dev/v1")[tick]
     assert ping["spec"]["schedule"] == "* * * * *"
     assert ping["spec"]["sink"]["ref"] == {
         "apiVersion": "serving.knative.dev/v1",
         "kind": "Service",
-        "name": "relay-outbox",
+        "name": service,
     }
 
 
 def test_internal_services_are_not_reachable_from_outside_the_cluster() -> None:
-    for name in ("project-event", "relay-outbox", "dead-letter"):
+    for name in ("project-event", "relay-outbox", "dead-letter", "reconcile"):
         labels = knative_services()[name]["metadata"]["labels"]
         assert labels.get("networking.knative.dev/visibility") == "cluster-local", name
 
