@@ -6,14 +6,19 @@ No cluster is needed. It builds (once; cached by local/deploy_tools.py) kube-api
 from local/deploy/, starts etcd (Debian's etcd-server) and kube-apiserver on free loopback ports, with
 their data in a temporary directory, and loads the CRDs the cluster would have
 (../shared/schemas/crds: Knative Service, PingSource, Strimzi KafkaTopic v1;
-../shared/schemas/kafkasource-crd.yaml) and local/deploy/admission-policies.yaml (a stand-in for a
-rule of Knative's webhooks). Then, with
-`kubectl apply --dry-run=server --validate=strict`, it applies:
+../shared/schemas/kafkasource-crd.yaml; Strimzi's KafkaUser v1, made from Strimzi's jars on Maven
+Central and cached by local/deploy_tools.py), local/deploy/admission-policies.yaml (a stand-in for a
+rule of Knative's webhooks) and local/deploy/admission-policies-kafka.yaml (a rule of the project's).
+It runs `make secret` against that API server (placeholder values: it checks the recipe and what it
+creates), then, with `kubectl apply --dry-run=server --validate=strict`, it applies:
 
 - what `make deploy` applies, phase by phase with the same label selectors: the kustomize output of
-  `make deploy-render` (ConfigMap, migrations Job, Knative Services, PingSource), the KafkaTopic in the
-  Kafka namespace, the rendered kafka-source.yaml; and checks that those phases cover every rendered
-  object (one without its phase's label would never be applied);
+  `make deploy-render` (ConfigMap; ServiceAccounts, NetworkPolicies, KafkaUsers; migrations Job,
+  Knative Services, PingSource), the KafkaTopic in the Kafka namespace (and its single-broker
+  overlay), the rendered kafka-source.yaml; and checks that those phases cover every rendered object
+  (one without its phase's label would never be applied);
+- the Secrets' template (knative/secret.example.yaml), and checks that every Secret and key the
+  manifests refer to is one that `make secret` created;
 - the ops Jobs (knative/ops, rendered the same way), each as its `make cluster-*` target applies it;
 - every file of tests/deploy/broken/, each of which must be refused with the messages of its
   `# expect:` lines.
@@ -45,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from local.deploy_tools import ToolError, ensure_binary
+from local.deploy_tools import ToolError, ensure_binary, strimzi_crd
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
@@ -55,14 +60,19 @@ CRDS = [
     SHARED_SCHEMAS / "crds" / "strimzi-kafkatopic.yaml",
     SHARED_SCHEMAS / "kafkasource-crd.yaml",
 ]
-POLICIES = REPO / "local" / "deploy" / "admission-policies.yaml"
+POLICIES = [
+    REPO / "local" / "deploy" / "admission-policies.yaml",
+    REPO / "local" / "deploy" / "admission-policies-kafka.yaml",
+]
+SECRET_TEMPLATE = REPO / "knative" / "secret.example.yaml"
 BROKEN = REPO / "tests" / "deploy" / "broken"
 RENDERED = {
     "deploy": REPO / "build" / "deploy" / "all.yaml",
     "kafka-source": REPO / "build" / "kafka-source" / "all.yaml",
     "ops": REPO / "build" / "ops" / "all.yaml",
+    "kafka-topic": REPO / "build" / "kafka-topic" / "all.yaml",
 }
-KAFKA_TOPIC = REPO / "knative" / "kafka-topic.yaml"
+KAFKA_SINGLE_BROKER = REPO / "knative" / "kafka-single-broker"
 COMPONENT = "app.kubernetes.io/component"
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 10.0
@@ -262,7 +272,7 @@ def api_server() -> Iterator[ApiServer]:
 
 def load_crds(server: ApiServer) -> None:
     docs = []
-    for path in CRDS:
+    for path in [*CRDS, strimzi_crd("kafkauser")]:
         if not path.exists():
             raise CheckError(f"{path} is missing: ../shared must be beside the repository")
         (crd,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
@@ -286,26 +296,53 @@ def load_crds(server: ApiServer) -> None:
     say(f"CRDs served: {', '.join(d['metadata']['name'] for d in docs)}")
 
 
-def load_policies(server: ApiServer) -> None:
-    run = server.kubectl("apply", "-f", str(POLICIES))
-    if run.returncode != 0:
-        raise CheckError(f"loading {POLICIES.name} failed:\n{run.stdout}{run.stderr}")
-    # A new policy takes effect once the API server's informer has it: wait until it refuses a probe.
-    probe = {
+# A probe per policy: an object it must refuse, so that its taking effect can be seen.
+POLICY_PROBES: dict[str, dict[str, Any]] = {
+    "knative-source-has-a-sink": {
         "apiVersion": "sources.knative.dev/v1",
         "kind": "PingSource",
         "metadata": {"name": "policy-probe", "namespace": "default"},
         "spec": {"schedule": "* * * * *"},
-    }
+    },
+    "kafkasource-sasl-names-its-secrets": {
+        "apiVersion": "sources.knative.dev/v1",
+        "kind": "KafkaSource",
+        "metadata": {"name": "policy-probe", "namespace": "default"},
+        "spec": {
+            "bootstrapServers": ["kafka:9093"],
+            "topics": ["probe"],
+            "net": {"sasl": {"enable": True}},
+            "sink": {"uri": "http://probe.default.svc"},
+        },
+    },
+}
+
+
+def load_policies(server: ApiServer) -> None:
+    for path in POLICIES:
+        run = server.kubectl("apply", "-f", str(path))
+        if run.returncode != 0:
+            raise CheckError(f"loading {path.name} failed:\n{run.stdout}{run.stderr}")
+    names = [
+        d["metadata"]["name"]
+        for path in POLICIES
+        for d in yaml.safe_load_all(path.read_text())
+        if d and d["kind"] == "ValidatingAdmissionPolicy"
+    ]
+    if missing := set(names) - set(POLICY_PROBES):
+        raise CheckError(f"no probe for the admission policies {sorted(missing)}: add one to POLICY_PROBES")
+    # A new policy takes effect once the API server's informer has it: wait until it refuses its probe.
     deadline = time.monotonic() + 30
-    while True:
-        run = server.kubectl("apply", "--dry-run=server", "-f", "-", stdin=json.dumps(probe))
-        if run.returncode != 0 and "knative-source-has-a-sink" in run.stderr:
-            say("admission stand-ins in force")
-            return
-        if time.monotonic() > deadline:
-            raise CheckError(f"the admission policy never took effect:\n{run.stdout}{run.stderr}")
-        time.sleep(0.2)
+    for name in names:
+        while True:
+            probe = json.dumps(POLICY_PROBES[name])
+            run = server.kubectl("apply", "--dry-run=server", "-f", "-", stdin=probe)
+            if run.returncode != 0 and name in run.stderr:
+                break
+            if time.monotonic() > deadline:
+                raise CheckError(f"the admission policy {name} never took effect:\n{run.stdout}{run.stderr}")
+            time.sleep(0.2)
+    say(f"admission policies in force: {', '.join(names)}")
 
 
 # ---- the checks ------------------------------------------------------------------------------------------
@@ -345,7 +382,11 @@ def deploy_phases(namespace: str, kafka_namespace: str) -> list[tuple[str, list[
     deploy, source = str(RENDERED["deploy"]), str(RENDERED["kafka-source"])
     return [
         ("ConfigMap", ["-n", namespace, "-f", deploy, "-l", f"{COMPONENT}=config"]),
-        ("KafkaTopic", ["-n", kafka_namespace, "-f", str(KAFKA_TOPIC)]),
+        (
+            "ServiceAccounts, NetworkPolicies, KafkaUsers",
+            ["-n", namespace, "-f", deploy, "-l", f"{COMPONENT}=access"],
+        ),
+        ("KafkaTopic", ["-n", kafka_namespace, "-f", str(RENDERED["kafka-topic"])]),
         ("migrations Job", ["-n", namespace, "-f", deploy, "-l", f"{COMPONENT}=migrations"]),
         ("Knative Services", ["-n", namespace, "-f", deploy, "-l", f"{COMPONENT}=function"]),
         ("KafkaSource", ["-n", namespace, "-f", source]),
@@ -368,11 +409,123 @@ def applied_names(output: str) -> list[str]:
     return [line.split()[0] for line in output.splitlines() if "(server dry run)" in line]
 
 
+def is_applied(doc: dict[str, Any], applied: list[str]) -> bool:
+    """Whether `doc` is among kubectl's 'kind.group/name' lines (kind and name: a ServiceAccount and a
+    Service may share a name)."""
+    kind, name = doc["kind"].lower(), doc["metadata"]["name"]
+    return any(n.split("/", 1)[0].split(".", 1)[0] == kind and n.split("/", 1)[1] == name for n in applied)
+
+
+def make_secret(server: ApiServer, namespace: str, kafka_namespace: str, results: Results) -> None:
+    """`make secret` against this API server, for real (it is a throwaway), with placeholder values and
+    a placeholder Kafka CA: every make deploy phase then finds the Secrets it names."""
+    run_env = {**os.environ, "KUBECONFIG": str(server.kubeconfig)}
+    names = secret_vars()
+    if not names:
+        results.fail("make secret", "mk/deploy.mk has no SECRET_VARS")
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".crt") as ca:
+        ca.write("-----BEGIN CERTIFICATE-----\nplaceholder\n-----END CERTIFICATE-----\n")
+        ca.flush()
+        env = {**run_env, **{name: f"verify-{name.lower()}" for name in names}, "KAFKA_CA_FILE": ca.name}
+        run = subprocess.run(
+            [
+                "make",
+                "--no-print-directory",
+                "secret",
+                f"NAMESPACE={namespace}",
+                f"KAFKA_NAMESPACE={kafka_namespace}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    created = sorted(line.split()[0] for line in run.stdout.splitlines() if line.endswith(" applied"))
+    if run.returncode != 0 or not created:
+        results.fail("make secret", run.stdout + run.stderr)
+    else:
+        results.ok(f"make secret: created {', '.join(created)}")
+
+
+def secret_vars() -> list[str]:
+    """The variables `make secret` wants (SECRET_VARS in mk/deploy.mk, continuation lines joined)."""
+    text = (REPO / "mk" / "deploy.mk").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if line.startswith("SECRET_VARS :="):
+            return line.split(":=", 1)[1].split()
+    return []
+
+
+def secret_refs(doc: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(Secret name, key or None for the whole Secret) of every reference in `doc`: envFrom, env
+    valueFrom, secret volumes, and any secretKeyRef (KafkaSource net, KafkaUser password)."""
+    refs: list[tuple[str, str | None]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "secretRef" in node and isinstance(node["secretRef"], dict):
+                refs.append((node["secretRef"]["name"], None))
+            if "secretKeyRef" in node and isinstance(node["secretKeyRef"], dict):
+                refs.append((node["secretKeyRef"].get("name", ""), node["secretKeyRef"].get("key")))
+            if "secret" in node and isinstance(node["secret"], dict) and "secretName" in node["secret"]:
+                items = node["secret"].get("items") or [{"key": None}]
+                refs.extend((node["secret"]["secretName"], item["key"]) for item in items)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    return refs
+
+
+def check_secret_refs(server: ApiServer, namespace: str, results: Results) -> None:
+    run = server.kubectl(
+        "apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", str(SECRET_TEMPLATE)
+    )
+    if run.returncode != 0 or not applied_names(run.stdout):
+        results.fail("the Secrets' template: refused", run.stdout + run.stderr)
+    else:
+        results.ok(f"the Secrets' template: accepted: {', '.join(applied_names(run.stdout))}")
+    run = server.kubectl("get", "secrets", "-n", namespace, "-o", "json")
+    existing = {
+        s["metadata"]["name"]: set(s.get("data") or {})
+        for s in json.loads(run.stdout or "{}").get("items", [])
+    }
+    template = {d["metadata"]["name"]: set(d["stringData"]) for d in rendered_objects(SECRET_TEMPLATE)}
+    if differ := {n: (template[n], existing.get(n)) for n in template if existing.get(n) != template[n]}:
+        results.fail("make secret creates the template's Secrets and keys", f"(template, created): {differ}")
+    else:
+        results.ok(f"make secret creates the template's {len(template)} Secrets, key for key")
+    dangling = sorted(
+        {
+            f"{d['kind']}/{d['metadata']['name']} -> {name}{'.' + key if key else ''}"
+            for key_ in ("deploy", "kafka-source", "ops")
+            for d in rendered_objects(RENDERED[key_])
+            for name, key in secret_refs(d)
+            if name not in existing or (key is not None and key not in existing[name])
+        }
+    )
+    if dangling:
+        results.fail("every Secret and key the manifests name exists", "\n".join(dangling))
+    else:
+        results.ok("every Secret and key the manifests name is one make secret created")
+
+
 def check_manifests(server: ApiServer, namespace: str, kafka_namespace: str, results: Results) -> None:
-    for ns in {namespace, kafka_namespace}:
-        server.kubectl("create", "namespace", ns)  # real, like ensure_namespace in mk/deploy.mk
     applied: list[str] = []
-    for what, args in [*deploy_phases(namespace, kafka_namespace), *ops_phases(namespace)]:
+    single_broker = server.workdir / "kafka-topic-single-broker.yaml"
+    render = subprocess.run(
+        ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(KAFKA_SINGLE_BROKER)],
+        capture_output=True,
+        text=True,
+    )
+    single_broker.write_text(render.stdout)
+    extra = [("KafkaTopic, single-broker overlay", ["-n", kafka_namespace, "-f", str(single_broker)])]
+    for what, args in [*deploy_phases(namespace, kafka_namespace), *extra, *ops_phases(namespace)]:
         run = server.kubectl("apply", "--dry-run=server", "--validate=strict", *args)
         names = applied_names(run.stdout)
         if run.returncode != 0 or not names:
@@ -387,11 +540,7 @@ def check_manifests(server: ApiServer, namespace: str, kafka_namespace: str, res
         for d in rendered_objects(RENDERED[key])
         if d.get("kind") != "Namespace"
     ]
-    missed = [
-        f"{d['kind']}/{d['metadata']['name']}"
-        for d in expected
-        if not any(n.endswith(f"/{d['metadata']['name']}") for n in applied)
-    ]
+    missed = [f"{d['kind']}/{d['metadata']['name']}" for d in expected if not is_applied(d, applied)]
     if missed:
         results.fail("every rendered object is applied by a phase", f"never applied: {', '.join(missed)}")
     else:
@@ -449,7 +598,11 @@ def main(argv: list[str] | None = None) -> int:
             say(f"kube-apiserver {version.get('gitVersion')} on 127.0.0.1:{server.port}")
             load_crds(server)
             load_policies(server)
+            for ns in {args.namespace, args.kafka_namespace}:
+                server.kubectl("create", "namespace", ns)  # real, like ensure_namespace in mk/deploy.mk
+            make_secret(server, args.namespace, args.kafka_namespace, results)
             check_manifests(server, args.namespace, args.kafka_namespace, results)
+            check_secret_refs(server, args.namespace, results)
             check_broken(server, args.namespace, results)
     except (CheckError, ToolError) as error:
         say(f"could not check: {error}")

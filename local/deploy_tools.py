@@ -1,11 +1,17 @@
 """The programs that verify the deployment on this machine, built once and cached outside the repository.
 
     python -m local.deploy_tools build [kube-apiserver] [queue-proxy]    build what is missing, print paths
+    python -m local.deploy_tools crd kafkauser    make Strimzi's KafkaUser CRD (once), print its path
 
 kube-apiserver and queue-proxy are built with the local Go toolchain from the small Go modules of
 local/deploy/ (each pins one upstream release, go.sum included) through the Go module proxy. A binary is
 cached in ~/.cache/todo-cqrs/bin/ under a name that carries its module's hash: editing a go.mod builds a
 new one, and two processes that need the same binary at once build it once (a file lock).
+
+Strimzi's KafkaUser CRD is not kept in the repository (nor in ../shared/schemas): it is made here, once,
+from Strimzi's own artifacts on Maven Central (fetched with mvn, as local/services.py fetches Kafka's
+jars): the `api` jar holds the model classes, `crd-generator` the program Strimzi's build runs to write
+packaging/install/cluster-operator/044-Crd-kafkauser.yaml from them. See STRIMZI_CRDS for which versions.
 """
 
 from __future__ import annotations
@@ -92,6 +98,121 @@ TOOLS = {
 }
 
 
+# Strimzi's KafkaUser CRD, generated as Strimzi's build generates it (api/pom.xml, generate-crd-co-install-v1)
+# with only kafka.strimzi.io/v1 served and stored, which is what Strimzi 1.x serves. The versions: api
+# 0.51.0 is the newest whose classes a Java 17 runtime loads (1.x needs Java 21, which Debian bookworm
+# does not package) and it already has the v1 API; crd-generator 0.45.0 is the newest published on Maven
+# Central before 1.2.0 (also Java 21). The schema it writes is 0.51's v1: the same fields as 1.x's for
+# SCRAM users and simple ACLs, without 1.x's TLS certificate validity fields and its two `required`
+# lists (an ACL rule's operations, the spec), which the manifests carry anyway.
+STRIMZI_API_VERSION = "0.51.0"
+STRIMZI_CRD_GENERATOR_VERSION = "0.45.0"
+# What the jars hashed to when these versions were chosen: a jar that differs is refused, not run.
+STRIMZI_JAR_SHA256 = {
+    f"api-{STRIMZI_API_VERSION}.jar": "219b54d570c408523f62bffc999041c64ea926afbc784be942290709fbbcde62",
+    f"crd-generator-{STRIMZI_CRD_GENERATOR_VERSION}.jar": (
+        "f03aab1b83d29bbd340ce484a4bb651faac7685c685865a30351a636da6008ea"
+    ),
+}
+STRIMZI_CRDS = {"kafkauser": ("io.strimzi.api.kafka.model.user.KafkaUser", "kafkausers.kafka.strimzi.io")}
+_STRIMZI_POM = f"""<?xml version="1.0" encoding="UTF-8"?>
+<!-- Written by local.deploy_tools: Strimzi's api model and its CRD generator, to make a CRD. -->
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.todo-cqrs</groupId>
+  <artifactId>strimzi-crds</artifactId>
+  <version>{STRIMZI_API_VERSION}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>io.strimzi</groupId>
+      <artifactId>api</artifactId>
+      <version>{STRIMZI_API_VERSION}</version>
+    </dependency>
+    <dependency>
+      <groupId>io.strimzi</groupId>
+      <artifactId>crd-generator</artifactId>
+      <version>{STRIMZI_CRD_GENERATOR_VERSION}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+
+def strimzi_crd(kind: str) -> Path:
+    """The path of Strimzi's CRD of `kind` (a key of STRIMZI_CRDS), made first when missing."""
+    model, crd_name = STRIMZI_CRDS[kind]
+    cache = CACHE / f"strimzi-{STRIMZI_API_VERSION}"
+    target = cache / f"{crd_name}.yaml"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        jars = _strimzi_jars(cache)
+        java = shutil.which("java")
+        if not java:
+            raise ToolError("no Java runtime to make Strimzi's CRDs: apt-get install default-jre-headless")
+        partial = target.with_name(target.name + ".partial")
+        command = [
+            java, "-cp", os.pathsep.join(str(j) for j in jars), "io.strimzi.crdgenerator.CrdGenerator",
+            "--label", "app:strimzi", "--label", "strimzi.io/crd-install:true",
+            "--target-kube", "1.16+", "--crd-api-version", "v1",
+            "--api-versions", "v1", "--storage-version", "v1",
+            "--yaml", f"{model}={partial}",
+        ]  # fmt: skip
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if run.returncode != 0 or not partial.exists():
+            partial.unlink(missing_ok=True)
+            raise ToolError(f"Strimzi's CRD generator failed:\n{run.stdout}{run.stderr}"[-4000:])
+        if f"name: {crd_name}" not in partial.read_text():
+            raise ToolError(f"the generated CRD is not {crd_name}: {partial}")
+        partial.rename(target)
+        print(f"made {target} (Strimzi {STRIMZI_API_VERSION}'s {kind} CRD)", file=sys.stderr, flush=True)
+    return target
+
+
+def _strimzi_jars(cache: Path) -> list[Path]:
+    jars_dir = cache / "jars"
+    wanted = [
+        jars_dir / f"api-{STRIMZI_API_VERSION}.jar",
+        jars_dir / f"crd-generator-{STRIMZI_CRD_GENERATOR_VERSION}.jar",
+    ]
+    if all(j.exists() for j in wanted):
+        return _checked(wanted)
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise ToolError("Strimzi's CRD is not cached and mvn is missing: apt-get install maven")
+    (cache / "pom.xml").write_text(_STRIMZI_POM)
+    partial = cache / "jars.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    print(
+        f"fetching Strimzi's api and crd-generator jars from Maven Central into {jars_dir}", file=sys.stderr
+    )
+    argv = [mvn, "-q", "-B", "dependency:copy-dependencies", "-DexcludeTransitive=true"]
+    argv.append(f"-DoutputDirectory={partial}")
+    run = subprocess.run(
+        argv, cwd=cache, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600
+    )
+    if run.returncode != 0:
+        raise ToolError(f"Maven could not fetch Strimzi's jars:\n{run.stdout}{run.stderr}"[-3000:])
+    shutil.rmtree(jars_dir, ignore_errors=True)
+    partial.rename(jars_dir)
+    if missing := [str(j) for j in wanted if not j.exists()]:
+        raise ToolError(f"Maven fetched no {', '.join(missing)}")
+    return _checked(wanted)
+
+
+def _checked(jars: list[Path]) -> list[Path]:
+    for jar in jars:
+        digest = hashlib.sha256(jar.read_bytes()).hexdigest()
+        if digest != STRIMZI_JAR_SHA256[jar.name]:
+            raise ToolError(f"{jar} has SHA-256 {digest}, not the pinned {STRIMZI_JAR_SHA256[jar.name]}")
+    return jars
+
+
 def go_binary() -> str:
     found = shutil.which("go") or shutil.which("go", path="/usr/local/go/bin:/usr/lib/go/bin")
     if not found:
@@ -149,7 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build (or find cached) binaries and print their paths")
     build.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(TOOLS)} (default: all)")
+    crd = commands.add_parser("crd", help="make (or find cached) a Strimzi CRD and print its path")
+    crd.add_argument("kind", choices=sorted(STRIMZI_CRDS))
     args = parser.parse_args(argv)
+    if args.command == "crd":
+        try:
+            print(strimzi_crd(args.kind))
+        except ToolError as error:
+            print(f"deploy_tools: {error}", file=sys.stderr)
+            return 1
+        return 0
     unknown = set(args.names) - set(TOOLS)
     if unknown:
         parser.error(f"unknown tool(s): {', '.join(sorted(unknown))}; known: {', '.join(TOOLS)}")

@@ -1,7 +1,7 @@
 # Images and deployment to a Knative cluster (docs/deploy.md). Included by the root Makefile.
 #
 #   make images  IMAGE_REGISTRY=ghcr.io/me IMAGE_TAG=v1 IMAGE_PUSH=1
-#   DB_PASSWORD=... AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... make secret
+#   DB_PASSWORD=... DB_PASSWORD_TODO_COMMAND=... (every variable of SECRET_VARS) make secret
 #   make deploy  IMAGE_REGISTRY=ghcr.io/me IMAGE_TAG=v1
 #
 # IMAGE_REGISTRY and IMAGE_TAG are the one place that says which images run: the manifests carry
@@ -17,6 +17,11 @@ endif
 IMAGE_PUSH ?= 0
 NAMESPACE ?= todo
 KAFKA_NAMESPACE ?= kafka
+# The Strimzi Kafka cluster (its CA Secret is <cluster>-cluster-ca-cert in KAFKA_NAMESPACE).
+KAFKA_CLUSTER ?= my-cluster
+# 1: the topic through knative/kafka-single-broker/ (one replica) for a single-broker trial cluster.
+KAFKA_SINGLE_BROKER ?= 0
+REDIS_ADDRESS ?= redis:6379
 CONTAINER_CLI ?= docker
 # The images' base: the Dockerfile's default. When it cannot be pulled (no registry reachable), the images
 # build on LOCAL_BASE_IMAGE instead, made from Debian packages by `make base-image` and kept by the CLI.
@@ -35,6 +40,8 @@ IMAGE_NAMES := $(subst _,-,$(FUNCTIONS)) ops
 image_of = $(IMAGE_REGISTRY)/todo-cqrs-$(subst _,-,$(1)):$(IMAGE_TAG)
 
 DEPLOY_DIR := build/deploy
+TOPIC_DIR := build/kafka-topic
+TOPIC_SOURCE := $(if $(filter 1,$(KAFKA_SINGLE_BROKER)),knative/kafka-single-broker,knative/kafka-topic.yaml)
 OPS_DIR := build/ops
 KAFKA_SOURCE_DIR := build/kafka-source
 KUSTOMIZE := kubectl kustomize --load-restrictor LoadRestrictionsNone
@@ -155,30 +162,64 @@ define wait_job
 done; echo "make $@: job $(1) did not finish in 10 minutes" >&2; exit 1
 endef
 
-secret:  ## create or update the Secrets from DB_PASSWORD, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and DB_USER, REDIS_URL)
+# One Secret per role (knative/secret.example.yaml): each role's DB password, Redis ACL password and Kafka
+# password come from the environment; the Redis ACL file is made from the same (todo_cqrs/roles.py), and
+# the Kafka cluster's CA is copied from Strimzi's Secret in KAFKA_NAMESPACE (or KAFKA_CA_FILE).
+SECRET_VARS := DB_PASSWORD DB_PASSWORD_TODO_COMMAND DB_PASSWORD_TODO_RELAY DB_PASSWORD_TODO_PROJECTION \
+  DB_PASSWORD_TODO_QUERY DB_PASSWORD_TODO_RECONCILE REDIS_PASSWORD REDIS_PASSWORD_TODO_PROJECTION \
+  REDIS_PASSWORD_TODO_QUERY REDIS_PASSWORD_TODO_RECONCILE KAFKA_PASSWORD_COMMAND KAFKA_PASSWORD_RELAY \
+  KAFKA_PASSWORD_SOURCE CURSOR_SECRET AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+apply_secret = kubectl create secret generic $(1) -n $(NAMESPACE) $(2) --dry-run=client -o yaml \
+  | kubectl label --local -f - app.kubernetes.io/part-of=todo-cqrs -o yaml | kubectl apply -f - >/dev/null \
+  && echo "secret/$(1) applied"
+
+secret:  ## create or update the Secrets, one per role, from the environment (SECRET_VARS; docs/deploy.md step 7)
 	$(require_kubectl)
-	@missing=""; for v in DB_PASSWORD AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY; do \
-	  [ -n "$${!v:-}" ] || missing="$$missing $$v"; done; \
+	@missing=""; for v in $(SECRET_VARS); do [ -n "$${!v:-}" ] || missing="$$missing $$v"; done; \
 	if [ -n "$$missing" ]; then echo "make secret: set$$missing in the environment" \
-	  "(DB_USER defaults to todo, REDIS_URL to redis://redis:6379/0; see knative/secret.example.yaml)" >&2; exit 1; fi
+	  "(docs/deploy.md step 7 generates them all; see knative/secret.example.yaml)" >&2; exit 1; fi
 	$(require_cluster)
 	@$(call ensure_namespace,$(NAMESPACE))
-	@kubectl create secret generic todo-cqrs-secrets -n $(NAMESPACE) \
-	  --from-literal=DB_USER="$${DB_USER:-todo}" \
+	@$(call apply_secret,todo-cqrs-command,--from-literal=DB_USER=todo_command \
+	  --from-literal=DB_PASSWORD="$$DB_PASSWORD_TODO_COMMAND" \
+	  --from-literal=KAFKA_SASL_USERNAME=todo-command --from-literal=KAFKA_SASL_PASSWORD="$$KAFKA_PASSWORD_COMMAND")
+	@$(call apply_secret,todo-cqrs-relay,--from-literal=DB_USER=todo_relay \
+	  --from-literal=DB_PASSWORD="$$DB_PASSWORD_TODO_RELAY" \
+	  --from-literal=KAFKA_SASL_USERNAME=todo-relay --from-literal=KAFKA_SASL_PASSWORD="$$KAFKA_PASSWORD_RELAY")
+	@$(call apply_secret,todo-cqrs-projection,--from-literal=DB_USER=todo_projection \
+	  --from-literal=DB_PASSWORD="$$DB_PASSWORD_TODO_PROJECTION" \
+	  --from-literal=REDIS_URL="redis://todo_projection:$$REDIS_PASSWORD_TODO_PROJECTION@$(REDIS_ADDRESS)/0")
+	@$(call apply_secret,todo-cqrs-query,--from-literal=DB_USER=todo_query \
+	  --from-literal=DB_PASSWORD="$$DB_PASSWORD_TODO_QUERY" \
+	  --from-literal=REDIS_URL="redis://todo_query:$$REDIS_PASSWORD_TODO_QUERY@$(REDIS_ADDRESS)/0" \
+	  --from-literal=CURSOR_SECRET="$$CURSOR_SECRET")
+	@$(call apply_secret,todo-cqrs-reconcile,--from-literal=DB_USER=todo_reconcile \
+	  --from-literal=DB_PASSWORD="$$DB_PASSWORD_TODO_RECONCILE" \
+	  --from-literal=REDIS_URL="redis://todo_reconcile:$$REDIS_PASSWORD_TODO_RECONCILE@$(REDIS_ADDRESS)/0")
+	@$(call apply_secret,todo-cqrs-admin,--from-literal=DB_USER="$${DB_USER:-todo}" \
 	  --from-literal=DB_PASSWORD="$$DB_PASSWORD" \
-	  --from-literal=REDIS_URL="$${REDIS_URL:-redis://redis:6379/0}" \
-	  --dry-run=client -o yaml | kubectl apply -f -
-	@kubectl create secret generic todo-cqrs-s3 -n $(NAMESPACE) \
-	  --from-literal=AWS_ACCESS_KEY_ID="$$AWS_ACCESS_KEY_ID" \
-	  --from-literal=AWS_SECRET_ACCESS_KEY="$$AWS_SECRET_ACCESS_KEY" \
-	  --dry-run=client -o yaml | kubectl apply -f -
+	  --from-literal=REDIS_URL="redis://:$$REDIS_PASSWORD@$(REDIS_ADDRESS)/0")
+	@$(call apply_secret,todo-cqrs-kafka-source,--from-literal=user=todo-kafka-source \
+	  --from-literal=password="$$KAFKA_PASSWORD_SOURCE" --from-literal=saslType=SCRAM-SHA-512)
+	@$(call apply_secret,todo-cqrs-s3,--from-literal=AWS_ACCESS_KEY_ID="$$AWS_ACCESS_KEY_ID" \
+	  --from-literal=AWS_SECRET_ACCESS_KEY="$$AWS_SECRET_ACCESS_KEY")
+	@acl=$$(mktemp) && trap 'rm -f "$$acl"' EXIT && python3 -m todo_cqrs.roles redis-acl > "$$acl" \
+	  && $(call apply_secret,todo-cqrs-redis-acl,--from-file=users.acl="$$acl")
+	@ca=$$(mktemp) && trap 'rm -f "$$ca"' EXIT && \
+	if [ -n "$${KAFKA_CA_FILE:-}" ]; then cp "$$KAFKA_CA_FILE" "$$ca"; \
+	else kubectl get secret -n $(KAFKA_NAMESPACE) $(KAFKA_CLUSTER)-cluster-ca-cert \
+	  -o jsonpath='{.data.ca\.crt}' | base64 -d > "$$ca"; fi && [ -s "$$ca" ] || { \
+	  echo "make secret: no Kafka CA: neither KAFKA_CA_FILE nor secret/$(KAFKA_CLUSTER)-cluster-ca-cert in" \
+	    "namespace $(KAFKA_NAMESPACE) (install Strimzi's cluster first, docs/deploy.md step 3)" >&2; exit 1; } && \
+	$(call apply_secret,todo-cqrs-kafka-ca,--from-file=ca.crt="$$ca")
 
 deploy-render:  ## render what `make deploy` applies into build/ (offline; no cluster needed)
 	$(require_kubectl)
 	$(call render,$(DEPLOY_DIR),knative)
+	@mkdir -p $(TOPIC_DIR) && $(if $(filter 1,$(KAFKA_SINGLE_BROKER)),$(KUSTOMIZE),cat) $(TOPIC_SOURCE) > $(TOPIC_DIR)/all.yaml
 	$(if $(wildcard kafka-source.yaml),$(call render,$(KAFKA_SOURCE_DIR),kafka-source.yaml))
 	$(call render,$(OPS_DIR),knative/ops)
-	@echo "rendered $(DEPLOY_DIR)/all.yaml, $(KAFKA_SOURCE_DIR)/all.yaml and $(OPS_DIR)/all.yaml" \
+	@echo "rendered $(DEPLOY_DIR)/all.yaml, $(TOPIC_DIR)/all.yaml, $(KAFKA_SOURCE_DIR)/all.yaml and $(OPS_DIR)/all.yaml" \
 	      "(namespace $(NAMESPACE), images $(IMAGE_REGISTRY)/todo-cqrs-*:$(IMAGE_TAG))"
 
 # A real kube-apiserver (built once, cached in ~/.cache/todo-cqrs/bin) with the cluster's CRDs, on loopback;
@@ -188,20 +229,27 @@ verify-deploy: $(STAMP)  ## apply every manifest to a real API server (dry run) 
 	$(require_kubectl)
 	$(PY) -m local.deploy_check --namespace $(NAMESPACE) --kafka-namespace $(KAFKA_NAMESPACE)
 
-deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config, topic, migrations, Services, sources
+DEPLOY_SECRETS := todo-cqrs-command todo-cqrs-relay todo-cqrs-projection todo-cqrs-query todo-cqrs-reconcile \
+  todo-cqrs-admin todo-cqrs-kafka-source todo-cqrs-kafka-ca todo-cqrs-s3
+
+deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config, access, topic, migrations, Services, sources
 	$(require_cluster)
 	@kubectl get crd services.serving.knative.dev pingsources.sources.knative.dev \
-	  kafkasources.sources.knative.dev kafkatopics.kafka.strimzi.io >/dev/null || { \
+	  kafkasources.sources.knative.dev kafkatopics.kafka.strimzi.io kafkausers.kafka.strimzi.io >/dev/null || { \
 	  echo "make deploy: the cluster lacks a CRD above: install Knative Serving, Knative Eventing," \
 	    "the KafkaSource and Strimzi first (docs/deploy.md, steps 1-3)." >&2; exit 1; }
 	@echo "==> namespace $(NAMESPACE) and ConfigMap"
 	@$(call ensure_namespace,$(NAMESPACE))
 	kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=config
-	@kubectl get -n $(NAMESPACE) secret todo-cqrs-secrets todo-cqrs-s3 >/dev/null || { \
-	  echo "make deploy: create the Secrets first: DB_PASSWORD=... AWS_ACCESS_KEY_ID=..." \
-	    "AWS_SECRET_ACCESS_KEY=... make secret NAMESPACE=$(NAMESPACE)" >&2; exit 1; }
+	@kubectl get -n $(NAMESPACE) secret $(DEPLOY_SECRETS) >/dev/null || { \
+	  echo "make deploy: create the Secrets first: make secret NAMESPACE=$(NAMESPACE)" \
+	    "(docs/deploy.md step 7)" >&2; exit 1; }
+	@echo "==> ServiceAccounts, NetworkPolicies, KafkaUsers"
+	kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=access
+	kubectl wait -n $(NAMESPACE) kafkauser -l app.kubernetes.io/part-of=todo-cqrs --for=condition=Ready \
+	  --timeout=$(DEPLOY_TIMEOUT)
 	@echo "==> Kafka topic (namespace $(KAFKA_NAMESPACE))"
-	kubectl apply -n $(KAFKA_NAMESPACE) -f knative/kafka-topic.yaml
+	kubectl apply -n $(KAFKA_NAMESPACE) -f $(TOPIC_DIR)/all.yaml
 	kubectl wait -n $(KAFKA_NAMESPACE) kafkatopic/todo-events --for=condition=Ready --timeout=$(DEPLOY_TIMEOUT)
 	@echo "==> migrations"
 	kubectl delete -n $(NAMESPACE) job/todo-cqrs-migrate --ignore-not-found --wait=true

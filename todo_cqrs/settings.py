@@ -51,6 +51,12 @@ class Settings:
     redis_url: str
     redis_timeout_s: float
     kafka_bootstrap_servers: str
+    # How the producer reaches Kafka: PLAINTEXT locally (loopback); SASL_SSL with SCRAM-SHA-512 in a cluster.
+    kafka_security_protocol: str
+    kafka_sasl_mechanism: str
+    kafka_sasl_username: str
+    kafka_sasl_password: str
+    kafka_ssl_ca_file: str
     topic: str
     topic_partitions: int
     event_source: str
@@ -95,6 +101,11 @@ class Settings:
             redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
             redis_timeout_s=_float("REDIS_TIMEOUT_SECONDS", 0.25),
             kafka_bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+            kafka_security_protocol=os.environ.get("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"),
+            kafka_sasl_mechanism=os.environ.get("KAFKA_SASL_MECHANISM", ""),
+            kafka_sasl_username=os.environ.get("KAFKA_SASL_USERNAME", ""),
+            kafka_sasl_password=os.environ.get("KAFKA_SASL_PASSWORD", ""),
+            kafka_ssl_ca_file=os.environ.get("KAFKA_SSL_CA_FILE", ""),
             topic=os.environ.get("TODO_EVENTS_TOPIC", "todo-events"),
             topic_partitions=_int("TODO_EVENTS_PARTITIONS", 3),
             event_source=os.environ.get("EVENT_SOURCE", "/todo-cqrs/commands"),

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from local import topology
+from todo_cqrs import roles
 
 REPO = Path(__file__).resolve().parents[2]
 KNATIVE = REPO / "knative"
@@ -51,6 +52,8 @@ NOT_FROM_CONFIG = {
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "the OpenTelemetry SDK's per-signal form of the endpoint",
     "OTEL_SERVICE_NAME": "defaults to K_SERVICE, the Knative Service's name",
     "RECONCILE_INTERVAL_SECONDS": "local only: make run's tick; in a cluster the PingSource's schedule",
+    "DB_ROLE_HOSTS": "optional host part of the role users the migrations Job grants (default %: any host)",
+    "REDIS_PASSWORD": "read by `python -m todo_cqrs.roles redis-acl`, which `make secret` runs locally",
 }
 
 
@@ -162,16 +165,22 @@ def test_kustomization_applies_every_service_and_the_cluster_wide_pieces() -> No
         KNATIVE / "configmap.yaml",
         KNATIVE / "migrate-job.yaml",
         KNATIVE / "pingsource-relay-outbox.yaml",
+        KNATIVE / "serviceaccounts.yaml",
+        KNATIVE / "networkpolicies.yaml",
+        KNATIVE / "kafka-users.yaml",
     }
     assert {p.resolve() for p in wanted} <= listed
     # Never applied with the rest: a template, and an object of the Kafka cluster's namespace.
-    for excluded in ("secret.example.yaml", "kafka-topic.yaml"):
+    for excluded in ("secret.example.yaml", "kafka-topic.yaml", "kafka-single-broker"):
         assert (KNATIVE / excluded).resolve() not in listed
 
 
 def test_manifests_leave_the_namespace_to_make_deploy() -> None:
     # `make deploy NAMESPACE=...` sets it; a hard-coded one would split the system across namespaces.
-    for name, doc in {**workloads(), **objects("ConfigMap"), **objects("PingSource")}.items():
+    for kind in ("ConfigMap", "PingSource", "ServiceAccount", "NetworkPolicy", "KafkaUser"):
+        for name, doc in objects(kind).items():
+            assert "namespace" not in doc["metadata"], (kind, name)
+    for name, doc in workloads().items():
         assert "namespace" not in doc["metadata"], name
 
 
@@ -198,11 +207,14 @@ def test_services_probe_the_health_path_and_bound_their_resources() -> None:
 def test_workloads_run_on_a_read_only_root_filesystem_with_a_writable_tmp() -> None:
     # gunicorn writes its workers' heartbeat files and its control socket under /tmp (XDG_RUNTIME_DIR).
     for name, workload in workloads().items():
-        c = container(workload)
-        assert c["securityContext"]["readOnlyRootFilesystem"] is True, name
-        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
-        (tmp,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
-        assert "emptyDir" in volumes[tmp["name"]] and not tmp.get("readOnly"), name
+        pod = workload["spec"]["template"]["spec"]
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, name
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            (tmp,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert "emptyDir" in volumes[tmp["name"]] and not tmp.get("readOnly"), name
+            # Every other mount is read-only: the root filesystem's writable place is /tmp alone.
+            assert all(m.get("readOnly") for m in c["volumeMounts"] if m is not tmp), name
     assert image_env("get_todos")["XDG_RUNTIME_DIR"] == "/tmp"
 
 
@@ -371,16 +383,26 @@ def test_configmap_values_are_strings_and_hold_no_credentials() -> None:
 def test_secret_template_holds_placeholders_only() -> None:
     for name, data in secret_templates().items():
         for key, value in data.items():
-            if re.search(r"PASSWORD|SECRET|ACCESS_KEY", key):
+            if re.search(r"PASSWORD|SECRET|ACCESS_KEY|\.crt|\.acl", key, re.IGNORECASE):
                 assert value == "REPLACE_ME", f"{name}.{key} must stay a placeholder"
+            if key == "REDIS_URL":  # a URL with the role's ACL user: its password is a placeholder
+                assert re.fullmatch(r"redis://\w*:REPLACE_ME@[\w.-]+:\d+/\d+", value), (name, value)
+
+
+def make_secret_recipe() -> dict[str, str]:
+    """Secret name -> the `make secret` lines that create it (apply_secret calls in mk/deploy.mk)."""
+    recipe = DEPLOY_MK.read_text().replace("\\\n", " ")
+    return {m.group(1): m.group(0) for m in re.finditer(r"apply_secret,([\w-]+),[^\n]*", recipe)}
 
 
 def test_make_secret_creates_every_key_of_the_template() -> None:
-    recipe = DEPLOY_MK.read_text()
+    recipe = make_secret_recipe()
+    assert set(recipe) == set(secret_templates())
     for name, data in secret_templates().items():
-        assert f"kubectl create secret generic {name} " in recipe
         for key in data:
-            assert f"--from-literal={key}=" in recipe, f"make secret does not set {name}.{key}"
+            assert re.search(rf"--from-(literal|file)={re.escape(key)}=", recipe[name]), (
+                f"make secret does not set {name}.{key}"
+            )
 
 
 def test_workloads_take_config_and_secrets_that_exist() -> None:
@@ -394,19 +416,37 @@ def test_workloads_take_config_and_secrets_that_exist() -> None:
 
 
 def test_only_dead_letter_sees_the_object_store_credentials() -> None:
-    for name, service in knative_services().items():
-        secrets = {r["secretRef"]["name"] for r in container(service)["envFrom"] if "secretRef" in r}
-        assert secrets == ({"todo-cqrs-s3"} if name == "dead-letter" else {"todo-cqrs-secrets"}), name
+    for name, workload in workloads().items():
+        if "todo-cqrs-s3" in {secret for secret, _key in workload_secret_refs(workload)}:
+            assert name in {"dead-letter", "todo-cqrs-dead-letters-list", "todo-cqrs-dead-letters-resend"}, (
+                name
+            )
 
 
 def test_jobs_run_modules_that_exist() -> None:
     for name, job in objects("Job", "batch/v1").items():
-        command = container(job)["command"]
-        assert command[:2] == ["python", "-m"], name
-        module = REPO.joinpath(*command[2].split("."))
-        assert (module.with_suffix(".py")).exists() or (module / "__main__.py").exists(), (name, command)
-    migrate = container(objects("Job")["todo-cqrs-migrate"])["command"]
-    assert migrate[2:] == ["todo_cqrs.migrations", "upgrade"]
+        pod = job["spec"]["template"]["spec"]
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            command = c["command"]
+            assert command[:2] == ["python", "-m"], name
+            module = REPO.joinpath(*command[2].split("."))
+            assert (module.with_suffix(".py")).exists() or (module / "__main__.py").exists(), (name, command)
+
+
+def test_the_migrations_job_upgrades_the_schema_then_grants_every_role() -> None:
+    pod = objects("Job")["todo-cqrs-migrate"]["spec"]["template"]["spec"]
+    (migrate,) = pod["initContainers"]  # init containers run first, each to completion
+    assert migrate["command"][2:] == ["todo_cqrs.migrations", "upgrade"]
+    grant = container(objects("Job")["todo-cqrs-migrate"])
+    assert grant["command"][2:] == ["todo_cqrs.roles", "grant"]
+    # Each role's password from that role's own Secret: the one the role's functions log in with.
+    passwords = {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in grant["env"]
+    }
+    assert passwords == {
+        roles.env_name("DB_PASSWORD", role): (role_secret(role), "DB_PASSWORD") for role in roles.ROLES
+    }
 
 
 # ---- kafka-source.yaml (checked against these manifests) ---------------------------------------------
@@ -628,3 +668,260 @@ def test_each_broken_fixture_names_the_refusal_it_expects(path: Path) -> None:
     (doc,) = load(path)
     assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), path
     assert any(line.startswith("# expect: ") for line in path.read_text().splitlines()), path
+
+
+# ---- least privilege: identities, credentials, network, Kafka ACLs ------------------------------------
+
+# The event receivers: sender identity reads the issuer's keys from the API server with the pod's token.
+RECEIVERS = {"project-event", "relay-outbox", "dead-letter", "reconcile"}
+PRODUCERS = {"create-todo", "update-todo", "delete-todo", "relay-outbox"}
+JOBS_SERVICE_ACCOUNT = "todo-cqrs-jobs"
+
+
+def role_secret(role: str) -> str:
+    """The Secret of a DB role of todo_cqrs/roles.py: todo_command -> todo-cqrs-command."""
+    return "todo-cqrs-" + role.removeprefix("todo_")
+
+
+def service_role(service: str) -> str | None:
+    return roles.FUNCTION_ROLES[service.replace("-", "_")]
+
+
+def workload_secret_refs(workload: dict[str, Any]) -> set[tuple[str, str | None]]:
+    """(Secret, key or None for all of it) of every Secret a workload's pod reads: envFrom, env, volumes."""
+    pod = workload["spec"]["template"]["spec"]
+    refs: set[tuple[str, str | None]] = set()
+    for c in [*pod.get("initContainers", []), *pod["containers"]]:
+        refs |= {(r["secretRef"]["name"], None) for r in c.get("envFrom", []) if "secretRef" in r}
+        for entry in c.get("env", []):
+            if ref := entry.get("valueFrom", {}).get("secretKeyRef"):
+                refs.add((ref["name"], ref["key"]))
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            refs |= {(volume["secret"]["secretName"], i["key"]) for i in volume["secret"].get("items", [])}
+    return refs
+
+
+def test_every_service_runs_as_its_own_service_account_and_the_jobs_as_theirs() -> None:
+    accounts = objects("ServiceAccount", "v1")
+    for name, service in knative_services().items():
+        assert service["spec"]["template"]["spec"]["serviceAccountName"] == name
+        assert name in accounts, f"knative/serviceaccounts.yaml lacks {name}"
+    for name, job in objects("Job", "batch/v1").items():
+        assert job["spec"]["template"]["spec"]["serviceAccountName"] == JOBS_SERVICE_ACCOUNT, name
+    # No account is left over, and none is given rights: the repository binds no Role to any.
+    assert set(accounts) == set(knative_services()) | RECEIVERS | {JOBS_SERVICE_ACCOUNT}
+    assert not objects("RoleBinding") and not objects("ClusterRoleBinding")
+
+
+def test_only_the_event_receivers_get_a_service_account_token() -> None:
+    accounts = objects("ServiceAccount", "v1")
+    for name, account in accounts.items():
+        assert account["automountServiceAccountToken"] is (name in RECEIVERS), name
+    for name, workload in workloads().items():
+        pod = workload["spec"]["template"]["spec"]
+        if name in RECEIVERS:
+            # Knative's webhook accepts only `false` in a Service's pod spec: the account says true.
+            assert "automountServiceAccountToken" not in pod, name
+        else:
+            assert pod["automountServiceAccountToken"] is False, name
+
+
+def test_every_workload_reads_only_its_roles_secrets() -> None:
+    for name, service in knative_services().items():
+        role = service_role(name)
+        expected: set[tuple[str, str | None]] = {(role_secret(role) if role else "todo-cqrs-s3", None)}
+        if name in PRODUCERS:
+            expected.add(("todo-cqrs-kafka-ca", "ca.crt"))
+        assert workload_secret_refs(service) == expected, name
+    admin = {("todo-cqrs-admin", None)}
+    assert workload_secret_refs(objects("Job")["todo-cqrs-rebuild-read-model"]) == admin
+    for job in ("todo-cqrs-dead-letters-list", "todo-cqrs-dead-letters-resend"):
+        assert workload_secret_refs(objects("Job")[job]) == {("todo-cqrs-s3", None)}, job
+
+
+def test_each_roles_secret_holds_its_own_user_and_only_what_the_role_uses() -> None:
+    templates = secret_templates()
+    writers = {service_role(s) for s in PRODUCERS}
+    for role in roles.ROLES:
+        data = templates[role_secret(role)]
+        assert data["DB_USER"] == role
+        assert ("REDIS_URL" in data) is (role in roles.REDIS_RULES), role
+        if "REDIS_URL" in data:
+            assert data["REDIS_URL"].startswith(f"redis://{role}:"), role  # its own ACL user
+        assert ("KAFKA_SASL_PASSWORD" in data) is (role in writers), role
+        assert ("CURSOR_SECRET" in data) is (role == roles.QUERY), role
+    assert templates["todo-cqrs-admin"]["DB_USER"] == "todo"
+
+
+def network_policies() -> dict[str, dict[str, Any]]:
+    return objects("NetworkPolicy", "networking.k8s.io/v1")
+
+
+def selected_pods(selector: dict[str, Any]) -> set[str] | None:
+    """The app.kubernetes.io/name values a pod selector picks out; None for every pod."""
+    if not selector:
+        return None
+    (expression,) = selector["matchExpressions"]
+    assert expression["key"] == "app.kubernetes.io/name" and expression["operator"] == "In", selector
+    return set(expression["values"])
+
+
+def pod_names() -> set[str]:
+    return {
+        w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] for w in workloads().values()
+    }
+
+
+def egress_to(port: int) -> set[str]:
+    """The pods some policy lets out to `port`."""
+    found: set[str] = set()
+    for policy in network_policies().values():
+        for rule in policy["spec"].get("egress", []):
+            if any(p["port"] == port for p in rule.get("ports", [])):
+                found |= selected_pods(policy["spec"]["podSelector"]) or {"*"}
+    return found
+
+
+def test_the_network_policy_denies_everything_by_default() -> None:
+    deny = network_policies()["todo-cqrs-default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    for name, policy in network_policies().items():
+        spec = policy["spec"]
+        # Every allow names the pods it opens by their label, and they exist (a typo would open nothing
+        # and break the path silently); the few others are named here.
+        pods = selected_pods(spec["podSelector"]) if "matchExpressions" in spec["podSelector"] else None
+        if pods is not None:
+            assert pods <= pod_names(), (name, pods - pod_names())
+        else:
+            assert name in {
+                "todo-cqrs-default-deny",
+                "todo-cqrs-dns",
+                "todo-cqrs-traces",  # every pod of the system, to the collector only
+                "todo-cqrs-mariadb-ingress",  # the in-namespace trial servers, from their clients
+                "todo-cqrs-redis-ingress",
+            }, name
+
+
+def test_the_network_policy_opens_each_path_to_its_users_only() -> None:
+    assert egress_to(9093) == PRODUCERS  # Kafka: the producers; the KafkaSource runs in knative-eventing
+    assert egress_to(3306) == {"todo-cqrs-migrate", "todo-cqrs-rebuild-read-model"} | {
+        s for s in knative_services() if service_role(s)
+    }
+    redis_users = {s for s in knative_services() if service_role(s) in roles.REDIS_RULES}
+    assert egress_to(6379) == redis_users | {"todo-cqrs-rebuild-read-model"}
+    assert egress_to(6443) == RECEIVERS  # the issuer's keys, for sender identity
+    public = network_policies()["todo-cqrs-public-ingress"]["spec"]
+    assert selected_pods(public["podSelector"]) == set(knative_services()) - RECEIVERS
+    receivers = network_policies()["todo-cqrs-receivers-ingress"]["spec"]
+    assert selected_pods(receivers["podSelector"]) == RECEIVERS
+    # From other namespaces only to queue-proxy's ports (and the autoscaler's metrics port), never
+    # straight to the function's 8080, but for Prometheus.
+    for name, policy in network_policies().items():
+        for rule in policy["spec"].get("ingress", []):
+            ports = {p["port"] for p in rule["ports"]}
+            if name == "todo-cqrs-metrics-scrape":
+                assert ports == {8080}
+            elif name.startswith("todo-cqrs-") and name.endswith("-ingress") and "podSelector" in str(rule):
+                continue  # the in-namespace MariaDB and Redis, from their clients
+            else:
+                assert ports <= {8012, 8013, 8112, 9090}, (name, ports)
+
+
+def kafka_users() -> dict[str, dict[str, Any]]:
+    return objects("KafkaUser", "kafka.strimzi.io/v1")
+
+
+def acls(user: str) -> set[tuple[str, str, str]]:
+    """(resource type, resource name, operation) the user is allowed."""
+    spec = kafka_users()[user]["spec"]["authorization"]
+    assert spec["type"] == "simple"
+    found = set()
+    for rule in spec["acls"]:
+        assert (
+            rule.get("type", "allow") == "allow"
+            and rule["resource"].get("patternType", "literal") == "literal"
+        )
+        found |= {
+            (rule["resource"]["type"], rule["resource"].get("name", ""), op) for op in rule["operations"]
+        }
+    return found
+
+
+def test_kafka_users_acls_let_only_the_producers_write_and_only_the_source_read(
+    kafka_source: dict[str, Any],
+) -> None:
+    topic = config_data()["TODO_EVENTS_TOPIC"]
+    writer = {("topic", topic, "Write"), ("topic", topic, "Describe"), ("cluster", "", "IdempotentWrite")}
+    assert acls("todo-command") == writer
+    assert acls("todo-relay") == writer
+    group = kafka_source["spec"]["consumerGroup"]
+    assert acls("todo-kafka-source") == {
+        ("topic", topic, "Read"),
+        ("topic", topic, "Describe"),
+        ("group", group, "Read"),
+    }
+    assert set(kafka_users()) == {"todo-command", "todo-relay", "todo-kafka-source"}
+    for user in kafka_users().values():
+        assert (
+            user["metadata"]["labels"]["strimzi.io/cluster"]
+            == kafka_topic()["metadata"]["labels"]["strimzi.io/cluster"]
+        )
+
+
+def test_kafka_identities_are_one_password_each_from_the_roles_secret(kafka_source: dict[str, Any]) -> None:
+    templates = secret_templates()
+    for user, secret in (("todo-command", "todo-cqrs-command"), ("todo-relay", "todo-cqrs-relay")):
+        auth = kafka_users()[user]["spec"]["authentication"]
+        assert auth["type"] == "scram-sha-512"
+        assert auth["password"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "KAFKA_SASL_PASSWORD"}
+        assert templates[secret]["KAFKA_SASL_USERNAME"] == user
+    source_auth = kafka_users()["todo-kafka-source"]["spec"]["authentication"]
+    sasl = kafka_source["spec"]["net"]["sasl"]
+    assert sasl["enable"] is True
+    assert source_auth["password"]["valueFrom"]["secretKeyRef"] == sasl["password"]["secretKeyRef"]
+    source_secret = templates[sasl["user"]["secretKeyRef"]["name"]]
+    assert source_secret[sasl["user"]["secretKeyRef"]["key"]] == "todo-kafka-source"
+    assert (
+        source_secret[sasl["type"]["secretKeyRef"]["key"]]
+        == config_data()["KAFKA_SASL_MECHANISM"]
+        == "SCRAM-SHA-512"
+    )
+    tls = kafka_source["spec"]["net"]["tls"]
+    assert tls["enable"] is True and tls["caCert"]["secretKeyRef"] == {
+        "name": "todo-cqrs-kafka-ca",
+        "key": "ca.crt",
+    }
+    # The producers: SASL over TLS, the CA where the settings look for it.
+    assert config_data()["KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    for name in PRODUCERS:
+        c = container(knative_services()[name])
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "kafka-ca"]
+        assert config_data()["KAFKA_SSL_CA_FILE"] == f"{mount['mountPath']}/ca.crt", name
+
+
+def single_broker_topic() -> dict[str, Any]:
+    """knative/kafka-topic.yaml through knative/kafka-single-broker/'s JSON patches."""
+    (kustomization,) = load(KNATIVE / "kafka-single-broker" / "kustomization.yaml")
+    assert kustomization["resources"] == ["../kafka-topic.yaml"]
+    topic = json.loads(json.dumps(kafka_topic()))
+    for patch in kustomization["patches"]:
+        for op in yaml.safe_load(patch["patch"]):
+            assert op["op"] == "replace", op
+            *parents, leaf = op["path"].strip("/").split("/")
+            node = topic
+            for part in parents:
+                node = node[part]
+            assert leaf in node, op["path"]
+            node[leaf] = op["value"]
+    return topic
+
+
+def test_topic_keeps_acknowledged_events_on_three_brokers_and_the_overlay_on_one() -> None:
+    spec = kafka_topic()["spec"]
+    assert spec["replicas"] == 3
+    assert spec["config"]["min.insync.replicas"] == 2
+    assert spec["config"]["unclean.leader.election.enable"] is False
+    trial = single_broker_topic()["spec"]
+    assert (trial["replicas"], trial["config"]["min.insync.replicas"]) == (1, 1)
+    assert trial["config"]["unclean.leader.election.enable"] is False

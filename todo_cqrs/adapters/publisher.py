@@ -75,7 +75,24 @@ def producer_config(bootstrap_servers: str) -> dict[str, Any]:
         "message.timeout.ms": max(2000, int((settings().outbox_lease_s - 1) * 1000)),
         "socket.connection.setup.timeout.ms": 3000,
         "reconnect.backoff.max.ms": 1000,
+        **kafka_security_config(),
     }
+
+
+def kafka_security_config() -> dict[str, Any]:
+    """The connection's security from the settings: nothing more for PLAINTEXT (local, loopback);
+    SASL credentials and the brokers' CA for SASL_SSL (a cluster's SCRAM-SHA-512 listener)."""
+    s = settings()
+    config: dict[str, Any] = {"security.protocol": s.kafka_security_protocol}
+    if s.kafka_sasl_mechanism:
+        config |= {
+            "sasl.mechanism": s.kafka_sasl_mechanism,
+            "sasl.username": s.kafka_sasl_username,
+            "sasl.password": s.kafka_sasl_password,
+        }
+    if s.kafka_ssl_ca_file:
+        config["ssl.ca.location"] = s.kafka_ssl_ca_file
+    return config
 
 
 class Publisher:
