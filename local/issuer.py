@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,7 @@ def ensure_key(directory: Path = ISSUER_DIR) -> Path:
     path = directory / PRIVATE_KEY
     if path.exists():
         return path
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -187,6 +187,10 @@ class Tokens:
                 self._tokens[audience] = (token, now + self.ttl_s)
         return f"Bearer {token}"
 
+    def headers_for(self, audience: str) -> Callable[[], dict[str, str]]:
+        """A maker of a request's headers for `audience` (its token renewed as needed)."""
+        return lambda: {"Authorization": self.authorization(audience)}
+
 
 # --- the server --------------------------------------------------------------------------------------
 
@@ -229,15 +233,25 @@ def server(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m local.issuer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, default=ISSUER_PORT)
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="serve the discovery document and JWKS (the default)")
+    serve.add_argument("--port", type=int, default=ISSUER_PORT)
+    token = commands.add_parser("token", help="print a token for AUDIENCE, as its event source has it")
+    token.add_argument("audience", choices=sorted(SENDERS))
+    token.add_argument("--subject", help="default: the receiver's source (OIDC_ALLOWED_SUBJECTS)")
+    token.add_argument("--ttl", type=float, default=TOKEN_TTL_S, help="seconds")
     args = parser.parse_args(argv)
-    http = server(args.port)
+    if args.command == "token":
+        print(mint(args.subject or SENDERS[args.audience][0], args.audience, args.ttl))
+        return 0
+    port = getattr(args, "port", ISSUER_PORT)
+    http = server(port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     thread = threading.Thread(target=http.serve_forever, name="issuer", daemon=True)
     thread.start()
-    print(f"OIDC issuer on http://{HOST}:{args.port} (key {ISSUER_DIR / PRIVATE_KEY})", file=sys.stderr)
+    print(f"OIDC issuer on http://{HOST}:{port} (key {ISSUER_DIR / PRIVATE_KEY})", file=sys.stderr)
     stop.wait()
     http.shutdown()
     http.server_close()

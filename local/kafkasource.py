@@ -19,6 +19,10 @@ What it reproduces of the dispatcher:
   `knativeerrorcode` (the status; absent when there was no response), `knativeerrordata` (the response
   body, truncated to 1024 bytes, base64) and one extension per `kne-<name>` response header.
   Without a dead-letter sink the record is dropped, with a log line.
+- A sink (or dead-letter sink) with an `audience` gets `Authorization: Bearer <token>` on every request:
+  a token of the source's OIDC service account for that audience (local/issuer.py stands in for the
+  cluster's issuer), cached and renewed before it expires, as the dispatcher does with
+  `authentication-oidc` on.
 - An offset is stored only once its record was delivered, dead-lettered or dropped; stored offsets are
   auto-committed, and committed on revocation and shutdown. A stop lets the HTTP attempt in flight finish;
   a record abandoned mid-retry is delivered again after a restart (at least once, never skipped).
@@ -72,6 +76,7 @@ from confluent_kafka import (
 from prometheus_client import Counter, Gauge, disable_created_metrics, start_http_server
 
 from local import http1
+from local.issuer import Tokens, source_subject
 from local.topology import BY_SERVICE, REPO
 from todo_cqrs.settings import settings
 
@@ -119,11 +124,12 @@ class Destination:
     ref_kind: str | None = None
     ref_name: str | None = None
     uri: str | None = None
+    audience: str | None = None  # with one, each request carries a token for it (sender identity)
 
     @classmethod
     def from_spec(cls, node: Mapping[str, Any]) -> Destination:
         ref = node.get("ref") or {}
-        return cls(ref.get("kind"), ref.get("name"), node.get("uri"))
+        return cls(ref.get("kind"), ref.get("name"), node.get("uri"), node.get("audience"))
 
     def local_url(self) -> str:
         """The URL of this destination on this machine (Services resolved through local/topology.py)."""
@@ -478,8 +484,15 @@ class _Delivery:
 
     def __init__(self, source: LocalKafkaSource) -> None:
         self.source = source
-        self.sink = _Target(source.sink_url)
-        self.dead_letter_sink = _Target(source.dead_letter_url) if source.dead_letter_url else None
+        spec = source.spec
+        tokens = Tokens(source_subject(spec.name, "kafkasource", spec.namespace))
+        self.sink = _Target(source.sink_url, spec.sink.audience, tokens)
+        dls = spec.dead_letter_sink
+        self.dead_letter_sink = (
+            _Target(source.dead_letter_url, dls.audience if dls else None, tokens)
+            if source.dead_letter_url
+            else None
+        )
         self._stopped = asyncio.Event()
 
     def wake_stopped(self) -> None:
@@ -496,6 +509,8 @@ class _Delivery:
     async def _post(self, target: _Target, event: HttpEvent) -> Answer:
         source = self.source
         headers = {**event.headers, "Prefer": "reply", "Kn-Namespace": source.spec.namespace}
+        if target.tokens is not None and target.audience:
+            headers["Authorization"] = target.tokens.authorization(target.audience)
         raw = http1.encode_request(
             "POST",
             target.path,
@@ -585,13 +600,17 @@ class _Delivery:
 
 
 class _Target:
-    """A sink: its URL, the request path, and keep-alive connections to it (opened on the source's loop)."""
+    """A sink: its URL, the request path, and keep-alive connections to it (opened on the source's loop);
+    with an audience, the source's token for it (minted by the local issuer, renewed before it expires,
+    as the dispatcher does with the cluster's)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, audience: str | None = None, tokens: Tokens | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"the local KafkaSource posts over plain HTTP only, not to {url!r}")
         self.url = url
+        self.audience = audience
+        self.tokens = tokens if audience else None
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.pool = http1.Pool(parts.hostname, parts.port or 80)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from local import services
+from local import issuer, services
 from local.kafkasource import DEFAULT_SPEC, load_spec
 from local.topology import (
     BY_NAME,
@@ -215,6 +215,19 @@ def function_env(function: Function) -> dict[str, str]:
     return {"K_SERVICE": function.service, "PORT": str(function.port), **SERVER_ENV}
 
 
+def receiver_env(function: Function) -> dict[str, str]:
+    """An event receiver's sender identity (required, with the local issuer); {} for the others."""
+    return issuer.receiver_env(function.service)
+
+
+def start_issuer(system: System) -> None:
+    """The local OIDC issuer, before the receivers that fetch its keys and the sources that present its
+    tokens (local/issuer.py)."""
+    system.spawn("issuer", [sys.executable, "-m", "local.issuer"], port=issuer.ISSUER_PORT)
+    took = wait_http_ready(system, "issuer", f"{issuer.ISSUER_URL}/healthz")
+    say(f"{'issuer':<14} ready on {issuer.ISSUER_URL} ({took:.1f} s)")
+
+
 def kafkasource_argv() -> list[str]:
     return [sys.executable, "-m", "local.kafkasource", "--metrics-port", str(KAFKASOURCE_METRICS_PORT)]
 
@@ -262,8 +275,10 @@ def start(system: System) -> None:
     services.ensure_packages(["nginx"])  # the gateway's
     say(f"services ready after {time.monotonic() - started:.1f} s; applying migrations ...")
     subprocess.run([sys.executable, "-m", "todo_cqrs.migrations", "upgrade"], cwd=REPO, check=True)
+    start_issuer(system)
     for function in FUNCTIONS:
-        system.spawn(function.name, function_argv(function), function_env(function), function.port)
+        env = {**function_env(function), **receiver_env(function)}
+        system.spawn(function.name, function_argv(function), env, function.port)
     system.spawn("kafkasource", kafkasource_argv(), port=KAFKASOURCE_METRICS_PORT)
     for function in FUNCTIONS:
         took = wait_http_ready(system, function.name, f"{function.url}/healthz")
@@ -290,11 +305,13 @@ def relay_schedule(stopping: threading.Event, paused: threading.Event | None = N
         method="POST",
         headers={"Content-Type": "application/json"},
     )
+    tokens = issuer.Tokens(issuer.RELAY_TICK_SUBJECT)  # the PingSource's identity, as in a cluster
     failing = False
     while not stopping.wait(RELAY_PERIOD_S):
         if paused is not None and paused.is_set():
             continue
         try:
+            request.add_header("Authorization", tokens.authorization(BY_NAME["relay_outbox"].service))
             urllib.request.urlopen(request, timeout=10).close()
             if failing:
                 say("outbox relay tick works again")

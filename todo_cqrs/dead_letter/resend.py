@@ -1,9 +1,14 @@
-"""Re-send dead letters to project_event after a fix, as the binary-mode CloudEvents they were."""
+"""Re-send dead letters to project_event after a fix, as the binary-mode CloudEvents they were.
+
+Only letters that project_event could not take are re-sent there: a letter whose `knativeerrordest`
+names another destination (or none) is kept, with the reason. With sender identity on, the requests
+carry a token (`authorization`), as the KafkaSource's do."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import requests
 from cloudevents.conversion import to_binary
@@ -12,6 +17,7 @@ from cloudevents.http import CloudEvent
 from todo_cqrs.dead_letter.store import DeadLetter, DeadLetterStore
 
 RESEND_TIMEOUT_S = 10.0
+PROJECT_EVENT_SERVICE = "project-event"  # its Knative Service: knativeerrordest names it in a cluster
 
 
 @dataclass
@@ -36,13 +42,31 @@ def as_request(letter: DeadLetter) -> tuple[dict[str, str], bytes | None]:
     return headers, body
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    default_port = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
+
+
+def dead_lettered_by(letter: DeadLetter, url: str) -> bool:
+    """The letter failed at project_event: its knativeerrordest is `url`'s origin, or an address of the
+    project-event Service (`project-event`, `project-event.<namespace>[.svc.cluster.local]`)."""
+    destination = letter.error_dest
+    if not destination:
+        return False
+    host = _origin(destination)[1]
+    return _origin(destination) == _origin(url) or host.split(".", 1)[0] == PROJECT_EVENT_SERVICE
+
+
 def resend(
     store: DeadLetterStore,
     url: str,
     keys: Iterable[str] | None = None,
     timeout_s: float = RESEND_TIMEOUT_S,
+    authorization: Callable[[], str] | None = None,
 ) -> ResendReport:
-    """POST each letter (all, oldest first, or only `keys`) to url; delete each one only after a 2xx."""
+    """POST each letter (all, oldest first, or only `keys`) that project_event could not take to url;
+    delete each one only after a 2xx. `authorization`: the Authorization header's value, per request."""
     report = ResendReport()
     with requests.Session() as session:
         for key in store.list() if keys is None else keys:
@@ -51,7 +75,15 @@ def resend(
             except KeyError:
                 report.kept[key] = "no such dead letter"
                 continue
+            if not dead_lettered_by(letter, url):
+                where = letter.error_dest or "no knativeerrordest"
+                report.kept[key] = (
+                    f"not dead-lettered by {PROJECT_EVENT_SERVICE} ({where}): not re-sent there"
+                )
+                continue
             headers, body = as_request(letter)
+            if authorization is not None:
+                headers["Authorization"] = authorization()
             try:
                 response = session.post(url, headers=headers, data=body, timeout=timeout_s)
             except requests.RequestException as exc:
