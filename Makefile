@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FN ?= create_todo
 
 .PHONY: help install services services-down services-status migrate run func-run test test-unit lint \
-        format bench soak relay-once rebuild dead-letters dead-letters-resend consume clean
+        format bench soak relay-once rebuild reconcile sql dead-letters dead-letters-resend consume clean
 
 help:  ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
@@ -63,8 +63,15 @@ soak: $(STAMP)  ## only the soak: 3 minutes of 250 commands/s + 600 reads/s, ope
 relay-once: migrate  ## publish every pending outbox event now
 	$(PY) -m todo_cqrs.command.relay
 
-rebuild: migrate  ## empty the read model and the cache, replay the outbox history
-	$(PY) -m todo_cqrs.projection.rebuild
+rebuild: migrate  ## rebuild the read model from the write model's state into a shadow table, swapped in
+	$(ADMIN) $(PY) -m todo_cqrs.projection.rebuild
+
+reconcile: migrate  ## one reconciliation pass now: what differs between the models, and what it repaired
+	$(ADMIN) $(PY) -m todo_cqrs.reconcile
+
+DB ?= write
+sql: $(STAMP)  ## admin SQL shell on the local database: make sql DB=read|write (statements from stdin too)
+	@$(ADMIN) $(PY) -m local.sql_shell $(DB)
 
 dead-letters: $(STAMP)  ## list the events the KafkaSource could not deliver
 	$(PY) -m todo_cqrs.dead_letter list

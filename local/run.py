@@ -2,8 +2,9 @@
 
 Starts (or reuses) MariaDB, Redis and Kafka, applies the migrations, then starts every function as
 its own functions-framework process (ASGI server: gunicorn's uvicorn worker, uvloop, httptools),
-the local KafkaSource, the outbox relay's schedule (what a PingSource does in a cluster), the live
-page's pipeline server and, last, the gateway (nginx). Each process logs to its own file.
+the local KafkaSource, the outbox relay's and the reconciliation's schedules (what PingSources do
+in a cluster: RECONCILE_INTERVAL_SECONDS, 10 s, for the latter), the live page's pipeline server
+and, last, the gateway (nginx). Each process logs to its own file.
 
 Supervised, as a Kubernetes user expects: a child that dies is started again after a backoff
 (0.5 s, doubling, at most 10 s) with a log line; only a child that crashes 5 times within 30 s stops
@@ -25,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,6 +290,13 @@ def start(system: System) -> None:
     threading.Thread(
         target=relay_schedule, args=(system.stopping,), name="relay-schedule", daemon=True
     ).start()
+    reconcile = BY_NAME["reconcile"]
+    threading.Thread(
+        target=scheduled_ticks,
+        args=("reconcile", f"{reconcile.url}/", settings().reconcile_interval_s, system.stopping),
+        name="reconcile-schedule",
+        daemon=True,
+    ).start()
     system.spawn("pipeline", [sys.executable, "-m", "local.pipeline_server"], port=PIPELINE_PORT)
     # The gateway last: once it answers, every path behind it works, events included.
     system.spawn("gateway", [sys.executable, "-m", "local.gateway"], port=GATEWAY_PORT)
@@ -319,6 +328,36 @@ def relay_schedule(stopping: threading.Event, paused: threading.Event | None = N
         except Exception as exc:  # noqa: BLE001 - relay_outbox restarting, or busy: the next tick retries
             if not failing:
                 say(f"outbox relay tick failed: {exc}; retrying every {RELAY_PERIOD_S:.0f} s")
+            failing = True
+
+
+def scheduled_ticks(
+    name: str,
+    url: str,
+    period_s: float,
+    stopping: threading.Event,
+    headers: Callable[[], dict[str, str]] | None = None,
+    timeout_s: float = 120.0,
+) -> None:
+    """What a PingSource does in a cluster: POST to `url` every `period_s` (counted from the end of the
+    previous tick, so ticks never pile up), with `headers()` made afresh for each (a sender's token).
+    It never dies: a failed tick is logged once and the next one follows."""
+    failing = False
+    while not stopping.wait(period_s):
+        request = urllib.request.Request(
+            url,
+            data=b"{}",
+            method="POST",
+            headers={"Content-Type": "application/json", **(headers() if headers else {})},
+        )
+        try:
+            urllib.request.urlopen(request, timeout=timeout_s).close()
+            if failing:
+                say(f"{name} tick works again")
+            failing = False
+        except Exception as exc:  # noqa: BLE001 - the function restarting, or busy: the next tick retries
+            if not failing:
+                say(f"{name} tick failed: {exc}; retrying every {period_s:.0f} s")
             failing = True
 
 
