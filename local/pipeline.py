@@ -19,7 +19,7 @@ The document (a number is null when its source did not answer, or when the windo
 - `scraped_at`: RFC 3339 UTC time of the round; `scrape_ms`: how long the round took;
   `interval_seconds`: since the previous round (null on the first), the span the `*_per_second` rates
   cover; `window_seconds`: the span the `*_60s` figures cover (under 60 s after a start or a gap).
-- `components`: `{name: "up" | "down"}` for the seven functions and `kafkasource`.
+- `components`: `{name: "up" | "down"}` for the eight functions and `kafkasource`.
 - `errors`: `[{"component", "message", "detail"}]`, e.g. `"project_event unreachable"`, one per target
   that did not answer.
 - `outbox`: `pending_rows`, `oldest_pending_age_seconds` (the commands' and relay_outbox's gauges, the
@@ -36,6 +36,9 @@ The document (a number is null when its source did not answer, or when the windo
   (counts since start; a ratio is hits over all reads, null without reads).
 - `min_version` (get_todos' read-your-writes waits): `ready_60s`, `timeout_60s`.
 - `dead_letters` (dead_letter): `stored_total`, `stored_60s`.
+- `reconcile` (the reconcile function, docs/reconciliation.md): `passes_total`, `last_pass_at` (RFC 3339,
+  null before the first pass), `last_pass_age_seconds`, `drift` and `drift_60s` `{"missing", "different",
+  "extra"}` (differences older than the grace period, found), `repaired_total`, `repaired_60s`.
 - `requests`: `{function: {"per_second", "server_errors_per_second"}}`, API requests only (not
   /metrics nor the health paths).
 
@@ -77,6 +80,10 @@ LAG = "todo_projection_lag_seconds_bucket"
 LAG_SOURCE = "project_event"
 PENDING, OLDEST = "todo_outbox_pending_rows", "todo_outbox_oldest_pending_age_seconds"
 CONSUMER_LAG_TOTAL = "consumer_lag_total"
+RECONCILE_PASSES, RECONCILE_DRIFT = "todo_reconcile_passes_total", "todo_reconcile_drift_total"
+RECONCILE_REPAIRED = "todo_reconcile_repaired_total"
+RECONCILE_LAST_PASS = "todo_reconcile_last_pass_timestamp_seconds"
+DRIFT_KINDS = ("missing", "different", "extra")
 WANTED = {
     "todo_http_requests_total",
     PENDING,
@@ -88,6 +95,10 @@ WANTED = {
     "todo_cache_reads_total",
     "todo_min_version_wait_seconds_count",
     "todo_dead_letters_stored_total",
+    RECONCILE_PASSES,
+    RECONCILE_DRIFT,
+    RECONCILE_REPAIRED,
+    RECONCILE_LAST_PASS,
     "todo_kafkasource_consumer_lag",
     "todo_kafkasource_retries_total",
     "todo_kafkasource_deliveries_total",
@@ -188,7 +199,9 @@ def read_samples(samples: list[Sample]) -> Reading:
             )
         elif name == "todo_kafkasource_deliveries_total":
             add(f"deliveries.{labels.get('outcome', '')}", value)
-        elif name in (PENDING, OLDEST):
+        elif name == RECONCILE_DRIFT:
+            add(f"reconcile.drift.{labels.get('kind', '')}", value)
+        elif name in (PENDING, OLDEST, RECONCILE_LAST_PASS):
             gauges[name] = value
         else:
             add(name, value)
@@ -460,6 +473,20 @@ def _cache(view: View) -> dict[str, object]:
     return sections
 
 
+def _reconcile(view: View, now_wall: float) -> dict[str, object]:
+    reading = view.readings.get("reconcile")
+    last = reading.gauges.get(RECONCILE_LAST_PASS, 0.0) if reading else 0.0
+    return {
+        "passes_total": view.total("reconcile", RECONCILE_PASSES),
+        "last_pass_at": _rfc3339(last) if last > 0 else None,
+        "last_pass_age_seconds": round(max(0.0, now_wall - last), 1) if last > 0 else None,
+        "drift": {kind: view.total("reconcile", f"reconcile.drift.{kind}") for kind in DRIFT_KINDS},
+        "drift_60s": {kind: view.recent("reconcile", f"reconcile.drift.{kind}") for kind in DRIFT_KINDS},
+        "repaired_total": view.total("reconcile", RECONCILE_REPAIRED),
+        "repaired_60s": view.recent("reconcile", RECONCILE_REPAIRED),
+    }
+
+
 def _rfc3339(unix_seconds: float) -> str:
     return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -486,6 +513,7 @@ def build_document(round_: Round, state: PipelineState, interval: float | None) 
             "stored_total": view.total("dead_letter", "todo_dead_letters_stored_total"),
             "stored_60s": view.recent("dead_letter", "todo_dead_letters_stored_total"),
         },
+        "reconcile": _reconcile(view, round_.at_wall),
         "requests": {
             f.name: {
                 "per_second": view.rate(f.name, "requests"),

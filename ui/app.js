@@ -405,6 +405,13 @@ function renderPipeline(doc) {
   metric("cache-counts", item.hit === null ? null : `${item.hit} / ${item.miss} / ${item.bypass}`, (v) => v ?? "—");
   metric("dead-letters", doc.dead_letters.stored_total, fmt.count);
   metric("dead-letters-60s", doc.dead_letters.stored_60s, fmt.count);
+  const reconcile = doc.reconcile;
+  metric("reconcile-last-pass", reconcile.last_pass_age_seconds, (v) => (v === null || v === undefined ? "—" : `${fmt.seconds(v)} ago`));
+  metric("reconcile-passes", reconcile.passes_total, fmt.count);
+  for (const kind of ["missing", "different", "extra"]) {
+    metric(`reconcile-drift-${kind}`, reconcile.drift[kind], fmt.count);
+  }
+  metric("reconcile-repaired", reconcile.repaired_total, fmt.count);
 
   renderComponents(doc);
   renderChart(doc.projection, Date.parse(doc.scraped_at) / 1000);

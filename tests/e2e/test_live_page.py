@@ -162,7 +162,7 @@ def test_pipeline_api_answers_one_document_and_404_elsewhere(gateway):
     assert document.status == 200
     body = document.body
     components = ["create_todo", "update_todo", "delete_todo", "get_todos"]
-    components += ["project_event", "relay_outbox", "dead_letter", "kafkasource"]
+    components += ["project_event", "relay_outbox", "dead_letter", "reconcile", "kafkasource"]
     assert list(body["components"]) == components
     down = {name for name, up in body["components"].items() if up == "down"}
     assert {error["component"] for error in body["errors"]} == down  # a slow scrape is named, not hidden
@@ -170,6 +170,7 @@ def test_pipeline_api_answers_one_document_and_404_elsewhere(gateway):
         assert all(isinstance(p["lag"], int) for p in body["consumer"]["partitions"])
     assert set(body["projection"]["events"]) == {"applied", "skipped", "rejected", "failed"}
     assert set(body["projection"]["lag_ms_60s"]) == {"count", "p50", "p90", "p99"}
+    assert set(body["reconcile"]["drift"]) == {"missing", "different", "extra"}
 
     unknown = gateway.request("GET", "/ui/api/nothing-here")
     assert unknown.status == 404
