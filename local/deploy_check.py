@@ -7,14 +7,16 @@ from local/deploy/, starts etcd (Debian's etcd-server) and kube-apiserver on fre
 their data in a temporary directory, and loads the CRDs the cluster would have
 (../shared/schemas/crds: Knative Service, PingSource, Strimzi KafkaTopic v1;
 ../shared/schemas/kafkasource-crd.yaml; Strimzi's KafkaUser v1, made from Strimzi's jars on Maven
-Central and cached by local/deploy_tools.py), local/deploy/admission-policies.yaml (a stand-in for a
-rule of Knative's webhooks) and local/deploy/admission-policies-kafka.yaml (a rule of the project's).
+Central and cached by local/deploy_tools.py; Knative's EventPolicy, from the knative.dev/eventing Go
+module through the Go module proxy, cached likewise), local/deploy/admission-policies.yaml (a stand-in
+for a rule of Knative's webhooks) and local/deploy/admission-policies-kafka.yaml and
+admission-policies-eventing.yaml (rules of the project's).
 It runs `make secret` against that API server (placeholder values: it checks the recipe and what it
 creates), then, with `kubectl apply --dry-run=server --validate=strict`, it applies:
 
 - what `make deploy` applies, phase by phase with the same label selectors: the kustomize output of
   `make deploy-render` (ConfigMap; ServiceAccounts, NetworkPolicies, KafkaUsers; migrations Job,
-  Knative Services, PingSource), the KafkaTopic in the Kafka namespace (and its single-broker
+  Knative Services, PingSource, EventPolicies), the KafkaTopic in the Kafka namespace (and its single-broker
   overlay), the rendered kafka-source.yaml; and checks that those phases cover every rendered object
   (one without its phase's label would never be applied);
 - the Secrets' template (knative/secret.example.yaml), and checks that every Secret and key the
@@ -50,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from local.deploy_tools import ToolError, ensure_binary, strimzi_crd
+from local.deploy_tools import ToolError, ensure_binary, knative_eventing_crd, strimzi_crd
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
@@ -63,6 +65,7 @@ CRDS = [
 POLICIES = [
     REPO / "local" / "deploy" / "admission-policies.yaml",
     REPO / "local" / "deploy" / "admission-policies-kafka.yaml",
+    REPO / "local" / "deploy" / "admission-policies-eventing.yaml",
 ]
 SECRET_TEMPLATE = REPO / "knative" / "secret.example.yaml"
 BROKEN = REPO / "tests" / "deploy" / "broken"
@@ -272,7 +275,7 @@ def api_server() -> Iterator[ApiServer]:
 
 def load_crds(server: ApiServer) -> None:
     docs = []
-    for path in [*CRDS, strimzi_crd("kafkauser")]:
+    for path in [*CRDS, strimzi_crd("kafkauser"), knative_eventing_crd("eventpolicy")]:
         if not path.exists():
             raise CheckError(f"{path} is missing: ../shared must be beside the repository")
         (crd,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
@@ -314,6 +317,12 @@ POLICY_PROBES: dict[str, dict[str, Any]] = {
             "net": {"sasl": {"enable": True}},
             "sink": {"uri": "http://probe.default.svc"},
         },
+    },
+    "eventpolicy-names-its-senders": {
+        "apiVersion": "eventing.knative.dev/v1alpha1",
+        "kind": "EventPolicy",
+        "metadata": {"name": "policy-probe", "namespace": "default"},
+        "spec": {"to": [{"ref": {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": "x"}}]},
     },
 }
 
@@ -391,6 +400,7 @@ def deploy_phases(namespace: str, kafka_namespace: str) -> list[tuple[str, list[
         ("Knative Services", ["-n", namespace, "-f", deploy, "-l", f"{COMPONENT}=function"]),
         ("KafkaSource", ["-n", namespace, "-f", source]),
         ("PingSource", ["-n", namespace, "-f", deploy, "-l", f"{COMPONENT}=event-source"]),
+        ("EventPolicies", ["-n", namespace, "-f", deploy, "-l", f"{COMPONENT}=event-policy"]),
     ]
 
 

@@ -2,6 +2,7 @@
 
     python -m local.deploy_tools build [kube-apiserver] [queue-proxy]    build what is missing, print paths
     python -m local.deploy_tools crd kafkauser    make Strimzi's KafkaUser CRD (once), print its path
+    python -m local.deploy_tools crd eventpolicy  fetch Knative's EventPolicy CRD (once), print its path
 
 kube-apiserver and queue-proxy are built with the local Go toolchain from the small Go modules of
 local/deploy/ (each pins one upstream release, go.sum included) through the Go module proxy. A binary is
@@ -12,6 +13,10 @@ Strimzi's KafkaUser CRD is not kept in the repository (nor in ../shared/schemas)
 from Strimzi's own artifacts on Maven Central (fetched with mvn, as local/services.py fetches Kafka's
 jars): the `api` jar holds the model classes, `crd-generator` the program Strimzi's build runs to write
 packaging/install/cluster-operator/044-Crd-kafkauser.yaml from them. See STRIMZI_CRDS for which versions.
+
+Knative Eventing's EventPolicy CRD is not kept either: it is a file of the knative.dev/eventing Go
+module (config/core/resources/eventpolicy.yaml), fetched once through the Go module proxy (`go mod
+download`, which checks it against the Go checksum database) and copied into ~/.cache/todo-cqrs/.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -213,6 +219,43 @@ def _checked(jars: list[Path]) -> list[Path]:
     return jars
 
 
+KNATIVE_EVENTING_VERSION = "v0.47.0"
+KNATIVE_EVENTING_CRDS = {"eventpolicy": "config/core/resources/eventpolicy.yaml"}
+
+
+def knative_eventing_crd(kind: str) -> Path:
+    """The path of Knative Eventing's CRD of `kind` (a key of KNATIVE_EVENTING_CRDS), fetched first when
+    missing."""
+    cache = CACHE / f"knative-eventing-{KNATIVE_EVENTING_VERSION}"
+    target = cache / Path(KNATIVE_EVENTING_CRDS[kind]).name
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        module = f"knative.dev/eventing@{KNATIVE_EVENTING_VERSION}"
+        run = subprocess.run(
+            [go_binary(), "mod", "download", "-json", module],
+            cwd=cache,
+            env={**os.environ, "GO111MODULE": "on"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if run.returncode != 0:
+            raise ToolError(f"go mod download {module} failed:\n{run.stdout}{run.stderr}"[-3000:])
+        source = Path(json.loads(run.stdout)["Dir"]) / KNATIVE_EVENTING_CRDS[kind]
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(source, partial)
+        partial.rename(target)
+        print(
+            f"fetched {target} (knative.dev/eventing {KNATIVE_EVENTING_VERSION})", file=sys.stderr, flush=True
+        )
+    return target
+
+
 def go_binary() -> str:
     found = shutil.which("go") or shutil.which("go", path="/usr/local/go/bin:/usr/lib/go/bin")
     if not found:
@@ -270,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build (or find cached) binaries and print their paths")
     build.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(TOOLS)} (default: all)")
-    crd = commands.add_parser("crd", help="make (or find cached) a Strimzi CRD and print its path")
-    crd.add_argument("kind", choices=sorted(STRIMZI_CRDS))
+    crd = commands.add_parser("crd", help="make (or find cached) a Strimzi or Knative CRD, print its path")
+    crd.add_argument("kind", choices=sorted([*STRIMZI_CRDS, *KNATIVE_EVENTING_CRDS]))
     args = parser.parse_args(argv)
     if args.command == "crd":
         try:
-            print(strimzi_crd(args.kind))
+            print(
+                knative_eventing_crd(args.kind)
+                if args.kind in KNATIVE_EVENTING_CRDS
+                else strimzi_crd(args.kind)
+            )
         except ToolError as error:
             print(f"deploy_tools: {error}", file=sys.stderr)
             return 1

@@ -232,7 +232,7 @@ verify-deploy: $(STAMP)  ## apply every manifest to a real API server (dry run) 
 DEPLOY_SECRETS := todo-cqrs-command todo-cqrs-relay todo-cqrs-projection todo-cqrs-query todo-cqrs-reconcile \
   todo-cqrs-admin todo-cqrs-kafka-source todo-cqrs-kafka-ca todo-cqrs-s3
 
-deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config, access, topic, migrations, Services, sources
+deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config, access, topic, migrations, Services, sources, event policies
 	$(require_cluster)
 	@kubectl get crd services.serving.knative.dev pingsources.sources.knative.dev \
 	  kafkasources.sources.knative.dev kafkatopics.kafka.strimzi.io kafkausers.kafka.strimzi.io >/dev/null || { \
@@ -264,6 +264,14 @@ deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config,
 	kubectl apply -n $(NAMESPACE) -f $(KAFKA_SOURCE_DIR)/all.yaml
 	kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=event-source
 	kubectl wait -n $(NAMESPACE) kafkasource,pingsource --all --for=condition=Ready --timeout=$(DEPLOY_TIMEOUT)
+	@echo "==> EventPolicies (who may deliver to the receivers; knative/eventpolicies.yaml)"
+	@if [ "$$(kubectl get configmap config-features -n knative-eventing \
+	      -o jsonpath='{.data.authentication-oidc}' 2>/dev/null)" = enabled ]; then \
+	  kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=event-policy; \
+	else \
+	  echo "skipped: Knative's authentication-oidc is off, so its webhook refuses EventPolicies and the" \
+	    "sources send no token (docs/deploy.md, Sender identity)"; \
+	fi
 	@kubectl get -n $(NAMESPACE) ksvc
 
 # ---- one-off jobs in the cluster (knative/ops/) ------------------------------------------------------

@@ -54,6 +54,11 @@ NOT_FROM_CONFIG = {
     "RECONCILE_INTERVAL_SECONDS": "local only: make run's tick; in a cluster the PingSource's schedule",
     "DB_ROLE_HOSTS": "optional host part of the role users the migrations Job grants (default %: any host)",
     "REDIS_PASSWORD": "read by `python -m todo_cqrs.roles redis-acl`, which `make secret` runs locally",
+    "OIDC_AUDIENCE": "per receiver: its Service's env (defaults to K_SERVICE, the same name)",
+    "OIDC_ALLOWED_SUBJECTS": "per receiver: its Service's env names its source's service account",
+    "OIDC_CA_FILE": "defaults to the pod's mounted service-account CA",
+    "OIDC_TOKEN_FILE": "defaults to the pod's mounted service-account token",
+    "RESEND_TOKEN_FILE": "the dead-letter resend's token for project_event, given per run",
 }
 
 
