@@ -930,3 +930,14 @@ def test_topic_keeps_acknowledged_events_on_three_brokers_and_the_overlay_on_one
     trial = single_broker_topic()["spec"]
     assert (trial["replicas"], trial["config"]["min.insync.replicas"]) == (1, 1)
     assert trial["config"]["unclean.leader.election.enable"] is False
+
+
+def test_the_deploy_guide_generates_every_password_make_secret_wants() -> None:
+    from local.deploy_check import secret_vars
+
+    guide = (REPO / "docs" / "deploy.md").read_text()
+    match = re.search(r"for v in (DB_ROOT_PASSWORD .*?); do", guide, re.DOTALL)
+    assert match, "docs/deploy.md step 4 lost its password loop"
+    generated = set(match.group(1).replace("\\", " ").split())
+    wanted = {v for v in secret_vars() if not v.startswith("AWS_")}  # step 5's keys come from the bucket
+    assert generated == wanted | {"DB_ROOT_PASSWORD"}
