@@ -61,7 +61,7 @@ soak: $(STAMP)  ## only the soak: 3 minutes of 250 commands/s + 600 reads/s, ope
 	$(PY) -m local.bench --soak
 
 relay-once: migrate  ## publish every pending outbox event now
-	$(PY) -m todo_cqrs.command.relay
+	$(PY) -m todo_cqrs.outbox.relay
 
 rebuild: migrate  ## rebuild the read model from the write model's state into a shadow table, swapped in
 	$(ADMIN) $(PY) -m todo_cqrs.projection.rebuild

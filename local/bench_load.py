@@ -386,6 +386,37 @@ async def paced_commands(host: str, ports: dict[str, int], rate: float, duration
     return result
 
 
+async def paced_posts(
+    host: str, port: int, rate: float, duration_s: float, patch_ids: Sequence[int] = ()
+) -> int:
+    """Open loop, nothing read back: a create (or, with `patch_ids`, a PATCH of one of them) sent at
+    t0 + i/rate; returns how many answered 2xx."""
+    client = HttpClient(host, port)
+    ok = 0
+
+    async def one(i: int) -> None:
+        nonlocal ok
+        try:
+            if patch_ids:
+                answer = await client.request(
+                    "PATCH", f"/{random.choice(patch_ids)}", {"title": f"paced {i}"}
+                )
+            else:
+                answer = await client.request("POST", "/", {"title": f"paced {i}"})
+        except CLIENT_ERRORS:
+            return
+        ok += answer.status in (200, 201)
+
+    t0 = time.monotonic() + 0.05
+    tasks = []
+    for i in range(int(rate * duration_s)):
+        await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    client.close()
+    return ok
+
+
 # --- the soak: sustained mixed load ----------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from sqlalchemy.engine import make_url
 
-from local import run
+from local import run, services
 from local.kafkasource import load_spec
 from local.sync_db import read_db, write_db
 from local.topology import FUNCTIONS, HOST, KAFKASOURCE_METRICS_PORT, REPO, Function
@@ -73,6 +73,7 @@ def check_isolated() -> None:
 
 def migrate() -> None:
     subprocess.run([sys.executable, "-m", "todo_cqrs.migrations", "upgrade"], cwd=REPO, check=True)
+    services.ensure_roles()  # the functions run as their roles, here on the bench's databases
 
 
 def reset_data() -> None:
@@ -181,14 +182,16 @@ def insert_backlog(count: int) -> range:
 _PUBLISHER = """
 import asyncio, sys
 from todo_cqrs.adapters.publisher import publisher
-from todo_cqrs.command import relay
+from todo_cqrs.outbox.relay import Relay, relay_engine
+from todo_cqrs.settings import settings
 
 async def main() -> None:
-    publisher()  # connected before the clock starts, as a warm pod's is
-    print("ready", flush=True)
+    relay = Relay(relay_engine(settings()), publisher(), settings(), min_age_s=0.0)
+    print("ready", flush=True)  # connected before the clock starts, as a warm pod's is
     await asyncio.to_thread(sys.stdin.readline)
-    while await relay.has_any_pending():
-        await relay.drain_all(wait_s=0.05)
+    while True:  # until the bench sees nothing pending and ends this process
+        if not await relay.drain_all(wait_s=0.05):
+            await asyncio.sleep(0.01)
 
 asyncio.run(main())
 """

@@ -6,32 +6,33 @@ In a cluster the same names come from the ConfigMap and the Secret in `knative/`
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-# The local services keep their state here (git-ignored); the DB password is generated into it.
+# The local services keep their state here (git-ignored). The product reads no secret from it: the
+# local tooling (local/credentials.py) passes DB_PASSWORD, REDIS_URL and CURSOR_SECRET in the env.
 LOCAL_DIR = Path(os.environ.get("TODO_LOCAL_DIR", Path(__file__).resolve().parent.parent / ".local"))
-LOCAL_DB_PASSWORD_FILE = LOCAL_DIR / "secrets" / "db-password"
 # A pod's service-account token and the cluster's CA (read the OIDC issuer's keys with them).
 _SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-def _db_password() -> str:
-    if "DB_PASSWORD" in os.environ:
-        return os.environ["DB_PASSWORD"]
-    try:
-        return LOCAL_DB_PASSWORD_FILE.read_text().strip()
-    except FileNotFoundError:
-        return ""
 
 
 def _db_url(database: str) -> str:
     host = os.environ.get("DB_HOST", "127.0.0.1")
     port = os.environ.get("DB_PORT", "3306")
     user = os.environ.get("DB_USER", "todo")
-    return f"mysql+aiomysql://{user}:{_db_password()}@{host}:{port}/{database}?charset=utf8mb4"
+    password = os.environ.get("DB_PASSWORD", "")
+    return f"mysql+aiomysql://{user}:{password}@{host}:{port}/{database}?charset=utf8mb4"
+
+
+def _cursor_key() -> bytes:
+    """get_todos' HMAC key for next_cursor: the same in every pod, so any pod takes any pod's cursor.
+    CURSOR_SECRET (a Secret); without it, a key derived from the DB password the pods share."""
+    secret = os.environ.get("CURSOR_SECRET") or os.environ.get("DB_PASSWORD", "")
+    return hmac.new(secret.encode(), b"todo-cqrs next_cursor v1", hashlib.sha256).digest()
 
 
 def _float(name: str, default: float) -> float:
@@ -69,6 +70,8 @@ class Settings:
     cache_ttl_s: int
     list_cache_ttl_s: int
     min_version_wait_s: float
+    min_version_max_waiters: int
+    cursor_key: bytes
     dead_letter_bucket: str
     dead_letter_prefix: str
     dead_letter_s3_endpoint: str
@@ -118,6 +121,8 @@ class Settings:
             cache_ttl_s=_int("CACHE_TTL_SECONDS", 300),
             list_cache_ttl_s=_int("LIST_CACHE_TTL_SECONDS", 60),
             min_version_wait_s=_float("MIN_VERSION_WAIT_SECONDS", 2.0),
+            min_version_max_waiters=_int("MIN_VERSION_MAX_WAITERS", 64),
+            cursor_key=_cursor_key(),
             dead_letter_bucket=os.environ.get("DEAD_LETTER_BUCKET", "todo-dead-letters"),
             dead_letter_prefix=os.environ.get("DEAD_LETTER_PREFIX", "dead-letters/"),
             dead_letter_s3_endpoint=os.environ.get("DEAD_LETTER_S3_ENDPOINT", ""),

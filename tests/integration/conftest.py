@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -27,27 +26,19 @@ from starlette.testclient import TestClient
 from local.topology import REPO
 from tests.integration.read_model_ids import DELETED, FINAL_VERSION, HIGH_IDS
 from tests.integration.settings_override import InLoop, Run
-from todo_cqrs.command import relay
+from todo_cqrs.command.handlers import outbox_publisher
 from todo_cqrs.loop_local import close_loop_resources
 from todo_cqrs.projection.handlers import project_event
-from todo_cqrs.settings import settings
 
 PUBLISHER_SETTLE_S = 10.0
 
 
 async def settle_outbox_publisher() -> None:
     """Let this loop's publisher finish what its commands committed (bounded), then stop it, so that
-    no drain is cut off holding a lease and nothing is left for the flush at exit."""
-    publisher = relay.outbox_publisher.peek()
-    if publisher is None or not publisher.holders:
-        return
-    deadline = time.monotonic() + PUBLISHER_SETTLE_S
-    shards = range(settings().outbox_shards)
-    while time.monotonic() < deadline and (
-        publisher.waiting or any([await relay.has_pending(s) for s in shards])
-    ):
-        await asyncio.sleep(0.02)
-    await publisher.aclose()
+    nothing is cut off halfway and nothing is left for the flush at exit."""
+    publisher = outbox_publisher.peek()
+    if publisher is not None:
+        await publisher.stop(within_s=PUBLISHER_SETTLE_S)
 
 
 async def close_this_loop() -> None:

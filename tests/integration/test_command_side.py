@@ -11,8 +11,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,11 +25,13 @@ from starlette.testclient import TestClient
 from tests.integration.settings_override import Run, overridden_setting
 from todo_cqrs.adapters import publisher as publisher_module
 from todo_cqrs.adapters import write_store
+from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S
 from todo_cqrs.adapters.write_store import outbox, todos
-from todo_cqrs.command import handlers, relay
+from todo_cqrs.command import handlers
 from todo_cqrs.db import write_engine
 from todo_cqrs.http import todo_reply
 from todo_cqrs.loop_local import close_loop_resources
+from todo_cqrs.outbox.relay import LEASE_MARGIN_S, Relay, relay_engine, relay_once
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
@@ -113,30 +114,23 @@ def published_by_this_process() -> float:
 
 def publish_pending(run: Run[Any]) -> None:
     """Publish whatever is still pending, as `make relay-once` does (waiting out a lease held elsewhere)."""
-    run(relay.drain_all(wait_s=settings().outbox_lease_s + relay.LEASE_MARGIN_S))
+    run(relay_once(0.0, wait_s=settings().outbox_lease_s + LEASE_MARGIN_S))
 
 
-async def take_lease(shard: int) -> relay.Lease:
-    """The shard's lease, once whoever holds it now lets it go (or it expires)."""
-    deadline = time.monotonic() + settings().outbox_lease_s + 2 * relay.LEASE_MARGIN_S
-    while (lease := await relay.acquire(shard)) is None:
-        assert time.monotonic() < deadline, f"the lease of shard {shard} was never free"
-        await asyncio.sleep(0.01)
-    return lease
+async def pending_rows() -> int:
+    async with write_engine().connect() as conn:
+        query = sa.select(sa.func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
+        return int((await conn.execute(query)).scalar_one())
 
 
-@contextmanager
-def every_shard_leased(run: Run[Any]) -> Iterator[None]:
-    """Holds every shard's lease, as a drain would, so no drain runs in any process during the block
-    (keep it short: a lease lasts OUTBOX_LEASE_SECONDS)."""
-    leases: list[relay.Lease] = []
-    try:
-        for shard in range(settings().outbox_shards):
-            leases.append(run(take_lease(shard)))
-        yield
-    finally:
-        for lease in leases:
-            run(relay.release(lease))
+def publisher_busy(function: TestClient) -> bool:
+    """Whether the in-process function's outbox publisher still holds rows (asked in its own loop)."""
+
+    async def busy() -> bool:
+        publisher = handlers.outbox_publisher.peek()
+        return publisher is not None and publisher.busy
+
+    return bool(function.portal.call(busy))
 
 
 # --- the topic ----------------------------------------------------------------------------------------
@@ -430,8 +424,7 @@ class KafkaOutage:
         return {outbox_id for asked, _ in list(self.attempts) for outbox_id in asked}
 
     def end(self) -> None:
-        """Kafka is back: the real settings and a producer for the real broker. Call it while no drain
-        runs (every_shard_leased): the dead producer is closed."""
+        """Kafka is back: the real settings and a producer for the real broker (the dead one closed)."""
         self._monkeypatch.undo()
         self._reset_clients()
         self.ended = True
@@ -455,25 +448,23 @@ def test_commands_succeed_while_kafka_is_down_and_the_relay_publishes_later(
         todo_ids = [before["id"], created.json()["id"]]
         outage_ids = {row.id for row in run(outbox_rows(todo_ids))} - published_before
 
-        # The processes' publishers try the dead broker on their own, and again after a backoff.
-        deadline = time.monotonic() + 3 * (settings().publish_timeout_s + settings().publish_backoff_s) + 5
-        while not outage_ids <= outage.attempted():
-            assert time.monotonic() < deadline, f"not every event was tried: {outage.attempts}"
+        # The processes' publishers try the dead broker on their own, then leave the rows to the relay.
+        deadline = time.monotonic() + 2 * settings().publish_timeout_s + DIRECT_WINDOW_S + 5
+        while not outage.attempted() or any(publisher_busy(f) for f in (create, update, delete)):
+            assert time.monotonic() < deadline, f"the publishers still hold rows: {outage.attempts}"
             time.sleep(0.05)
 
-        with every_shard_leased(run):  # no drain runs while we look, nor while the producer is swapped
-            rows = run(outbox_rows(todo_ids))
-            outage_rows = [row for row in rows if row.id not in published_before]
-            assert [(row.todo_id, row.version) for row in outage_rows] == [
-                (todo_ids[1], 1), (todo_ids[1], 2), (before["id"], 2), (before["id"], 3)
-            ]  # fmt: skip
-            # Every try got no acknowledgement, and so left the rows pending.
-            assert outage_rows[0].id in outage.attempts[0][0]
-            assert all(delivered == [] for _, delivered in outage.attempts)
-            assert all(row.published_at is None for row in outage_rows), (
-                "marked published while Kafka was down"
-            )
-            outage.end()
+        rows = run(outbox_rows(todo_ids))
+        outage_rows = [row for row in rows if row.id not in published_before]
+        assert [(row.todo_id, row.version) for row in outage_rows] == [
+            (todo_ids[1], 1), (todo_ids[1], 2), (before["id"], 2), (before["id"], 3)
+        ]  # fmt: skip
+        assert outage_rows[0].id in outage.attempts[0][0]
+        # No try got an acknowledgement, and so every row is left pending.
+        assert all(delivered == [] for _, delivered in outage.attempts)
+        assert all(row.published_at is None for row in outage_rows), "marked published while Kafka was down"
+        assert outage.attempted() <= outage_ids
+        outage.end()
     finally:
         if not outage.ended:
             outage.end()
@@ -528,7 +519,7 @@ def test_parallel_patches_of_one_todo_get_distinct_consecutive_versions(
 class _PublisherOfAProcessThatDied:
     """Stands in for the commands' own publisher: as if their process had died right after each commit."""
 
-    def committed(self, shard: int, outbox_id: int = 0) -> None:
+    def committed(self, record: object, after: int | None) -> None:
         pass
 
 
@@ -543,7 +534,6 @@ def test_concurrent_drains_in_several_processes_publish_each_event_once_in_versi
     # Each simulated process has its own event loop (and so its own pools) and its own Kafka producer,
     # made and connected when the process starts, as a function's warm_up() does at its cold start.
     producers = threading.local()
-    monkeypatch.setattr(relay, "publisher", lambda: producers.current)
     started = threading.Barrier(processes + 1, timeout=30)
     writing_done = threading.Event()
     failures: list[BaseException] = []
@@ -552,15 +542,16 @@ def test_concurrent_drains_in_several_processes_publish_each_event_once_in_versi
         """A relay's loop: drain every shard whose lease is free, until the writes ended and nothing is
         pending."""
         deadline = time.monotonic() + 60
+        relay = Relay(relay_engine(settings()), producers.current, settings(), min_age_s=0.0)
         try:
             while time.monotonic() < deadline:
                 writes_ended = writing_done.is_set()
                 await relay.drain_all(wait_s=0.05)
-                shards = range(settings().outbox_shards)
-                if writes_ended and not any([await relay.has_pending(shard) for shard in shards]):
+                if writes_ended and not await pending_rows():
                     return
                 await asyncio.sleep(0.002)
         finally:
+            await relay.aclose()
             await close_loop_resources()
 
     def process() -> None:

@@ -1,8 +1,11 @@
-"""Shard leases of the outbox on the real write DB and Kafka: a frozen holder stalls its shard for at
-most one lease, never the others for longer, and a holder that lost its lease cannot mark rows.
+"""The outbox's way to Kafka on the real write DB and Kafka: a process publishes its own rows at once,
+whatever another process's lease or freeze; rows of a process that died are published by the relay
+once they are orphans (OUTBOX_ORPHAN_SECONDS after their commit), in version order with what came
+after them; a holder that lost its lease cannot mark rows.
 
-The frozen publisher is a real process that takes the leases with the relay's own code and is then
-stopped with SIGSTOP, as a paused pod or a partitioned node would be: it keeps its DB session open.
+The dead and frozen processes are real: a process that commits and exits before its publisher runs,
+and one that takes every shard lease with the relay's own code and is then stopped with SIGSTOP, as a
+paused pod or a partitioned node would be (it keeps its DB session open).
 """
 
 from __future__ import annotations
@@ -23,25 +26,43 @@ import sqlalchemy as sa
 from starlette.testclient import TestClient
 
 from local.sync_db import write_db
-from todo_cqrs import db
+from tests.integration.test_command_side import events_by_todo, records_since, topic_end_offsets
+from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, publisher
 from todo_cqrs.adapters.write_store import outbox, outbox_leases
-from todo_cqrs.command import relay
+from todo_cqrs.outbox import leases
+from todo_cqrs.outbox.relay import Relay, relay_engine
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
 HOLD_ALL_SHARDS = """
 import asyncio, sys
-from todo_cqrs.command import relay
+from todo_cqrs.outbox import leases
+from todo_cqrs.outbox.relay import relay_engine
 from todo_cqrs.settings import settings
 
 async def hold() -> None:
+    engine = relay_engine(settings())
     shards = [int(a) for a in sys.argv[1:]] or range(settings().outbox_shards)
-    leases = [await relay.acquire(shard) for shard in shards]
-    print("held" if all(leases) else "busy", flush=True)
+    held = [await leases.acquire(engine, shard, settings().outbox_lease_s) for shard in shards]
+    print("held" if all(held) else "busy", flush=True)
     await asyncio.sleep(3600)
 
 asyncio.run(hold())
+"""
+
+# A command process that dies right after its commit, before its publisher ever ran.
+CREATE_THEN_DIE = """
+import asyncio, json, os, sys
+from todo_cqrs.command import handlers
+from todo_cqrs.http import todo_reply
+
+async def create() -> None:
+    reply = await handlers.create_todo({"title": sys.argv[1]}, todo_reply)
+    print(json.loads(reply.body)["id"], flush=True)
+    os._exit(0)
+
+asyncio.run(create())
 """
 
 
@@ -49,19 +70,20 @@ asyncio.run(hold())
 def loop() -> Iterator[asyncio.Runner]:
     with asyncio.Runner() as runner:
         yield runner
-        for engine in (relay.publisher_engine, db.write_engine):
-            made = runner.run(_peek(engine))
-            if made is not None:
-                runner.run(made.dispose())
 
 
-async def _peek(loop_local: object) -> object:
-    return loop_local.peek()  # type: ignore[attr-defined]
+@pytest.fixture(scope="module")
+def relay(loop: asyncio.Runner) -> Iterator[Relay]:
+    """The relay's tick, as relay_outbox runs it: orphans only."""
+    s = settings()
+    made = Relay(relay_engine(s), publisher(), s, min_age_s=s.outbox_orphan_s)
+    yield made
+    loop.run(made.aclose())
 
 
 @contextlib.contextmanager
 def frozen_holding(*shards: int) -> Iterator[subprocess.Popen[str]]:
-    """A publisher process that holds these shards' leases (all by default), then freezes (SIGSTOP)
+    """A relay process that holds these shards' leases (all by default), then freezes (SIGSTOP)
     with its session open."""
     free_every_lease()
     process = subprocess.Popen(
@@ -81,28 +103,22 @@ def frozen_holding(*shards: int) -> Iterator[subprocess.Popen[str]]:
         free_every_lease()
 
 
-@pytest.fixture
-def frozen_holder() -> Iterator[subprocess.Popen[str]]:
-    with frozen_holding() as process:
-        yield process
+def created_by_a_process_that_died(title: str) -> int:
+    """The id of a todo whose create committed in a process that then died, its event unpublished."""
+    result = subprocess.run(
+        [sys.executable, "-c", CREATE_THEN_DIE, title],
+        capture_output=True,
+        text=True,
+        cwd=os.getcwd(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.strip())
 
 
 def free_every_lease() -> None:
     with write_db().begin() as conn:
         conn.execute(sa.update(outbox_leases).values(holder=None))
-
-
-def wait_until_released(shard: int, bound_s: float = 10.0) -> None:
-    deadline = time.monotonic() + bound_s
-    while True:
-        with write_db().connect() as conn:
-            holder = conn.execute(
-                sa.select(outbox_leases.c.holder).where(outbox_leases.c.shard == shard)
-            ).scalar()
-        if holder is None:
-            return
-        assert time.monotonic() < deadline, f"shard {shard} still held by {holder}"
-        time.sleep(0.02)
 
 
 def published_at(todo_id: int) -> list[object]:
@@ -127,62 +143,89 @@ def create(function_client: Callable[[str], TestClient]) -> TestClient:
     return function_client("create_todo")
 
 
-def test_a_frozen_lease_holder_delays_another_process_events_by_at_most_one_lease(
-    frozen_holder: subprocess.Popen[str], create: TestClient
+@pytest.fixture(scope="module")
+def update(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("update_todo")
+
+
+def test_a_frozen_lease_holder_does_not_delay_a_live_process_events(create: TestClient) -> None:
+    with frozen_holding() as frozen:
+        answered = create.post("/", json={"title": f"beside a frozen relay {uuid.uuid4()}"})
+        assert answered.status_code == 201
+        published_s = wait_until_published(answered.json()["id"], bound_s=settings().outbox_lease_s)
+        assert Path(f"/proc/{frozen.pid}/stat").read_text().split()[2] == "T"
+    print(f"published in {published_s:.2f} s beside a relay frozen with every lease")  # pytest -s shows it
+    assert published_s < settings().outbox_lease_s / 2  # long before any of those leases could run out
+
+
+def drain_until_published(loop: asyncio.Runner, relay: Relay, todo_id: int, bound_s: float) -> float:
+    """Run the relay's tick every 0.2 s until every row of the todo is published; the seconds it took."""
+    started = time.monotonic()
+    while not all(mark is not None for mark in published_at(todo_id)):
+        assert time.monotonic() - started < bound_s, f"todo {todo_id} still pending after {bound_s} s"
+        loop.run(relay.drain_all())
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def test_the_relay_publishes_the_rows_of_a_process_that_died_once_they_are_orphans(
+    loop: asyncio.Runner, relay: Relay
 ) -> None:
-    lease_s = settings().outbox_lease_s
-    answered = create.post("/", json={"title": f"behind a frozen publisher {uuid.uuid4()}"})
-    assert answered.status_code == 201
-    stalled_s = wait_until_published(answered.json()["id"], bound_s=lease_s + 10)
-    # The frozen process still holds its DB session: only the lease's expiry let the other one in.
-    assert Path(f"/proc/{frozen_holder.pid}/stat").read_text().split()[2] == "T"
-    print(f"stalled behind the frozen holder: {stalled_s:.2f} s (lease {lease_s} s)")  # pytest -s shows it
-    # One lease (5 s), then the takeover: the issue's bound is about 10 s, kept on a loaded machine too.
-    assert stalled_s <= lease_s + 5
+    orphan_s = settings().outbox_orphan_s
+    todo_id = created_by_a_process_that_died(f"orphan {uuid.uuid4()}")
+    committed = time.monotonic()
+    assert published_at(todo_id) == [None]
+    drain_until_published(loop, relay, todo_id, bound_s=orphan_s + 10)
+    waited_s = time.monotonic() - committed
+    print(f"an orphan published {waited_s:.2f} s after its commit (orphan after {orphan_s} s)")
+    # Not before it was an orphan (its process could still have published it), nor long after.
+    assert orphan_s - 1 <= waited_s <= orphan_s + 5
 
 
-def test_a_frozen_holder_of_one_shard_does_not_delay_the_other_shards(create: TestClient) -> None:
-    """Shards drain independently, each under its own lease: publishing is not one drainer for all."""
-    shards = settings().outbox_shards
-    assert shards > 1
-    created: list[int] = []
-    with frozen_holding(0):
-        while (
-            todo_id := create.post("/", json={"title": f"off shard 0 {uuid.uuid4()}"}).json()["id"]
-        ) % shards == 0:
-            created.append(todo_id)
-        published_s = wait_until_published(todo_id, bound_s=settings().outbox_lease_s)
-    print(f"shard {todo_id % shards} published in {published_s:.2f} s beside a frozen shard 0")
-    assert published_s < settings().outbox_lease_s / 2  # long before shard 0's lease could run out
-    # Leave no publisher busy for the next test: shard 0's rows go out once the frozen holder is gone.
-    for stalled in created:
-        wait_until_published(stalled, bound_s=settings().outbox_lease_s + 5)
-    wait_until_released(0)
+def test_an_event_waits_for_an_older_event_of_its_todo_left_by_a_process_that_died(
+    loop: asyncio.Runner, relay: Relay, update: TestClient
+) -> None:
+    start = topic_end_offsets()
+    todo_id = created_by_a_process_that_died(f"followed {uuid.uuid4()}")
+    patched = update.patch(f"/{todo_id}", json={"status": "FINISHED"})
+    assert patched.status_code == 200 and patched.json()["version"] == 2
+    # Its process gives the update up rather than publish it before the create.
+    time.sleep(DIRECT_WINDOW_S + 0.5)
+    assert published_at(todo_id) == [None, None]
+    drain_until_published(loop, relay, todo_id, bound_s=settings().outbox_orphan_s + 10)
+    assert [version for _, version, _ in events_by_todo(records_since(start, [todo_id]))[todo_id]] == [1, 2]
 
 
-def test_a_live_holder_keeps_its_shard_and_a_released_one_is_free_at_once(loop: asyncio.Runner) -> None:
+def test_a_live_holder_keeps_its_shard_and_a_released_one_is_free_at_once(
+    loop: asyncio.Runner, relay: Relay
+) -> None:
     free_every_lease()
-    first = loop.run(relay.acquire(0))
+    engine, length_s = relay.engine, settings().outbox_lease_s
+    first = loop.run(leases.acquire(engine, 0, length_s))
     assert first is not None
-    assert loop.run(relay.acquire(0)) is None  # held and not expired
-    assert loop.run(relay.renew(first))
-    loop.run(relay.release(first))
-    second = loop.run(relay.acquire(0))
+    assert loop.run(leases.acquire(engine, 0, length_s)) is None  # held and not expired
+    assert loop.run(leases.renew(engine, first))
+    loop.run(leases.release(engine, first))
+    second = loop.run(leases.acquire(engine, 0, length_s))
     assert second is not None and second.holder != first.holder
-    loop.run(relay.release(second))
+    loop.run(leases.release(engine, second))
 
 
 def test_a_holder_whose_lease_was_taken_over_cannot_mark_rows_published(
-    loop: asyncio.Runner, create: TestClient
+    loop: asyncio.Runner, relay: Relay, create: TestClient
 ) -> None:
     free_every_lease()
+    engine, length_s = relay.engine, settings().outbox_lease_s
     todo_id = create.post("/", json={"title": f"fenced {uuid.uuid4()}"}).json()["id"]
     wait_until_published(todo_id, bound_s=10)
     shard = todo_id % settings().outbox_shards
-    wait_until_released(shard)  # the function's publisher keeps a lease a moment after its last row
-    with write_db().begin() as conn:  # as if it had been published: pending again
-        conn.execute(sa.update(outbox).where(outbox.c.todo_id == todo_id).values(published_at=None))
-    old = loop.run(relay.acquire(shard))
+    with write_db().begin() as conn:  # as if it had never been published, long ago: an orphan
+        conn.execute(
+            sa.update(outbox)
+            .where(outbox.c.todo_id == todo_id)
+            .values(published_at=None, occurred_at=sa.text("UTC_TIMESTAMP(3) - INTERVAL 1 HOUR"))
+        )
+    old = loop.run(leases.acquire(engine, shard, length_s))
     assert old is not None
     with write_db().begin() as conn:  # its holder froze: the lease ran out
         conn.execute(
@@ -190,13 +233,13 @@ def test_a_holder_whose_lease_was_taken_over_cannot_mark_rows_published(
             .where(outbox_leases.c.shard == shard)
             .values(expires_at=sa.text("UTC_TIMESTAMP(3) - INTERVAL 1 SECOND"))
         )
-    new = loop.run(relay.acquire(shard))
+    new = loop.run(leases.acquire(engine, shard, length_s))
     assert new is not None
     with write_db().connect() as conn:
         row_ids = [r.id for r in conn.execute(sa.select(outbox.c.id).where(outbox.c.todo_id == todo_id))]
-    assert loop.run(relay._mark_published(old, row_ids)) == 0  # fenced off
-    assert not loop.run(relay.renew(old))
+    assert loop.run(relay.mark_published(old, row_ids)) == 0  # fenced off
+    assert not loop.run(leases.renew(engine, old))
     drained = loop.run(relay.drain_leased(new))
-    loop.run(relay.release(new))
+    loop.run(leases.release(engine, new))
     assert drained.complete and drained.published >= 1
     assert all(mark is not None for mark in published_at(todo_id))

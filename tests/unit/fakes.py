@@ -31,13 +31,15 @@ from starlette.testclient import TestClient
 from todo_cqrs import dead_letter, logs
 from todo_cqrs.adapters import write_store
 from todo_cqrs.adapters.cache import CachedTodo, CacheUnavailable
+from todo_cqrs.adapters.publisher import OutboxRecord
 from todo_cqrs.command import handlers as command_handlers
-from todo_cqrs.command import idempotency, relay
+from todo_cqrs.command import idempotency
 from todo_cqrs.command.idempotency import IdempotencyKey, Reply
 from todo_cqrs.dead_letter.store import DeadLetter
 from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.domain.events import Change, TodoEvent
 from todo_cqrs.domain.todo import NewTodo, Status, Todo
+from todo_cqrs.outbox import relay
 from todo_cqrs.projection import handlers as projection_handlers
 from todo_cqrs.query import handlers as query_handlers
 from todo_cqrs.tracing import TraceContext
@@ -255,11 +257,11 @@ class FakeWriteStore:
         finally:
             self._open.discard(conn)
 
-    async def load_for_update(self, conn: Any, todo_id: int) -> tuple[Todo | None, datetime | None]:
+    async def load_for_update(self, conn: Any, todo_id: int) -> write_store.Locked | None:
         self._check(conn)
         self._maybe_fail("load_for_update")
         todo = self.todos.get(todo_id)
-        return (todo, self.now) if todo is not None else (None, None)
+        return write_store.Locked(todo, self.now, None) if todo is not None else None
 
     async def insert_todo(self, conn: Any, new: NewTodo) -> Todo:
         self._check(conn)
@@ -285,14 +287,23 @@ class FakeWriteStore:
         if before is not None:
             conn.undo.append(lambda: self.todos.__setitem__(todo_id, before))
 
-    async def append_event(self, conn: Any, event: TodoEvent, trace: TraceContext | None) -> tuple[int, int]:
+    async def append_event(self, conn: Any, event: TodoEvent, trace: TraceContext | None) -> OutboxRecord:
         self._check(conn)
         self._maybe_fail("append_event")
         row = OutboxRow(self.next_outbox_id, event.todo_id % self.SHARDS, event, trace)
         self.next_outbox_id += 1
         self.outbox.append(row)
         conn.undo.append(lambda: self.outbox.remove(row))
-        return row.shard, row.outbox_id
+        return OutboxRecord(
+            row.outbox_id,
+            event.event_id,
+            event.type,
+            event.todo_id,
+            event.time,
+            event.payload.decode(),
+            trace.traceparent if trace else None,
+            trace.tracestate if trace else None,
+        )
 
     async def claim(self, conn: Any, key: IdempotencyKey) -> Reply | None:
         self._check(conn)
@@ -319,9 +330,10 @@ class FakeWriteStore:
 
 @dataclass
 class PublishRecorder:
-    """A fake outbox publisher: records `committed(shard, outbox_id)` instead of draining to Kafka."""
+    """A fake outbox publisher: records `committed(record, after)` (the outbox id, and the pending row it
+    must follow) instead of publishing to Kafka."""
 
-    committed_rows: list[tuple[int, int]] = field(default_factory=list)
+    committed_rows: list[tuple[int, int | None]] = field(default_factory=list)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> PublishRecorder:
         monkeypatch.setattr(command_handlers, "outbox_publisher", lambda: self)
@@ -331,8 +343,8 @@ class PublishRecorder:
     def calls(self) -> int:
         return len(self.committed_rows)
 
-    def committed(self, shard: int, outbox_id: int = 0) -> None:
-        self.committed_rows.append((shard, outbox_id))
+    def committed(self, record: OutboxRecord, after: int | None) -> None:
+        self.committed_rows.append((record.outbox_id, after))
 
 
 # --- query side and event path ------------------------------------------------------------------
@@ -560,29 +572,23 @@ class FakeDeadLetterStore:
 @dataclass
 class FakeRelay:
     """A fake outbox relay and key purge, in memory, no service: `pending` rows get published by the
-    next drain, `expired` keys deleted by the next purge; the outbox gauges a scrape refreshes (in the
-    background) are counted, not queried. Install it before relay_outbox's main.py is loaded: main.py
-    imports `drain_all` and `purge_expired` by name."""
+    next drain, `expired` keys deleted by the next purge. Install it before relay_outbox's main.py is
+    loaded: main.py imports `tick_relay` and `purge_expired` by name."""
 
     pending: int = 0
     expired: int = 0
     unreachable: bool = False
     drains: int = 0
-    gauge_refreshes: int = 0
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeRelay:
-        monkeypatch.setattr(relay, "drain_all", self.drain_all)
-        monkeypatch.setattr(relay, "refresh_outbox_gauges", self.refresh_outbox_gauges)
+        monkeypatch.setattr(relay, "tick_relay", lambda: self)
         monkeypatch.setattr(idempotency, "purge_expired", self.purge_expired)
         return self
 
     def reset(self) -> FakeRelay:
-        self.pending = self.expired = self.drains = self.gauge_refreshes = 0
+        self.pending = self.expired = self.drains = 0
         self.unreachable = False
         return self
-
-    async def refresh_outbox_gauges(self) -> None:
-        self.gauge_refreshes += 1
 
     async def drain_all(self, wait_s: float = 0.0) -> int:
         if self.unreachable:

@@ -62,6 +62,18 @@ def to_kafka_message(
     return key, value, list(message.headers.items())
 
 
+# How long after its commit a process still publishes its own outbox row (todo_cqrs/outbox/publisher.py).
+DIRECT_WINDOW_S = 3.0
+
+
+def message_timeout_ms(orphan_s: float, transaction_s: float) -> int:
+    """A row is handed to Kafka at most DIRECT_WINDOW_S after a commit that took at most a transaction's
+    deadline, and becomes the relay's OUTBOX_ORPHAN_SECONDS after it was written: a message this
+    producer still holds by then must have failed, so that it never reaches the topic after the relay's
+    copy (and the newer events behind it)."""
+    return max(500, int((orphan_s - DIRECT_WINDOW_S - transaction_s - 0.5) * 1000))
+
+
 def producer_config(bootstrap_servers: str) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap_servers,
@@ -70,9 +82,7 @@ def producer_config(bootstrap_servers: str) -> dict[str, Any]:
         # Java clients' partitioner, so any Kafka client agrees on which partition holds a todo.
         "partitioner": "murmur2_random",
         "linger.ms": 1,
-        # Shorter than a shard lease: a message this producer still holds when its lease may have
-        # passed to another process fails instead of reaching the topic after that holder's.
-        "message.timeout.ms": max(2000, int((settings().outbox_lease_s - 1) * 1000)),
+        "message.timeout.ms": message_timeout_ms(settings().outbox_orphan_s, 2 * settings().db_timeout_s),
         "socket.connection.setup.timeout.ms": 3000,
         "reconnect.backoff.max.ms": 1000,
         **kafka_security_config(),

@@ -8,6 +8,7 @@ go back in time. Idempotency keys live here too (todo_cqrs/command/idempotency.p
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -16,6 +17,7 @@ from sqlalchemy.dialects.mysql import DATETIME, MEDIUMTEXT
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from todo_cqrs import db
+from todo_cqrs.adapters.publisher import OutboxRecord
 from todo_cqrs.adapters.rows import todo_from_row
 from todo_cqrs.domain.clock import as_utc, naive_utc
 from todo_cqrs.domain.events import TodoEvent
@@ -60,11 +62,12 @@ outbox = sa.Table(
     sa.Column("tracestate", sa.String(512), nullable=True),
     sa.Index("ix_outbox_pending", "published_at", "id"),
     sa.Index("ix_outbox_shard_pending", "shard", "published_at", "id"),
+    sa.Index("ix_outbox_todo_pending", "todo_id", "published_at"),
     mysql_engine="InnoDB",
     mysql_charset="utf8mb4",
 )
 
-# Who drains which shard, until when (todo_cqrs/command/relay.py).
+# Who drains which shard of orphaned rows, until when (todo_cqrs/outbox/leases.py).
 outbox_leases = sa.Table(
     "outbox_leases",
     metadata,
@@ -97,7 +100,8 @@ _INSERT_TODO = sa.text(
     "RETURNING id, created_at"
 )
 _LOAD_FOR_UPDATE = sa.text(
-    "SELECT id, title, description, status, version, created_at, updated_at, UTC_TIMESTAMP(3) AS now "
+    "SELECT id, title, description, status, version, created_at, updated_at, UTC_TIMESTAMP(3) AS now, "
+    "(SELECT MAX(o.id) FROM outbox o WHERE o.todo_id = :id AND o.published_at IS NULL) AS pending "
     "FROM todos WHERE id = :id FOR UPDATE"
 )
 _SAVE_TODO = sa.text(
@@ -124,16 +128,26 @@ async def run_in_transaction(work: Callable[[AsyncConnection], Awaitable[T]]) ->
     return await db.run_in_transaction(db.write_engine(), "write", work)
 
 
-async def load_for_update(conn: AsyncConnection, todo_id: int) -> tuple[Todo | None, datetime | None]:
-    """(the todo, row-locked until commit, and the database's now); (None, None) when there is none.
+@dataclass(frozen=True)
+class Locked:
+    """A todo row-locked until commit, the database's now, and its newest outbox row not yet on Kafka."""
+
+    todo: Todo
+    now: datetime
+    pending_event: int | None
+
+
+async def load_for_update(conn: AsyncConnection, todo_id: int) -> Locked | None:
+    """The todo, row-locked until commit; None when there is none.
 
     The row lock makes concurrent commands on one todo run one after another, so its versions never
-    skip or repeat and its outbox rows are in version order.
+    skip or repeat and its outbox rows are in version order; the pending row read under it is the one
+    this command's event must follow onto Kafka (todo_cqrs/outbox/publisher.py).
     """
     row = (await conn.execute(_LOAD_FOR_UPDATE, {"id": todo_id})).first()
     if row is None:
-        return None, None
-    return todo_from_row(row), as_utc(row.now)
+        return None
+    return Locked(todo_from_row(row), as_utc(row.now), row.pending)
 
 
 async def insert_todo(conn: AsyncConnection, new: NewTodo) -> Todo:
@@ -157,12 +171,13 @@ def shard_of(todo_id: int) -> int:
     return todo_id % settings().outbox_shards
 
 
-async def append_event(
-    conn: AsyncConnection, event: TodoEvent, trace: TraceContext | None
-) -> tuple[int, int]:
+async def append_event(conn: AsyncConnection, event: TodoEvent, trace: TraceContext | None) -> OutboxRecord:
     """Add the event to the outbox in the caller's transaction: it commits with the change or not at all.
-    Returns its shard and its outbox id."""
-    shard = shard_of(event.todo_id)
+    Returns the row as the publisher sends it."""
+    payload = event.payload.decode()
+    occurred_at = naive_utc(event.time)
+    traceparent = trace.traceparent if trace else None
+    tracestate = trace.tracestate if trace else None
     result = await conn.execute(
         _INSERT_EVENT,
         {
@@ -170,11 +185,20 @@ async def append_event(
             "event_type": event.type,
             "todo_id": event.todo_id,
             "version": event.version,
-            "occurred_at": naive_utc(event.time),
-            "payload": event.payload.decode(),
-            "shard": shard,
-            "traceparent": trace.traceparent if trace else None,
-            "tracestate": trace.tracestate if trace else None,
+            "occurred_at": occurred_at,
+            "payload": payload,
+            "shard": shard_of(event.todo_id),
+            "traceparent": traceparent,
+            "tracestate": tracestate,
         },
     )
-    return shard, int(result.lastrowid)
+    return OutboxRecord(
+        int(result.lastrowid),
+        event.event_id,
+        event.type,
+        event.todo_id,
+        occurred_at,
+        payload,
+        traceparent,
+        tracestate,
+    )

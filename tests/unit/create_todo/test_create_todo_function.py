@@ -75,7 +75,7 @@ def test_create_stores_the_todo_and_its_created_event_in_one_transaction_then_pu
     assert (event.type, event.todo_id, event.version) == ("todo.created.v1", answered["id"], 1)
     assert event.data == answered
     assert store.transactions == 1
-    assert published.committed_rows == [(row.shard, row.outbox_id)]
+    assert published.committed_rows == [(row.outbox_id, None)]
 
 
 def test_each_create_gets_the_next_id(client: TestClient, store: FakeWriteStore) -> None:

@@ -53,7 +53,7 @@ def test_delete_removes_only_that_todo_and_records_its_deleted_event_then_publis
     assert (event.type, event.todo_id, event.version) == ("todo.deleted.v1", 7, 6)
     assert event.data["id"] == 7 and event.data["version"] == 6
     assert parse_time(event.data["deleted_at"]) == event.time == store.now
-    assert published.committed_rows == [(row.shard, row.outbox_id)]
+    assert published.committed_rows == [(row.outbox_id, None)]
 
 
 def test_deletion_time_is_never_before_the_last_update_when_the_database_clock_goes_back(

@@ -85,7 +85,7 @@ def test_patch_saves_the_change_and_its_updated_event_then_publishes(
     [row] = store.outbox
     event = row.event
     assert (event.type, event.todo_id, event.version, event.data) == ("todo.updated.v1", 7, 4, answered)
-    assert published.committed_rows == [(row.shard, row.outbox_id)]
+    assert published.committed_rows == [(row.outbox_id, None)]
 
 
 def test_successive_patches_raise_the_version_one_by_one(

@@ -1,0 +1,219 @@
+"""The in-process publisher: a command process puts its own committed outbox rows on Kafka right away.
+
+After a command commits, its handler hands the row (built in memory: no read of the outbox) to this
+process's publisher, which sends every row handed to it since its last batch in one call to Kafka,
+then marks them published in one UPDATE. Nothing polls: it waits for rows and for Kafka's acks.
+
+Order per todo: a command reads, under its todo's row lock, the newest outbox row of that todo still
+pending (`after`). None: every older event of the todo is on Kafka, so this one may go at once. A row
+of this process: it goes after it, in this process's order (the producer keeps the order of a
+partition). A row of another process: it waits until that row is marked published (polled with a
+backoff, only in this case).
+
+A row goes out only within DIRECT_WINDOW_S (3 s) of its commit; after that (Kafka failed it, its
+predecessor never came, the process was frozen) it is left to the relay, which takes rows pending
+OUTBOX_ORPHAN_SECONDS (10 s), when no process will publish them any more (relay.py). The producer's message
+timeout keeps a row handed to Kafka from arriving after that (adapters/publisher.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, OutboxRecord, Publisher
+from todo_cqrs.logs import log_event
+from todo_cqrs.outbox.leases import execute
+from todo_cqrs.outbox.relay import outbox_publish_failures, outbox_published
+
+POLL_FIRST_S, POLL_MAX_S = 0.002, 0.05
+_MARK = sa.text(
+    "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE id IN :ids AND published_at IS NULL"
+).bindparams(sa.bindparam("ids", expanding=True))
+_STILL_PENDING = sa.text("SELECT id FROM outbox WHERE id IN :ids AND published_at IS NULL").bindparams(
+    sa.bindparam("ids", expanding=True)
+)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A row just committed, and the pending row of its todo it must follow (None: none)."""
+
+    record: OutboxRecord
+    after: int | None
+    at: float  # monotonic, when the commit returned
+
+
+class OutboxPublisher:
+    """This process's rows on their way to Kafka. `start()` in the process's event loop, then
+    `committed()` after each commit; `stop()` publishes what is left (bounded) and ends the task."""
+
+    def __init__(self, kafka: Callable[[], Publisher], engine: AsyncEngine, publish_timeout_s: float) -> None:
+        self._kafka = kafka
+        self._engine = engine
+        self._publish_timeout_s = publish_timeout_s
+        self._queue: list[Committed] = []  # in commit order
+        self._local: set[int] = set()  # outbox ids handed to this publisher, not yet published or given up
+        self._sent: set[int] = set()  # recently on Kafka (acknowledged): rows after them may go
+        self._given_up: set[int] = set()  # left to the relay: rows after them must be left too
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Rows handed over and not yet published or given up."""
+        return bool(self._local)
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-publisher")
+
+    def committed(self, record: OutboxRecord, after: int | None) -> None:
+        self._local.add(record.outbox_id)
+        self._queue.append(Committed(record, after, time.monotonic()))
+        self._wake.set()
+        self.start()
+
+    async def stop(self, within_s: float = 2.0) -> None:
+        """Publish what is queued (at most `within_s`), then end; what is left, the relay takes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                while self._local and self._task is not None and not self._task.done():
+                    await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def aclose(self) -> None:
+        """Stop, then close the pool (the end of the event loop that made this publisher)."""
+        await self.stop()
+        await self._engine.dispose()
+
+    async def _run(self) -> None:
+        pause = POLL_FIRST_S
+        while True:
+            try:
+                progressed = await self._publish_ready()
+            except Exception as exc:  # noqa: BLE001 - the task must survive; rows stay pending for the relay
+                log_event("outbox_publish_failed", error=repr(exc)[:300])
+                outbox_publish_failures.inc()
+                progressed = False
+            if progressed:
+                pause = POLL_FIRST_S
+                continue
+            if self._queue:  # only rows waiting for another process's row: look again after a pause
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), pause)
+                pause = min(pause * 2, POLL_MAX_S)
+            else:
+                await self._wake.wait()
+            self._wake.clear()
+
+    def _take_sendable(self) -> tuple[list[Committed], bool]:
+        """What may go now, in commit order (taken off the queue), and whether any row was given up."""
+        now = time.monotonic()
+        send: list[Committed] = []
+        going: set[int] = set()
+        keep: list[Committed] = []
+        gave_up = False
+        for item in self._queue:
+            outbox_id = item.record.outbox_id
+            if now - item.at > DIRECT_WINDOW_S or item.after in self._given_up:
+                self._give_up(outbox_id)
+                gave_up = True
+            elif item.after is None or item.after in self._sent or item.after in going:
+                send.append(item)  # after its todo's older row: on Kafka already, or earlier in this batch
+                going.add(outbox_id)
+            else:
+                keep.append(item)
+        self._queue = keep
+        return send, gave_up
+
+    async def _publish_ready(self) -> bool:
+        """Send what may go now, give up what waited too long; False when nothing moved."""
+        if not self._queue:
+            return False
+        await self._release_followers()
+        send, gave_up = self._take_sendable()
+        if not send:
+            return gave_up
+        records = [item.record for item in send]
+        try:
+            delivered = await asyncio.to_thread(self._kafka().publish, records, self._publish_timeout_s)
+        except Exception:
+            for item in send:
+                self._give_up(item.record.outbox_id)
+            raise
+        if len(delivered) < len(records):
+            outbox_publish_failures.inc()
+            for item in send:
+                if item.record.outbox_id not in delivered:
+                    self._give_up(item.record.outbox_id)
+        if delivered:
+            self._local.difference_update(delivered)
+            _remember(self._sent, delivered)
+            outbox_published.inc(len(delivered))
+            # On Kafka either way: a row the mark misses goes out again as an orphan (a duplicate).
+            await execute(self._engine, _MARK, {"ids": delivered})
+        return True
+
+    def flush_at_exit(self) -> None:
+        """When the process stops (scale-in, redeploy), its event loop gone: publish what may still go,
+        within the publish timeout, and mark it; the relay takes anything left."""
+        send, _ = self._take_sendable()
+        if not send:
+            return
+        try:
+            delivered = self._kafka().publish([item.record for item in send], self._publish_timeout_s)
+            if delivered:
+                asyncio.run(_mark_with_new_pool(self._engine, delivered))
+        except Exception as exc:  # noqa: BLE001 - the relay publishes what is left
+            print(f"outbox flush at exit incomplete: {exc!r}", file=sys.stderr)
+
+    async def _release_followers(self) -> None:
+        """Rows waiting for another process's row: those whose row is now published may go."""
+        foreign = {
+            c.after
+            for c in self._queue
+            if c.after is not None and c.after not in self._local | self._sent | self._given_up
+        }
+        if not foreign:
+            return
+        rows = await execute(self._engine, _STILL_PENDING, {"ids": sorted(foreign)})
+        still_pending = {row.id for row in rows.all()}
+        self._queue = [
+            Committed(c.record, None, c.at) if c.after in foreign and c.after not in still_pending else c
+            for c in self._queue
+        ]
+
+    def _give_up(self, outbox_id: int) -> None:
+        self._local.discard(outbox_id)
+        _remember(self._given_up, [outbox_id])
+
+
+async def _mark_with_new_pool(engine: AsyncEngine, outbox_ids: list[int]) -> None:
+    """Mark rows published from a new event loop: the pool's connections belong to the old one, so
+    they are dropped unclosed and new ones made."""
+    await engine.dispose(close=False)
+    try:
+        await execute(engine, _MARK, {"ids": outbox_ids})
+    finally:
+        await engine.dispose()
+
+
+def _remember(ids: set[int], more: list[int], keep: int = 4096) -> None:
+    """Add to a set of recent outbox ids, bounded: only recent rows can have followers still queued."""
+    ids.update(more)
+    if len(ids) > 2 * keep:
+        newest = sorted(ids)[-keep:]
+        ids.clear()
+        ids.update(newest)
