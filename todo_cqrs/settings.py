@@ -66,6 +66,7 @@ class Settings:
     relay_batch_size: int
     outbox_shards: int
     outbox_lease_s: float
+    outbox_orphan_s: float
     idempotency_ttl_s: int
     cache_ttl_s: int
     list_cache_ttl_s: int
@@ -117,6 +118,7 @@ class Settings:
             relay_batch_size=_int("RELAY_BATCH_SIZE", 500),
             outbox_shards=_int("OUTBOX_SHARDS", _int("TODO_EVENTS_PARTITIONS", 3)),
             outbox_lease_s=_float("OUTBOX_LEASE_SECONDS", 5.0),
+            outbox_orphan_s=_float("OUTBOX_ORPHAN_SECONDS", 10.0),
             idempotency_ttl_s=_int("IDEMPOTENCY_TTL_SECONDS", 86400),
             cache_ttl_s=_int("CACHE_TTL_SECONDS", 300),
             list_cache_ttl_s=_int("LIST_CACHE_TTL_SECONDS", 60),
