@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FN ?= create_todo
+# Tools act as the admin (DB user todo, Redis user default) with the generated local secrets.
+ADMIN := $(PY) -m local.credentials --
 
 .PHONY: help install services services-down services-status migrate run func-run test test-unit lint \
         format bench soak relay-once rebuild reconcile sql dead-letters dead-letters-resend consume clean
@@ -30,8 +32,9 @@ services-down: $(STAMP)  ## stop the local services this project started
 services-status: $(STAMP)  ## show the local services
 	$(PY) -m local.services status
 
-migrate: services  ## apply the schema migrations of both databases
-	$(PY) -m todo_cqrs.migrations upgrade
+migrate: services  ## apply the schema migrations of both databases, then the role users' grants
+	$(ADMIN) $(PY) -m todo_cqrs.migrations upgrade
+	$(PY) -m local.services roles
 
 run: $(STAMP)  ## run the whole system in the foreground (Ctrl-C stops it)
 	$(PY) -m local.run
@@ -61,7 +64,7 @@ soak: $(STAMP)  ## only the soak: 3 minutes of 250 commands/s + 600 reads/s, ope
 	$(PY) -m local.bench --soak
 
 relay-once: migrate  ## publish every pending outbox event now
-	$(PY) -m todo_cqrs.outbox.relay
+	$(ADMIN) $(PY) -m todo_cqrs.outbox.relay
 
 rebuild: migrate  ## rebuild the read model from the write model's state into a shadow table, swapped in
 	$(ADMIN) $(PY) -m todo_cqrs.projection.rebuild

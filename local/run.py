@@ -33,7 +33,7 @@ from pathlib import Path
 from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from local import issuer, services
+from local import credentials, issuer, services
 from local.kafkasource import DEFAULT_SPEC, load_spec
 from local.topology import (
     BY_NAME,
@@ -214,7 +214,9 @@ def function_argv(function: Function) -> list[str]:
 
 
 def function_env(function: Function) -> dict[str, str]:
-    return {"K_SERVICE": function.service, "PORT": str(function.port), **SERVER_ENV}
+    """Its Knative Service name and port, and its role's credentials (least privilege: docs/security.md)."""
+    env = {"K_SERVICE": function.service, "PORT": str(function.port), **SERVER_ENV}
+    return {**env, **credentials.function_env(function.name)}
 
 
 def receiver_env(function: Function) -> dict[str, str]:
@@ -277,6 +279,7 @@ def start(system: System) -> None:
     services.ensure_packages(["nginx"])  # the gateway's
     say(f"services ready after {time.monotonic() - started:.1f} s; applying migrations ...")
     subprocess.run([sys.executable, "-m", "todo_cqrs.migrations", "upgrade"], cwd=REPO, check=True)
+    services.ensure_roles()  # the role users' grants name the tables the migrations made
     start_issuer(system)
     for function in FUNCTIONS:
         env = {**function_env(function), **receiver_env(function)}

@@ -2,8 +2,13 @@
 
     python -m local.services start|stop|status
     python -m local.services pause|resume mariadb|redis|kafka    (SIGSTOP/SIGCONT, for fault tests)
+    python -m local.services roles    (after the migrations: the role users and their grants)
 
-Everything lives under settings.LOCAL_DIR: services/<name>/ (data), logs/<name>.log, run/<name>.pid.
+Everything lives under settings.LOCAL_DIR: services/<name>/ (data), logs/<name>.log, run/<name>.pid,
+secrets/ (local/credentials.py). This process and what it starts act as the admin (DB user `todo`,
+Redis user `default`); each function runs as its role (todo_cqrs/roles.py, docs/security.md): MariaDB
+users created by `ensure_roles`, Redis ACL users from services/redis/users.acl. Redis is bounded by
+REDIS_MAXMEMORY (256mb) with the volatile-lru policy.
 Processes run detached, so `make services` and a later `make test` share them; `stop` ends only the
 processes whose pid files this module wrote.
 """
@@ -18,7 +23,6 @@ import hashlib
 import os
 import pwd
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -37,7 +41,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy.engine import make_url
 
-from todo_cqrs.settings import LOCAL_DB_PASSWORD_FILE, LOCAL_DIR, settings
+from local import credentials
+from todo_cqrs import roles
+from todo_cqrs.settings import LOCAL_DIR, settings
 
 NAMES = ("mariadb", "redis", "kafka")
 # A topic of the local broker's own, for the warm-up of a fresh broker (never the events topic).
@@ -46,6 +52,11 @@ KAFKA_VERSION = "4.1.1"
 KAFKA_ARTIFACT = f"kafka_2.13-{KAFKA_VERSION}"
 # Kafka's slf4j is 1.7 and its own binding does not bind to it; without this one the broker logs nothing.
 LOG4J_SLF4J_VERSION = "2.24.3"
+# Redis is a cache: bounded, and only keys with a TTL may be evicted (docs/security.md).
+REDIS_MAXMEMORY = os.environ.get("REDIS_MAXMEMORY", "256mb")
+REDIS_MAXMEMORY_POLICY = "volatile-lru"
+# The role accounts exist for both ways a local client reaches MariaDB (TCP to 127.0.0.1, the socket).
+ROLE_HOSTS = ("127.0.0.1", "localhost")
 READY_TIMEOUT_S = {"mariadb": 60.0, "redis": 15.0, "kafka": 120.0}
 # A server someone else runs is either up or not; there is no boot to wait for.
 EXTERNAL_TIMEOUT_S = 15.0
@@ -290,7 +301,7 @@ def _exclusive() -> Iterator[None]:
         yield
 
 
-# ---------------------------------------------------------------- packages and the DB password
+# ---------------------------------------------------------------- packages and credentials
 
 
 def _binary(name: str) -> str | None:
@@ -345,16 +356,10 @@ def binary(name: str) -> str | None:
     return _binary(name)
 
 
-def _ensure_db_password() -> None:
-    if "DB_PASSWORD" in os.environ or LOCAL_DB_PASSWORD_FILE.exists():
-        return
-    LOCAL_DB_PASSWORD_FILE.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(LOCAL_DB_PASSWORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(24) + "\n")
-    _progress(f"generated a database password into {LOCAL_DB_PASSWORD_FILE}")
-    # settings() may already hold the empty password it read while the file was missing.
-    settings.cache_clear()
+def _use_admin_credentials() -> None:
+    """This process (and what it starts: migrations, tools, tests) acts as the admin: DB user `todo`
+    and Redis's `default` user, with the passwords generated under .local/secrets/ (local/credentials.py)."""
+    credentials.use_admin()
 
 
 # ---------------------------------------------------------------- MariaDB
@@ -423,9 +428,7 @@ def _initialise_mariadb(datadir: Path) -> None:
 
 def _bootstrap_mariadb(cfg: _Config) -> None:
     """Create both databases and the app user with grants, over the socket as the OS user; safe to repeat."""
-    socket_path = str(_mariadb_socket())
-    admin = pymysql.connect(unix_socket=socket_path, user=_os_user(), connect_timeout=5, autocommit=True)
-    with admin, admin.cursor() as cur:
+    with _socket_admin() as admin, admin.cursor() as cur:
         for database in (cfg.write_db, cfg.read_db):
             charset = "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
             cur.execute(f"CREATE DATABASE IF NOT EXISTS `{database}` {charset}")
@@ -436,6 +439,37 @@ def _bootstrap_mariadb(cfg: _Config) -> None:
             cur.execute("ALTER USER %s@%s IDENTIFIED BY %s", (*account, cfg.db_password))
             for database in (cfg.write_db, cfg.read_db):
                 cur.execute(f"GRANT ALL PRIVILEGES ON `{database}`.* TO %s@%s", account)
+
+
+def _socket_admin() -> pymysql.Connection:  # type: ignore[type-arg]
+    return pymysql.connect(
+        unix_socket=str(_mariadb_socket()), user=_os_user(), connect_timeout=5, autocommit=True
+    )
+
+
+def ensure_roles() -> None:
+    """Create or update the role users (todo_cqrs/roles.py) with their generated passwords, each with
+    exactly its grants on the configured databases. Table grants need the tables: call it after the
+    migrations. Safe to repeat."""
+    with _exclusive():
+        cfg = _config()
+        missing: list[str] = []
+        with _socket_admin() as admin, admin.cursor() as cur:
+            for database, table in {
+                (g.database, g.table) for grants in roles.GRANTS.values() for g in grants
+            }:
+                name = cfg.write_db if database == "write" else cfg.read_db
+                cur.execute(
+                    "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+                    (name, table),
+                )
+                if cur.fetchone() is None:
+                    missing.append(f"{name}.{table}")
+            if missing:
+                raise ServiceError(f"tables {', '.join(sorted(missing))} missing: apply the migrations first")
+            for role in roles.ROLES:
+                for host in ROLE_HOSTS:
+                    roles.apply(cur, role, host, credentials.db_password(role), cfg.write_db, cfg.read_db)
 
 
 def _mariadb_answers(cfg: _Config, bootstrap: bool) -> None:
@@ -463,10 +497,37 @@ def _mariadb_answers(cfg: _Config, bootstrap: bool) -> None:
 # ---------------------------------------------------------------- Redis
 
 
+def _redis_acl_lines() -> list[str]:
+    passwords = {role: credentials.redis_password(role) for role in roles.REDIS_RULES}
+    return roles.redis_acl(passwords, credentials.redis_admin_password())
+
+
+def _write_redis_acl_file(path: Path) -> None:
+    """The ACL file the server starts with (0600: it holds the passwords)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(_redis_acl_lines()) + "\n")
+
+
+def _configure_redis(cfg: _Config) -> None:
+    """On a running server (maybe started before these settings existed): the role users, `default`
+    behind its password, and the memory bound, applied live. Safe to repeat."""
+    client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    with client:
+        for line in _redis_acl_lines():
+            _, user, *rules = line.split()
+            client.execute_command("ACL", "SETUSER", user, "reset", *rules)
+        client.config_set("maxmemory", REDIS_MAXMEMORY)
+        client.config_set("maxmemory-policy", REDIS_MAXMEMORY_POLICY)
+
+
 def _start_redis(cfg: _Config) -> int:
     redis_server = _require_binary("redis-server", "install the Debian package redis-server")
     data = _service_dir("redis")
     data.mkdir(parents=True, exist_ok=True)
+    acl_file = data / "users.acl"
+    _write_redis_acl_file(acl_file)
     _log_file("redis").parent.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server,
@@ -478,6 +539,9 @@ def _start_redis(cfg: _Config) -> int:
         "--save", "",  # a cache: nothing worth persisting, and no fork for snapshots
         "--appendonly", "no",
         "--daemonize", "no",  # stays our child, so the pid we record is the server's
+        "--aclfile", str(acl_file),
+        "--maxmemory", REDIS_MAXMEMORY,
+        "--maxmemory-policy", REDIS_MAXMEMORY_POLICY,
     ]  # fmt: skip
     return _launch("redis", argv, cwd=data)
 
@@ -697,7 +761,7 @@ def ensure_services() -> dict[str, int | None]:
     """Start whichever service is not running, wait until all answer; return their pids (None: external)."""
     started = time.monotonic()
     with _exclusive():
-        _ensure_db_password()
+        _use_admin_credentials()
         cfg = _config()
         managed = [name for name in NAMES if not (name == "kafka" and cfg.kafka_external)]
         pids: dict[str, int | None] = {name: None for name in NAMES}
@@ -725,6 +789,7 @@ def ensure_services() -> dict[str, int | None]:
             pids["redis"] = _start_redis(cfg)
 
         _wait_until("redis", f"PING on port {cfg.redis_port}", lambda: _redis_answers(cfg), pids["redis"])
+        _configure_redis(cfg)
         _wait_until(
             "mariadb",
             f"SELECT 1 as {cfg.db_user} on {cfg.db_host}:{cfg.db_port}",
@@ -834,15 +899,19 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("start", help="start what is not running and wait until everything answers")
     commands.add_parser("stop", help="stop the services this tool started")
     commands.add_parser("status", help="one line per service")
+    commands.add_parser("roles", help="create or update the role users and grants (after the migrations)")
     for command in ("pause", "resume"):
         one = commands.add_parser(command, help=f"{command} one service (SIGSTOP/SIGCONT)")
         one.add_argument("name", choices=NAMES)
     args = parser.parse_args(argv)
+    _use_admin_credentials()
     try:
         if args.command == "start":
             ensure_services()
         elif args.command == "stop":
             stop_services()
+        elif args.command == "roles":
+            ensure_roles()
         elif args.command == "pause":
             pause(args.name)
         elif args.command == "resume":

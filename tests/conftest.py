@@ -2,7 +2,9 @@
 
 Tests under tests/integration and tests/e2e use the real local MariaDB, Redis and Kafka: the
 `services` fixture starts what is not running (and stops, at the end of the session, only what it
-started), then applies the migrations.
+started), then applies the migrations and the role users' grants. The tests act as the admin (DB user
+`todo`, Redis user `default`, with the generated local secrets); the functions `make run` starts act as
+their roles (local/credentials.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
+from local import credentials
+
+credentials.use_admin()
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +27,7 @@ def services() -> Iterator[None]:
     before = set(local_services.running_services())
     local_services.ensure_services()
     upgrade()
+    local_services.ensure_roles()
     yield
     reset_publisher()  # this process's producer, closed before the broker it talks to stops
     started_here = [name for name in local_services.running_services() if name not in before]

@@ -12,6 +12,13 @@ before querying the DB, a key that nobody reads any more once a newer change was
 Values: b"<version>:t:<json body>" for a cached todo, b"<version>:i:" for an invalidation marker.
 The version sits in front of the body, so a hit needs no JSON parsing for its ETag.
 
+Eviction (Redis runs with maxmemory and volatile-lru: only keys with a TTL are evicted). Entries,
+markers and list pages have a TTL: losing one costs a miss. What must never be lost has none: each
+invalidated version is also kept as the todo's floor in a hash of FLOOR_BUCKET ids
+(todos:floor:<id // FLOOR_BUCKET>, field <id>; a few bytes per todo), which a store checks too, so an
+evicted marker, or an evicted entry that had replaced it, never lets an older version be cached; and
+the list generation, whose loss would bring retired pages back.
+
 Every invalidation also PUBLISHes "<id>:<version>:<traceparent>" on VERSIONS_CHANNEL: get_todos
 wakes the readers waiting for that version (VersionWatch) instead of polling the read DB.
 """
@@ -35,18 +42,23 @@ from todo_cqrs.loop_local import loop_local
 from todo_cqrs.settings import settings
 
 LIST_GENERATION_KEY = "todos:list:gen"
+FLOOR_BUCKET = 100  # ids per floor hash: small enough for Redis's compact (listpack) encoding
 VERSIONS_CHANNEL = "todos:versions"
 # After a failure, reads skip Redis for this long instead of paying its timeout on every request.
 READ_BREAKER_S = 1.0
 REDIS_DOWN = (RedisError, OSError, TimeoutError)  # what a Redis that is down, frozen or cut off raises
 
+# Keys a script only reads, and get_todos' Redis user may only read (the floors, the list generation),
+# are passed in ARGV: Redis checks a script's declared KEYS for write access (docs/security.md).
 _STORE_TODO = """
+local incoming = tonumber(ARGV[1])
+local floor = redis.call('HGET', ARGV[5], ARGV[4])
+if floor and tonumber(floor) > incoming then return 0 end
 local current = redis.call('GET', KEYS[1])
 if current then
   local sep = string.find(current, ':', 1, true)
   local version = tonumber(string.sub(current, 1, sep - 1))
   local kind = string.sub(current, sep + 1, sep + 1)
-  local incoming = tonumber(ARGV[1])
   if kind == 't' and version >= incoming then return 0 end
   if kind == 'i' and version > incoming then return 0 end
 end
@@ -61,6 +73,9 @@ if current then
   local held = tonumber(string.sub(current, 1, string.find(current, ':', 1, true) - 1))
   if held > floor then floor = held end
 end
+local kept = redis.call('HGET', KEYS[3], ARGV[4])
+if kept and tonumber(kept) > floor then floor = tonumber(kept) end
+redis.call('HSET', KEYS[3], ARGV[4], floor)
 redis.call('SET', KEYS[1], floor .. ':i:', 'EX', ARGV[2])
 redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4] .. ':' .. ARGV[1] .. ':' .. ARGV[5])
@@ -68,7 +83,7 @@ return floor
 """
 
 _READ_LIST = """
-local generation = redis.call('GET', KEYS[1]) or '0'
+local generation = redis.call('GET', ARGV[2]) or '0'
 return {generation, redis.call('GET', 'todos:list:' .. generation .. ':' .. ARGV[1])}
 """
 
@@ -79,6 +94,10 @@ class CacheUnavailable(Exception):
 
 def todo_key(todo_id: int) -> str:
     return f"todo:{todo_id}"
+
+
+def floor_key(todo_id: int) -> str:
+    return f"todos:floor:{todo_id // FLOOR_BUCKET}"
 
 
 def list_key(generation: bytes | str, page: str) -> str:
@@ -168,7 +187,10 @@ class TodoCache:
     async def store_todo(self, todo_id: int, version: int, body: bytes) -> None:
         """Store a row read from the DB unless a newer version was cached or invalidated meanwhile."""
         try:
-            await self._store_todo(keys=[todo_key(todo_id)], args=[version, body, settings().cache_ttl_s])
+            await self._store_todo(
+                keys=[todo_key(todo_id)],
+                args=[version, body, settings().cache_ttl_s, todo_id, floor_key(todo_id)],
+            )
         except REDIS_DOWN:
             self._read_failed()  # the answer is already known; a failed store only costs a later miss
 
@@ -176,7 +198,7 @@ class TodoCache:
         """(generation, cached page or None). Raises CacheUnavailable."""
         self._check_breaker()
         try:
-            generation, body = await self._read_list(keys=[LIST_GENERATION_KEY], args=[page])
+            generation, body = await self._read_list(args=[page, LIST_GENERATION_KEY])
         except REDIS_DOWN as exc:
             self._read_failed()
             raise CacheUnavailable(str(exc)) from exc
@@ -193,7 +215,7 @@ class TodoCache:
         list, and tell the waiting readers."""
         try:
             await self._invalidate(
-                keys=[todo_key(todo_id), LIST_GENERATION_KEY],
+                keys=[todo_key(todo_id), LIST_GENERATION_KEY, floor_key(todo_id)],
                 args=[version, settings().cache_ttl_s, VERSIONS_CHANNEL, todo_id, traceparent or ""],
             )
         except REDIS_DOWN as exc:

@@ -90,6 +90,12 @@ class NotYetConsistent(DependencyUnavailable):
     code = "not_yet_consistent"
 
 
+class TooManyWaiters(DependencyUnavailable):
+    """MIN_VERSION_MAX_WAITERS ?min_version reads already wait in this process (503 at once)."""
+
+    code = "too_many_waiters"
+
+
 class Unauthenticated(TodoError):
     """An event receiver got no sender identity, or one that does not verify (401, WWW-Authenticate)."""
 

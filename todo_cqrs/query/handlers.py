@@ -6,8 +6,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,7 @@ from prometheus_client import Counter, Histogram
 from todo_cqrs import metrics, tracing
 from todo_cqrs.adapters.cache import CacheUnavailable, todo_cache, version_watch
 from todo_cqrs.adapters.read_store import get_row, list_rows, read_connection
-from todo_cqrs.domain.errors import NotFound, NotYetConsistent, TodoError, ValidationFailed
+from todo_cqrs.domain.errors import NotFound, NotYetConsistent, TodoError, TooManyWaiters, ValidationFailed
 from todo_cqrs.domain.numbers import MAX_VERSION, ascii_positive_int
 from todo_cqrs.domain.todo import Status, Todo
 from todo_cqrs.logs import annotate
@@ -27,6 +29,8 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 # Only while Redis (and so the projection's notices) is unreachable: poll the read model.
 _POLL_FIRST_S, _POLL_MAX_S = 0.01, 0.1
+# next_cursor's HMAC-SHA256 tag, truncated: forging one takes 2^128 tries.
+_CURSOR_TAG_BYTES = 16
 cache_reads = Counter("todo_cache_reads", "get_todos reads by cache outcome", ["kind", "result"])
 min_version_wait = Histogram(
     "todo_min_version_wait_seconds",
@@ -89,7 +93,8 @@ async def get_todo(todo_id: int, min_version_text: str | None = None) -> Read:
     if min_version is None:
         todo, version = await _from_read_model(todo_id)
     else:
-        todo, version = await _wait_for_version(todo_id, min_version, state)
+        with _Waiters.slot(state):
+            todo, version = await _wait_for_version(todo_id, min_version, state)
     if todo is None:
         gone = "was deleted" if version is not None else "does not exist"
         raise _with_cache_state(NotFound(f"todo {todo_id} {gone}"), state)
@@ -97,6 +102,27 @@ async def get_todo(todo_id: int, min_version_text: str | None = None) -> Read:
     if state == "miss":
         await cache.store_todo(todo_id, todo.version, body)
     return Read(body, todo.version, state)
+
+
+class _Waiters:
+    """The ?min_version reads of this process that the cache could not answer. Past
+    MIN_VERSION_MAX_WAITERS, a new one answers 503 at once (no read of the read DB, no wait): a flood of
+    reads for versions that never come cannot take every connection and request slot for seconds."""
+
+    active = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def slot(cls, state: str) -> Iterator[None]:
+        if cls.active >= settings().min_version_max_waiters:
+            min_version_wait.labels("refused").observe(0.0)
+            message = "too many reads wait for a version in this process; retry shortly"
+            raise _with_cache_state(TooManyWaiters(message), state)
+        cls.active += 1
+        try:
+            yield
+        finally:
+            cls.active -= 1
 
 
 async def _wait_for_version(todo_id: int, min_version: int, state: str) -> tuple[Todo | None, int]:
@@ -135,17 +161,36 @@ async def _wait_for_version(todo_id: int, min_version: int, state: str) -> tuple
                 watch.forget(todo_id, notified)
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _cursor_tag(payload: bytes) -> bytes:
+    return hmac.new(settings().cursor_key, payload, hashlib.sha256).digest()[:_CURSOR_TAG_BYTES]
+
+
 def encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(f"after:{last_id}".encode()).decode().rstrip("=")
+    """`<payload>.<tag>`, both base64url: the payload says where the next page starts, the tag (an
+    HMAC with CURSOR_SECRET's key) that this API gave it out."""
+    payload = f"after:{last_id}".encode()
+    return f"{_b64(payload)}.{_b64(_cursor_tag(payload))}"
 
 
 def decode_cursor(cursor: str) -> int:
+    """The id a cursor continues after; 422 for one this API did not give out (forged or altered), before
+    it could reach the database or name a cache entry."""
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, value = text.partition(":")
-        after = ascii_positive_int(value)
-        if prefix == "after" and after is not None:
-            return after
+        encoded, _, tag = cursor.partition(".")
+        payload = _unb64(encoded)
+        if hmac.compare_digest(_unb64(tag), _cursor_tag(payload)):
+            prefix, _, value = payload.decode().partition(":")
+            after = ascii_positive_int(value)
+            if prefix == "after" and after is not None:
+                return after
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
     raise ValidationFailed(

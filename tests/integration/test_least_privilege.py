@@ -1,0 +1,277 @@
+"""Least privilege on the real MariaDB and Redis (issue 17): each role's credentials, as `make run` hands
+them to its functions (local/credentials.py, grants in todo_cqrs/roles.py), can do what its code needs
+and nothing the other roles do.
+
+Every attempt that must fail is made on a row or key of this module's own (a high random id), and each
+check first shows that the same statement works with the credentials that are entitled to it, so a
+refusal cannot come from a mistyped statement.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pymysql
+import pytest
+import redis
+from sqlalchemy.engine import make_url
+
+from local import credentials
+from tests.integration.read_model_ids import CREATED, HIGH_IDS, UPDATED, todo_data
+from tests.integration.settings_override import InLoop, Run, overridden_setting
+from todo_cqrs import db, roles
+from todo_cqrs.adapters import cache as cache_module
+from todo_cqrs.adapters.cache import LIST_GENERATION_KEY, VERSIONS_CHANNEL, floor_key, todo_key
+from todo_cqrs.projection.handlers import project_event
+from todo_cqrs.query import handlers as query_handlers
+from todo_cqrs.settings import settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
+
+ACCESS_DENIED = {1044, 1045, 1142, 1143, 1227}  # database, login, table, column, privilege
+
+
+def connect(role: str | None, database: str | None) -> pymysql.Connection[Any]:
+    """A connection as the role (None: the admin) to one of the configured databases (or none), over TCP."""
+    url = make_url(settings().write_db_url)
+    user, password = (role, credentials.db_password(role)) if role else (url.username, url.password)
+    return pymysql.connect(
+        host=url.host, port=url.port or 3306, user=user, password=password, database=database, autocommit=True
+    )
+
+
+def databases() -> tuple[str, str]:
+    return make_url(settings().write_db_url).database or "", make_url(settings().read_db_url).database or ""
+
+
+def refused(role: str, database: str, statement: str) -> int:
+    """The server's error number when the role runs the statement (it must be refused)."""
+    try:
+        with connect(role, database) as conn, conn.cursor() as cur:
+            cur.execute(statement)
+    except (pymysql.err.OperationalError, pymysql.err.ProgrammingError) as exc:
+        return int(exc.args[0])
+    raise AssertionError(f"{role} was allowed to run {statement!r} on {database}")
+
+
+def allowed(role: str | None, database: str, statement: str) -> None:
+    with connect(role, database) as conn, conn.cursor() as cur:
+        cur.execute(statement)
+
+
+@pytest.fixture
+def row_id() -> int:
+    return HIGH_IDS + secrets.randbelow(HIGH_IDS)
+
+
+# --- MariaDB -----------------------------------------------------------------------------------------
+
+
+def test_get_todos_credentials_only_read_the_read_table(row_id: int) -> None:
+    write_db, read_db = databases()
+    allowed(roles.QUERY, read_db, f"SELECT id FROM todos_view WHERE id = {row_id}")
+    writes = [
+        "INSERT INTO todos_view (id, title, description, status, version, created_at, updated_at) "
+        f"VALUES ({row_id}, 'x', '', 'CREATED', 1, UTC_TIMESTAMP(3), UTC_TIMESTAMP(3))",
+        f"UPDATE todos_view SET version = 2147483647 WHERE id = {row_id}",
+        f"DELETE FROM todos_view WHERE id = {row_id}",
+        "DROP TABLE todos_view",
+        "TRUNCATE TABLE todos_view",
+        "CREATE TABLE planted (id INT)",
+    ]
+    for statement in writes:
+        assert refused(roles.QUERY, read_db, statement) in ACCESS_DENIED, statement
+    # Nothing of the write DB: neither the database nor its tables by name.
+    assert refused(roles.QUERY, read_db, f"SELECT id FROM `{write_db}`.todos LIMIT 1") in ACCESS_DENIED
+    assert refused(roles.QUERY, read_db, f"SELECT id FROM `{write_db}`.outbox LIMIT 1") in ACCESS_DENIED
+    with pytest.raises(pymysql.err.OperationalError) as no_login:
+        connect(roles.QUERY, write_db)
+    assert no_login.value.args[0] in ACCESS_DENIED
+
+
+def test_command_credentials_cannot_touch_the_read_db(row_id: int) -> None:
+    write_db, read_db = databases()
+    allowed(roles.COMMAND, write_db, f"SELECT id FROM todos WHERE id = {row_id}")
+    with pytest.raises(pymysql.err.OperationalError) as no_login:
+        connect(roles.COMMAND, read_db)
+    assert no_login.value.args[0] in ACCESS_DENIED
+    for statement in (
+        f"SELECT id FROM `{read_db}`.todos_view LIMIT 1",
+        f"UPDATE `{read_db}`.todos_view SET version = 2147483647 WHERE id = {row_id}",
+        f"DELETE FROM `{read_db}`.todos_view WHERE id = {row_id}",
+    ):
+        assert refused(roles.COMMAND, write_db, statement) in ACCESS_DENIED, statement
+    # No schema changes on its own database either.
+    assert refused(roles.COMMAND, write_db, "DROP TABLE outbox") in ACCESS_DENIED
+    assert refused(roles.COMMAND, write_db, "ALTER TABLE todos ADD COLUMN planted INT") in ACCESS_DENIED
+
+
+def test_relay_credentials_cannot_change_todos_nor_write_outbox_rows(row_id: int) -> None:
+    write_db, _ = databases()
+    allowed(roles.RELAY, write_db, f"UPDATE outbox SET published_at = published_at WHERE id = {row_id}")
+    for statement in (
+        f"UPDATE todos SET version = version + 1 WHERE id = {row_id}",
+        "INSERT INTO outbox (event_id, event_type, todo_id, version, occurred_at, payload) "
+        f"VALUES (UUID(), 'todo.updated.v1', {row_id}, 1, UTC_TIMESTAMP(3), '{{}}')",
+        f"DELETE FROM outbox WHERE id = {row_id}",
+    ):
+        assert refused(roles.RELAY, write_db, statement) in ACCESS_DENIED, statement
+
+
+def test_projection_credentials_write_only_the_read_table(row_id: int) -> None:
+    write_db, read_db = databases()
+    allowed(roles.PROJECTION, read_db, f"UPDATE todos_view SET version = version WHERE id = {row_id}")
+    assert refused(roles.PROJECTION, read_db, "DROP TABLE todos_view") in ACCESS_DENIED
+    assert refused(roles.PROJECTION, read_db, f"DELETE FROM todos_view WHERE id = {row_id}") in ACCESS_DENIED
+    with pytest.raises(pymysql.err.OperationalError) as no_login:
+        connect(roles.PROJECTION, write_db)
+    assert no_login.value.args[0] in ACCESS_DENIED
+
+
+def test_every_role_account_has_exactly_the_grants_of_todo_cqrs_roles() -> None:
+    write_db, read_db = databases()
+    for role in roles.ROLES:  # each account sees its own privileges in information_schema
+        with connect(role, None) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT TABLE_SCHEMA, TABLE_NAME, PRIVILEGE_TYPE FROM information_schema.TABLE_PRIVILEGES "
+                "WHERE GRANTEE = %s AND TABLE_SCHEMA IN (%s, %s)",
+                (f"'{role}'@'127.0.0.1'", write_db, read_db),
+            )
+            assert set(cur.fetchall()) == roles.privileges(role, write_db, read_db), role
+            cur.execute(
+                "SELECT COUNT(*) FROM information_schema.SCHEMA_PRIVILEGES WHERE GRANTEE = %s",
+                (f"'{role}'@'127.0.0.1'",),
+            )  # nothing database-wide, in any database
+            assert cur.fetchone() == (0,), f"{role} holds database-wide privileges"
+
+
+# --- the roles at work: what the projection and get_todos run, with their own credentials -------------
+
+
+@pytest.fixture
+def as_role(in_runner: InLoop) -> Iterator[Any]:
+    """A block in which this process's core uses one role's read-DB and Redis credentials."""
+
+    def use(role: str) -> Any:
+        read_url = make_url(settings().read_db_url).set(username=role, password=credentials.db_password(role))
+        redis_url = credentials.with_user(settings().redis_url, role, credentials.redis_password(role))
+        stack = ExitStack()
+        factories = (db.read_engine, cache_module.todo_cache)
+        stack.enter_context(
+            overridden_setting(
+                "READ_DB_URL", read_url.render_as_string(hide_password=False), *factories, loops=[in_runner]
+            )
+        )
+        stack.enter_context(overridden_setting("REDIS_URL", redis_url, *factories, loops=[in_runner]))
+        return stack
+
+    yield use
+
+
+def test_the_projection_and_the_query_work_with_their_own_credentials(
+    run: Run[Any], new_id: Any, as_role: Any
+) -> None:
+    todo_id = new_id()
+    with as_role(roles.PROJECTION):
+        assert run(project_event(CREATED, todo_data(todo_id, 1))) == "applied"
+    with as_role(roles.QUERY):
+        read = run(query_handlers.get_todo(todo_id))
+        assert (read.version, read.cache) == (1, "miss")  # read from the DB, then stored in the cache
+        assert run(query_handlers.get_todo(todo_id)).cache == "hit"
+        cursor = query_handlers.encode_cursor(todo_id - 1)
+        page = run(query_handlers.list_todos({"cursor": cursor, "limit": "1"}))
+        assert b'"id":%d' % todo_id in page.body
+
+
+# --- Redis ---------------------------------------------------------------------------------------------
+
+
+def redis_admin() -> redis.Redis:
+    return redis.Redis.from_url(settings().redis_url, socket_timeout=2)
+
+
+def redis_as(role: str | None) -> redis.Redis:
+    """A client as the role; None: no credentials at all (what a command or the relay gets)."""
+    url = settings().redis_url
+    if role is None:
+        url = credentials.with_user(url, None, None)
+    else:
+        url = credentials.with_user(url, role, credentials.redis_password(role))
+    return redis.Redis.from_url(url, socket_timeout=2)
+
+
+def test_the_query_user_reads_and_fills_the_cache_but_cannot_write_what_the_projection_writes(
+    row_id: int,
+) -> None:
+    projection, query = redis_as(roles.PROJECTION), redis_as(roles.QUERY)
+    with projection, query:
+        # The projection's writes, done by the projection's user...
+        projection.hset(floor_key(row_id), str(row_id), 1)
+        projection.set(todo_key(row_id), b"1:i:", ex=60)
+        # ...the query may read and fill the cache...
+        assert query.hget(floor_key(row_id), str(row_id)) == b"1"
+        query.set(todo_key(row_id), b'1:t:{"id": 1}', ex=60)
+        query.get(LIST_GENERATION_KEY)
+        # ...but not move a floor, retire the lists, wake readers, nor touch the server.
+        for attempt in (
+            lambda: query.hset(floor_key(row_id), str(row_id), 2**31 - 1),
+            lambda: query.hdel(floor_key(row_id), str(row_id)),
+            lambda: query.incr(LIST_GENERATION_KEY),
+            lambda: query.delete(LIST_GENERATION_KEY),
+            lambda: query.publish(VERSIONS_CHANNEL, f"{row_id}:9:"),
+            lambda: query.flushall(),
+            lambda: query.config_set("maxmemory", "1mb"),
+            lambda: query.keys("*"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                attempt()
+        assert projection.hget(floor_key(row_id), str(row_id)) == b"1"
+    with redis_admin() as admin:
+        admin.delete(todo_key(row_id))
+        admin.hdel(floor_key(row_id), str(row_id))
+
+
+def test_functions_without_a_redis_role_cannot_use_redis() -> None:
+    with redis_as(None) as anonymous, pytest.raises(redis.exceptions.AuthenticationError):
+        anonymous.get(LIST_GENERATION_KEY)
+
+
+def test_redis_is_bounded_and_evicts_only_keys_with_a_ttl() -> None:
+    with redis_admin() as admin:
+        config = admin.config_get("maxmemory*")
+    assert int(config["maxmemory"]) > 0
+    assert config["maxmemory-policy"] == "volatile-lru"
+
+
+def test_what_may_be_evicted_has_a_ttl_and_what_may_not_has_none(run: Run[Any], new_id: Any) -> None:
+    todo_id = new_id()
+    run(project_event(CREATED, todo_data(todo_id, 1)))
+    run(query_handlers.get_todo(todo_id))  # a cached entry
+    page = run(query_handlers.list_todos({"cursor": query_handlers.encode_cursor(todo_id - 1), "limit": "1"}))
+    assert page.cache == "miss"  # stored now
+    with redis_admin() as admin:
+        assert admin.ttl(todo_key(todo_id)) > 0
+        pages = list(admin.scan_iter(match=f"todos:list:*:[*]:{todo_id - 1}:1", count=1000))
+        assert pages and all(admin.ttl(key) > 0 for key in pages)
+        assert admin.ttl(floor_key(todo_id)) == -1  # -1: no TTL (never evicted under volatile-lru)
+        assert admin.ttl(LIST_GENERATION_KEY) == -1
+
+
+async def store(todo_id: int, version: int, body: bytes) -> None:
+    await cache_module.todo_cache().store_todo(todo_id, version, body)
+
+
+def test_an_evicted_entry_does_not_let_an_older_version_be_cached(run: Run[Any], new_id: Any) -> None:
+    todo_id = new_id()
+    run(project_event(CREATED, todo_data(todo_id, 1)))
+    run(project_event(UPDATED, todo_data(todo_id, 2)))
+    with redis_admin() as admin:
+        admin.delete(todo_key(todo_id))  # as volatile-lru would: the marker of version 2 is gone
+        # A reader that read version 1 before the projection applied version 2 stores it late:
+        run(store(todo_id, 1, b'{"version": 1}'))
+        assert admin.get(todo_key(todo_id)) is None
+        run(store(todo_id, 2, b'{"version": 2}'))
+        assert admin.get(todo_key(todo_id)) == b'2:t:{"version": 2}'

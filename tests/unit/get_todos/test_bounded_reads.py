@@ -1,0 +1,193 @@
+"""get_todos' bounds (issue 17): a cap on the ?min_version reads that wait in one process, and signed
+cursors. With the fake cache, read model and watch of the projection's notices (tests/unit/fakes.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from tests.unit.fakes import FakeCache, FakeReadModel, FakeVersionWatch, a_todo, assert_error
+from todo_cqrs.domain.errors import TooManyWaiters
+from todo_cqrs.domain.todo import Todo
+from todo_cqrs.query import handlers
+from todo_cqrs.settings import settings
+
+FUNCTION = "get_todos"
+
+
+@pytest.fixture(autouse=True)
+def read_model(monkeypatch: pytest.MonkeyPatch) -> FakeReadModel:
+    return FakeReadModel().install(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def watch(monkeypatch: pytest.MonkeyPatch) -> FakeVersionWatch:
+    return FakeVersionWatch().install(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def cache(monkeypatch: pytest.MonkeyPatch, watch: FakeVersionWatch) -> FakeCache:
+    return FakeCache(watch=watch).install(monkeypatch)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Set settings for one test (settings are cached per process)."""
+
+    def set_env(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        settings.cache_clear()
+
+    yield set_env
+    settings.cache_clear()
+
+
+def body_of(response: Any) -> Any:
+    return json.loads(response.content)
+
+
+# --- the cap on ?min_version waiters -------------------------------------------------------------
+
+
+def test_waiters_past_the_cap_answer_503_at_once_and_those_below_it_are_served(
+    read_model: FakeReadModel, cache: FakeCache, watch: FakeVersionWatch, env: Callable[..., None]
+) -> None:
+    env(MIN_VERSION_MAX_WAITERS="2", MIN_VERSION_WAIT_SECONDS="30")
+    read_model.put(a_todo(7, version=3))
+
+    async def scenario() -> None:
+        waiting = [asyncio.create_task(handlers.get_todo(7, "4")) for _ in range(2)]
+        while len(watch.waits) < 2:  # both registered with the watch: they wait for the projection
+            await asyncio.sleep(0)
+        lookups = len(read_model.row_lookups)
+
+        with pytest.raises(TooManyWaiters) as refused:
+            await handlers.get_todo(8, "1")
+        assert refused.value.retry_after_s >= 1
+        assert len(read_model.row_lookups) == lookups  # refused before any read of the read DB
+
+        # The projection lands version 4: both waiters are answered with it.
+        read_model.put(a_todo(7, version=4))
+        await cache.invalidate(7, 4)
+        assert [read.version for read in await asyncio.gather(*waiting)] == [4, 4]
+
+        # Their slots are free again: the next read that must wait is served too.
+        read_model.arrive_after(read_model.reads + 1, lambda: read_model.put(a_todo(8, version=1)))
+        assert (await handlers.get_todo(8, "1")).version == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_read_past_the_cap_answers_503_too_many_waiters_with_retry_after(
+    client: TestClient, read_model: FakeReadModel, env: Callable[..., None]
+) -> None:
+    env(MIN_VERSION_MAX_WAITERS="0")
+    read_model.put(a_todo(7, version=3))
+
+    response = client.get("/7?min_version=4")
+
+    assert_error(response, 503, "too_many_waiters")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["X-Cache"] == "miss"
+    assert read_model.row_lookups == []
+
+
+def test_the_cap_leaves_reads_the_cache_answers_alone(
+    client: TestClient, read_model: FakeReadModel, env: Callable[..., None]
+) -> None:
+    env(MIN_VERSION_MAX_WAITERS="0")
+    read_model.put(a_todo(7, version=3))
+    assert client.get("/7").status_code == 200  # now cached
+
+    response = client.get("/7?min_version=3")
+
+    assert response.status_code == 200
+    assert response.headers["X-Cache"] == "hit"
+
+
+# --- signed cursors ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def five(read_model: FakeReadModel) -> list[Todo]:
+    return [read_model.put(a_todo(i)) for i in (2, 4, 5, 9, 11)]
+
+
+def first_cursor(client: TestClient) -> str:
+    cursor: str = body_of(client.get("/todo", params={"limit": 2}))["next_cursor"]
+    return cursor
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def test_an_issued_cursor_is_accepted_by_another_process_with_the_same_secret(
+    client: TestClient, read_model: FakeReadModel, five: list[Todo], env: Callable[..., None]
+) -> None:
+    env(CURSOR_SECRET="shared by every get-todos pod")
+    cursor = first_cursor(client)
+    settings.cache_clear()  # as another pod would: its own settings, the same Secret
+
+    response = client.get("/todo", params={"limit": 2, "cursor": cursor})
+
+    assert response.status_code == 200
+    assert [item["id"] for item in body_of(response)["items"]] == [5, 9]
+    assert read_model.list_queries[-1] == (None, 4, 3)
+
+
+def forged_cursors(issued: str) -> list[str]:
+    payload, _, tag = issued.partition(".")
+    return [
+        b64(b"after:4"),  # the unsigned form
+        f"{b64(b'after:9')}.{tag}",  # another position under the issued tag
+        f"{payload}.{b64(b'x' * 16)}",  # the issued position under a made-up tag
+        f"{payload}.{tag[:-2]}",  # a cut tag
+        f"{payload}.",
+        f"{payload}.{tag}.{tag}",
+    ]
+
+
+def test_a_forged_or_altered_cursor_answers_422_and_reaches_neither_db_nor_cache(
+    client: TestClient, read_model: FakeReadModel, cache: FakeCache, five: list[Todo]
+) -> None:
+    issued = first_cursor(client)
+    queries, stored = list(read_model.list_queries), list(cache.stored_pages)
+
+    for forged in forged_cursors(issued):
+        error = assert_error(client.get("/todo", params={"cursor": forged}), 422, "validation_failed")
+        assert [problem["field"] for problem in error["details"]] == ["cursor"], forged
+
+    assert read_model.list_queries == queries
+    assert cache.stored_pages == stored
+
+
+def test_a_cursor_signed_with_another_secret_answers_422(
+    client: TestClient, read_model: FakeReadModel, five: list[Todo], env: Callable[..., None]
+) -> None:
+    env(CURSOR_SECRET="one deployment")
+    cursor = first_cursor(client)
+    env(CURSOR_SECRET="another deployment")
+
+    assert_error(client.get("/todo", params={"cursor": cursor}), 422, "validation_failed")
+
+
+def test_without_cursor_secret_the_key_is_derived_from_the_db_password_the_pods_share(
+    env: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CURSOR_SECRET", raising=False)
+    env(DB_PASSWORD="the todo_query secret")
+    cursor = handlers.encode_cursor(41)
+    settings.cache_clear()
+    assert handlers.decode_cursor(cursor) == 41
+
+    env(DB_PASSWORD="another password")
+    with pytest.raises(handlers.ValidationFailed):
+        handlers.decode_cursor(cursor)
