@@ -72,10 +72,11 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
     # The projection's version-gated upsert (INSERT ... ON DUPLICATE KEY UPDATE) of rows and tombstones.
     PROJECTION: (Grant("SELECT, INSERT, UPDATE", "read", "todos_view"),),
     QUERY: (Grant("SELECT", "read", "todos_view"),),
-    # Compares the write model with the read model and repairs the read rows (tombstones, removals).
+    # Compares the write model with the read model and repairs the read rows (tombstones, removals);
+    # reads recent deletions from the outbox and deletes published rows past OUTBOX_RETENTION_HOURS.
     RECONCILE: (
         Grant("SELECT", "write", "todos"),
-        Grant("SELECT", "write", "outbox"),
+        Grant("SELECT, DELETE", "write", "outbox"),
         Grant(_DML, "read", "todos_view"),
     ),
 }
