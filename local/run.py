@@ -296,7 +296,13 @@ def start(system: System) -> None:
     reconcile = BY_NAME["reconcile"]
     threading.Thread(
         target=scheduled_ticks,
-        args=("reconcile", f"{reconcile.url}/", settings().reconcile_interval_s, system.stopping),
+        args=(
+            "reconcile",
+            f"{reconcile.url}/",
+            settings().reconcile_interval_s,
+            system.stopping,
+            issuer.Tokens(issuer.RECONCILE_TICK_SUBJECT).headers_for(reconcile.service),
+        ),
         name="reconcile-schedule",
         daemon=True,
     ).start()
