@@ -447,6 +447,20 @@ def _socket_admin() -> pymysql.Connection:  # type: ignore[type-arg]
     )
 
 
+def socket_path() -> str:
+    return str(_mariadb_socket())
+
+
+def os_user() -> str:
+    return _os_user()
+
+
+def socket_admin_url(database: str) -> str:
+    """A SQLAlchemy URL of the server's own administrator (the OS user over the socket), e.g. to run
+    `python -m todo_cqrs.roles grant` as a cluster's migrations Job would."""
+    return f"mysql+pymysql://{_os_user()}@localhost/{database}?unix_socket={_mariadb_socket()}"
+
+
 def ensure_roles() -> None:
     """Create or update the role users (todo_cqrs/roles.py) with their generated passwords, each with
     exactly its grants on the configured databases. Table grants need the tables: call it after the

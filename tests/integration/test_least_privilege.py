@@ -9,9 +9,13 @@ refusal cannot come from a mistyped statement.
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 import pymysql
@@ -19,7 +23,7 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
-from local import credentials
+from local import credentials, services
 from tests.integration.read_model_ids import CREATED, HIGH_IDS, UPDATED, todo_data
 from tests.integration.settings_override import InLoop, Run, overridden_setting
 from todo_cqrs import db, roles
@@ -27,7 +31,8 @@ from todo_cqrs.adapters import cache as cache_module
 from todo_cqrs.adapters.cache import LIST_GENERATION_KEY, VERSIONS_CHANNEL, floor_key, todo_key
 from todo_cqrs.projection.handlers import project_event
 from todo_cqrs.query import handlers as query_handlers
-from todo_cqrs.settings import settings
+from todo_cqrs.reconcile.service import ReconcileTick
+from todo_cqrs.settings import Settings, settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
@@ -148,6 +153,47 @@ def test_every_role_account_has_exactly_the_grants_of_todo_cqrs_roles() -> None:
             assert cur.fetchone() == (0,), f"{role} holds database-wide privileges"
 
 
+def test_the_migrations_jobs_grant_command_sets_the_same_accounts_and_grants() -> None:
+    """`python -m todo_cqrs.roles grant`, as the cluster's migrations Job runs it after the migrations,
+    here as the local server's administrator with the local passwords: it succeeds, and every role
+    still logs in and holds exactly its grants."""
+    write_db, read_db = databases()
+    env = {
+        **os.environ,
+        "WRITE_DB_URL": services.socket_admin_url(write_db),
+        "READ_DB_URL": services.socket_admin_url(read_db),
+        "DB_ROLE_HOSTS": ",".join(services.ROLE_HOSTS),
+        **{roles.env_name("DB_PASSWORD", role): credentials.db_password(role) for role in roles.ROLES},
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "todo_cqrs.roles", "grant"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for role in roles.ROLES:
+        with connect(role, None) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT TABLE_SCHEMA, TABLE_NAME, PRIVILEGE_TYPE FROM information_schema.TABLE_PRIVILEGES "
+                "WHERE GRANTEE = %s AND TABLE_SCHEMA IN (%s, %s)",
+                (f"'{role}'@'127.0.0.1'", write_db, read_db),
+            )
+            assert set(cur.fetchall()) == roles.privileges(role, write_db, read_db), role
+
+
+def test_re_applying_the_roles_takes_back_a_privilege_granted_by_hand() -> None:
+    _, read_db = databases()
+    admin = pymysql.connect(unix_socket=services.socket_path(), user=services.os_user(), autocommit=True)
+    with admin, admin.cursor() as cur:
+        cur.execute(f"GRANT DROP ON `{read_db}`.todos_view TO 'todo_query'@'127.0.0.1'")
+        cur.execute(f"GRANT SELECT ON `{read_db}`.* TO 'todo_query'@'127.0.0.1'")
+    services.ensure_roles()  # as make run, make migrate and the tests do after the migrations
+    assert refused(roles.QUERY, read_db, "DROP TABLE todos_view") in ACCESS_DENIED
+    assert refused(roles.QUERY, read_db, "SELECT 1 FROM alembic_version") in ACCESS_DENIED
+
+
 # --- the roles at work: what the projection and get_todos run, with their own credentials -------------
 
 
@@ -184,6 +230,37 @@ def test_the_projection_and_the_query_work_with_their_own_credentials(
         cursor = query_handlers.encode_cursor(todo_id - 1)
         page = run(query_handlers.list_todos({"cursor": cursor, "limit": "1"}))
         assert b'"id":%d' % todo_id in page.body
+
+
+def role_settings(role: str) -> Settings:
+    """This process's settings with the role's credentials for both databases and Redis."""
+    s, password = settings(), credentials.db_password(role)
+
+    def url(value: str) -> str:
+        return make_url(value).set(username=role, password=password).render_as_string(hide_password=False)
+
+    redis_url = credentials.with_user(s.redis_url, role, credentials.redis_password(role))
+    return replace(s, write_db_url=url(s.write_db_url), read_db_url=url(s.read_db_url), redis_url=redis_url)
+
+
+def test_a_reconcile_pass_repairs_and_prunes_with_its_own_credentials(run: Run[Any], new_id: Any) -> None:
+    todo_id = new_id()  # a live read row the write DB never assigned: drift the pass removes
+    run(project_event(CREATED, todo_data(todo_id, 1)))
+    tick = ReconcileTick.from_settings(replace(role_settings(roles.RECONCILE), reconcile_grace_s=0.0))
+
+    async def one_pass() -> dict[str, Any]:
+        try:
+            return await tick.run()
+        finally:
+            await tick.aclose()
+
+    report = run(one_pass())
+
+    assert report["repaired"]["extra"] >= 1 and "outbox_rows_pruned" in report
+    _, read_db = databases()
+    with connect(None, read_db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT deleted FROM todos_view WHERE id = %s", (todo_id,))
+        assert cur.fetchone() is None
 
 
 # --- Redis ---------------------------------------------------------------------------------------------
