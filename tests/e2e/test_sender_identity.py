@@ -5,15 +5,21 @@ which present the local issuer's tokens, keep events flowing end to end."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 import uuid
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 
 from local import issuer
 from local.topology import BY_NAME
+from todo_cqrs.dead_letter.store import from_settings
+from todo_cqrs.settings import settings
+
+NO_COMMAND_REACHES = 9_000_000_000_001  # a todo id no command assigns: nothing of the read model moves
 
 pytestmark = pytest.mark.e2e
 
@@ -77,3 +83,41 @@ def test_relay_outbox_and_dead_letter_refuse_a_request_without_token(gateway) ->
         assert (status, body["error"]["code"]) == (401, "unauthenticated"), name
         with urllib.request.urlopen(f"{BY_NAME[name].url}/healthz", timeout=5) as health:
             assert health.status == 200
+
+
+def test_an_event_about_another_todo_than_its_subject_is_dead_lettered_by_the_sources_with_tokens(
+    system,
+) -> None:
+    """project_event answers 400 (never applicable); the KafkaSource then delivers the event to
+    dead_letter, which takes it only with the source's token for its own audience."""
+    event_id = str(uuid.uuid4())
+    producer = Producer({"bootstrap.servers": settings().kafka_bootstrap_servers, "linger.ms": 0})
+    headers = {
+        "ce_specversion": "1.0",
+        "ce_id": event_id,
+        "ce_source": "/todo-cqrs/commands",
+        "ce_type": "todo.deleted.v1",
+        "ce_subject": str(NO_COMMAND_REACHES + 1),  # not the data's id
+        "content-type": "application/json",
+    }
+    data = {"id": NO_COMMAND_REACHES, "version": 2}
+    producer.produce(
+        settings().topic,
+        key=str(NO_COMMAND_REACHES).encode(),
+        value=json.dumps(data).encode(),
+        headers=[(name, value.encode()) for name, value in headers.items()],
+    )
+    assert producer.flush(10) == 0
+
+    store = from_settings()
+    deadline = time.monotonic() + 60
+    while not (keys := [key for key in store.list() if event_id in key]):
+        assert time.monotonic() < deadline, "the event never reached the dead-letter store"
+        time.sleep(0.2)
+    (key,) = keys
+    letter = store.get(key)
+    try:
+        assert (letter.error_code, letter.error_dest) == ("400", BY_NAME["project_event"].url)
+        assert letter.subject == str(NO_COMMAND_REACHES + 1)
+    finally:
+        store.delete(key)
