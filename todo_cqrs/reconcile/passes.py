@@ -43,6 +43,7 @@ from todo_cqrs.reconcile.sides import ROW_CHECKSUM, Deletion, ReadSide, Row, Wri
 
 KINDS = ("missing", "different", "extra")
 CHUNK_ROWS = 20_000
+LEAVES_AT_ONCE = 4  # each holds a connection of both pools (2 + 2 overflow) while it looks
 
 passes_total = Counter("todo_reconcile_passes", "Reconciliation passes completed")
 drift_total = Counter(
@@ -183,17 +184,29 @@ class Reconciler:
             return report
 
     async def _compare(self, chunk: IdRange, write: Digest, read: Digest, report: PassReport) -> None:
-        async for leaf in differing_leaves(self.write, self.read, chunk, write, read):
-            report.leaves += 1
-            for repair in await self._repairs(leaf, report):
-                await self._apply(repair, report)
+        # Small ranges are looked into while the search goes on, a few at a time (they are disjoint).
+        slots = asyncio.Semaphore(LEAVES_AT_ONCE)
+
+        async def look_into(leaf: IdRange) -> None:
+            try:
+                for repair in await self._repairs(leaf, report):
+                    await self._apply(repair, report)
+            finally:
+                slots.release()
+
+        async with asyncio.TaskGroup() as group:
+            async for leaf in differing_leaves(self.write, self.read, chunk, write, read):
+                report.leaves += 1
+                await slots.acquire()
+                group.create_task(look_into(leaf))
 
     async def _repairs(self, leaf: IdRange, report: PassReport) -> list[_Repair]:
         # The read rows first: whatever the projection applied before this read, the write rows read
         # next already hold (or a newer state), so a read row ahead of them is not a race but drift.
         read_rows = await self.read.rows(leaf)
-        write_rows, now, assigned = await self.write.rows(leaf)
+        write_rows, now = await self.write.rows(leaf)
         extra = [i for i, row in read_rows.items() if not row.deleted and i not in write_rows]
+        assigned = await self.write.assigned() if extra else 0
         deletions = await self.write.deletions([i for i in extra if i <= assigned])
         repairs: list[_Repair] = []
         for todo_id in sorted(read_rows.keys() | write_rows.keys()):

@@ -27,7 +27,7 @@ def batch_engine(url: str) -> AsyncEngine:
         isolation_level="AUTOCOMMIT",
         skip_autocommit_rollback=True,
         pool_size=2,
-        max_overflow=2,
+        max_overflow=4,  # a pass looks into up to 4 small ranges at once, beside its search
         pool_timeout=10,
         connect_args={"connect_timeout": 5, "client_flag": 0, "init_command": SESSION},
     )

@@ -108,8 +108,8 @@ class WriteSide:
             found = (await conn.execute(statement, {"after": after, "skip": rows - 1})).scalar()
         return int(found) if found is not None else None
 
-    async def rows(self, ids: IdRange) -> tuple[dict[int, Row], datetime, int]:
-        """(the live todos in the range, the database's now, the highest id it has assigned)."""
+    async def rows(self, ids: IdRange) -> tuple[dict[int, Row], datetime]:
+        """(the live todos in the range, the database's now just after reading them)."""
         async with self.engine.connect() as conn:
             result = await conn.execute(
                 sa.text(
@@ -118,18 +118,19 @@ class WriteSide:
                 {"low": ids.low, "high": ids.high},
             )
             rows = {r.id: _row(r) for r in result}
-            # AUTO_INCREMENT counts ids handed out, committed or not; MAX(id) covers a server that
-            # reports it late.
-            now, assigned = (
-                await conn.execute(
-                    sa.text(
-                        "SELECT UTC_TIMESTAMP(3), GREATEST(COALESCE((SELECT AUTO_INCREMENT - 1 "
-                        "FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() "
-                        "AND TABLE_NAME = 'todos'), 0), COALESCE((SELECT MAX(id) FROM todos), 0))"
-                    )
-                )
-            ).one()
-        return rows, now, int(assigned)
+            now = (await conn.execute(sa.text("SELECT UTC_TIMESTAMP(3)"))).scalar_one()
+        return rows, now
+
+    async def assigned(self) -> int:
+        """The highest id the database has handed out, committed or not (AUTO_INCREMENT; MAX(id)
+        covers a server that reports it late)."""
+        async with self.engine.connect() as conn:
+            statement = sa.text(
+                "SELECT GREATEST(COALESCE((SELECT AUTO_INCREMENT - 1 FROM information_schema.TABLES "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'todos'), 0), "
+                "COALESCE((SELECT MAX(id) FROM todos), 0))"
+            )
+            return int((await conn.execute(statement)).scalar_one())
 
     async def deletions(self, todo_ids: list[int]) -> dict[int, Deletion]:
         """The deletion events the outbox still holds for these ids (its index by todo)."""

@@ -11,7 +11,6 @@ import pytest
 
 from todo_cqrs.reconcile.ranges import (
     LEAF_ROWS,
-    PARTS,
     Digest,
     IdRange,
     differing_leaves,
@@ -104,7 +103,7 @@ def test_one_difference_is_found_in_one_small_range(change: object) -> None:
     assert sum(1 for i in ROWS if leaf.low <= i <= leaf.high) <= LEAF_ROWS
     # Only the parts holding the difference were split: one grouped query per level, per side.
     levels = len(write.queries) - 1
-    assert levels <= 4  # 100,000 ids / 16 per level: 4 levels reach ranges of at most 64 rows
+    assert levels <= 2  # 100,000 ids / 128 per level: 2 levels reach ranges of at most 256 rows
     assert len(read.queries) == len(write.queries)
 
 
@@ -134,7 +133,7 @@ def test_a_range_dense_with_tombstones_is_split_until_its_rows_are_few() -> None
 
 def test_differing_parts_compares_counts_and_checksums_not_stored_rows() -> None:
     ids = IdRange(0, 159)
-    width = part_width(ids, PARTS)
+    width = part_width(ids, 16)
     mine = {0: Digest(1, 5, 1), 1: Digest(2, 9, 2), 3: Digest(1, 1, 1)}
     theirs = {0: Digest(1, 5, 40), 1: Digest(2, 8, 2), 2: Digest(1, 3, 1)}
 
