@@ -16,11 +16,18 @@ from alembic.script import ScriptDirectory
 
 from todo_cqrs.adapters import read_store, write_store
 from todo_cqrs.migrations import alembic_config
+from todo_cqrs.projection import rebuild
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
 METADATA = {"write": write_store.metadata, "read": read_store.metadata}
+# A rebuild's working tables (`CREATE TABLE ... LIKE todos_view`): one may outlive a rebuild that died.
+REBUILD_TABLES = {rebuild.SHADOW, rebuild.RETIRED}
+
+
+def part_of_the_schema(name: str | None, type_: str, parent_names: Any) -> bool:
+    return not (type_ == "table" and name in REBUILD_TABLES)
 
 
 def stored_default(text: str | None) -> str | None:
@@ -53,7 +60,12 @@ def test_migrated_database_matches_the_sqlalchemy_tables(database: str) -> None:
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(
-                connection, opts={"compare_type": True, "compare_server_default": server_defaults_differ}
+                connection,
+                opts={
+                    "compare_type": True,
+                    "compare_server_default": server_defaults_differ,
+                    "include_name": part_of_the_schema,
+                },
             )
             current = context.get_current_heads()
             differences = compare_metadata(context, METADATA[database])
