@@ -83,8 +83,9 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
 
 # Redis (todo_cqrs/adapters/cache.py): todo:<id> entries and markers, todos:floor:<bucket> version
 # floors, todos:list:gen and todos:list:<gen>:<page> pages, the todos:versions channel. %R~ is
-# read-only, ~ read and write. Scripts run with their caller's rights (redis.call is checked too).
-_REDIS_COMMON = "+ping +select +evalsha +script|load"
+# read-only, ~ read and write. Scripts run with their caller's rights (redis.call is checked too); a
+# pipeline of scripts first asks SCRIPT EXISTS.
+_REDIS_COMMON = "+ping +select +evalsha +script|load +script|exists"
 REDIS_RULES: dict[str, str] = {
     # Invalidates: marker, floor, list generation, notice to the waiting readers.
     PROJECTION: (

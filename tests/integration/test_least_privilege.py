@@ -311,6 +311,32 @@ def test_the_query_user_reads_and_fills_the_cache_but_cannot_write_what_the_proj
         admin.hdel(floor_key(row_id), str(row_id))
 
 
+def test_the_projection_user_may_run_its_scripts_in_a_pipeline(run: Run[Any], row_id: int) -> None:
+    """Several invalidations in one round trip: redis-py checks the scripts with SCRIPT EXISTS first."""
+    url = credentials.with_user(
+        settings().redis_url, roles.PROJECTION, credentials.redis_password(roles.PROJECTION)
+    )
+
+    async def invalidate_two() -> None:
+        cache = cache_module.TodoCache(cache_module.redis_client(url, 2.0))
+        try:
+            async with cache.client.pipeline(transaction=False) as pipe:
+                for todo_id in (row_id, row_id + 1):
+                    keys = [todo_key(todo_id), LIST_GENERATION_KEY, floor_key(todo_id)]
+                    args = [3, 60, VERSIONS_CHANNEL, todo_id, ""]
+                    await cache._invalidate(keys=keys, args=args, client=pipe)
+                assert await pipe.execute() == [3, 3]
+        finally:
+            await cache.aclose()
+
+    run(invalidate_two())
+    with redis_admin() as admin:
+        assert admin.hget(floor_key(row_id + 1), str(row_id + 1)) == b"3"
+        for todo_id in (row_id, row_id + 1):
+            admin.delete(todo_key(todo_id))
+            admin.hdel(floor_key(todo_id), str(todo_id))
+
+
 def test_functions_without_a_redis_role_cannot_use_redis() -> None:
     with redis_as(None) as anonymous, pytest.raises(redis.exceptions.AuthenticationError):
         anonymous.get(LIST_GENERATION_KEY)
