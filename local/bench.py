@@ -2,8 +2,8 @@
 the sustained mixed load alone.
 
 Starts its own copy of the local system beside the standard one (databases todo_bench_write and
-todo_bench_read, Redis db 1, topic todo-events-bench with its own consumer group, ports 9080-9097), loads
-it on loopback only, bounded in count and time, prints the tables and writes bench-results.json (the soak
+todo_bench_read, Redis db 1, topic todo-events-bench with its own consumer group, ports 9080-9091 and
+9101-9107), loads it on loopback only, bounded in count and time, prints the tables and writes bench-results.json (the soak
 alone: bench-results-soak.json), then stops everything it started, also on an error, Ctrl-C or SIGTERM.
 Load: `wrk` (closed loop, fixed concurrency) and an asyncio HTTP/1.1 client (open loop: paced commands,
 read-your-writes, the soak). Method and history: docs/performance.md.
@@ -66,21 +66,22 @@ RESULTS = REPO / "bench-results.json"
 SOAK_RESULTS = REPO / "bench-results-soak.json"
 LUA_DIR = bs.BENCH_DIR / "lua"
 
-# Ports beside the functions' 9081-9087 and the KafkaSource's metrics (9088); 9092 and 9093 are Kafka's.
-# 9089-9091 are used in turn: the sync limits, then the observability variants, then the cold starts.
-SPARE_PORT = 9089
+# Ports past the local system's 9080-9091 (functions, KafkaSource metrics, pipeline page, reconcile, issuer;
+# 9092 and 9093 are Kafka's). 9101-9103 are used in turn: the sync limits, the observability variants,
+# then the cold starts.
+SPARE_PORT = 9101
 SYNC_LIMITS = {  # name: (target in local/bench_limits/sync_main.py, port, gunicorn threads)
-    "sync_constant": ("constant", 9089, 16),
-    "sync_redis_get": ("redis_get", 9090, 16),
-    "sync_db_commit": ("db_commit", 9091, 8),
+    "sync_constant": ("constant", 9101, 16),
+    "sync_redis_get": ("redis_get", 9102, 16),
+    "sync_db_commit": ("db_commit", 9103, 8),
 }
 ASYNC_LIMITS = {  # name: (target in local/bench_limits/main.py, port)
-    "async_constant": ("constant", 9094),
-    "async_redis_get": ("redis_get", 9095),
-    "async_db_commit": ("db_commit", 9096),
+    "async_constant": ("constant", 9104),
+    "async_redis_get": ("redis_get", 9105),
+    "async_db_commit": ("db_commit", 9106),
 }
-NO_METRICS_PORT, OTLP_SINK_PORT, TRACED_PORT = 9089, 9090, 9091
-BYPASS_PORT = 9097
+NO_METRICS_PORT, OTLP_SINK_PORT, TRACED_PORT = 9101, 9102, 9103
+BYPASS_PORT = 9107
 HOT_IDS = 1000  # the cache-hit loads read these, all cached beforehand
 
 TARGET_HIT = 0.70
@@ -1132,7 +1133,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _check_ports_free() -> None:
-    for port in [*range(9080, 9092), *range(9094, 9098)]:
+    for port in [*range(9080, 9092), *range(9101, 9108)]:
         with socket.socket() as probe:
             if probe.connect_ex((HOST, port)) == 0:
                 bs.say(f"warning: something still listens on {HOST}:{port}")

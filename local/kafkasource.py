@@ -93,7 +93,7 @@ QUEUE_HIGH_WATER = 1000
 QUEUE_LOW_WATER = 100
 POLL_TIMEOUT_S = 0.1
 # ordering "unordered": records of a partition in flight at once (LOCAL_KAFKASOURCE_IN_FLIGHT).
-UNORDERED_IN_FLIGHT = 16
+UNORDERED_IN_FLIGHT = 50  # Knative's Kafka dispatcher: max.poll.records
 LAG_EVERY_S = 1.0
 
 
@@ -699,9 +699,9 @@ class LocalKafkaSource:
                 "enable.auto.offset.store": False,
                 "enable.auto.commit": True,
                 "auto.commit.interval.ms": 500,
-                # The broker answers a fetch as soon as one byte is there; a short wait bound keeps new
-                # and resumed partitions from waiting behind a long-poll.
-                "fetch.wait.max.ms": 50,
+                # The broker answers a fetch as soon as one byte is there, or after 500 ms (Kafka's
+                # default): an idle source fetches twice a second, a busy one as often as records come.
+                "fetch.wait.max.ms": 500,
                 # A crashed local runner's partitions come back within 10 s instead of 45, and a member
                 # joining the group is noticed within a second.
                 "session.timeout.ms": 10000,

@@ -8,9 +8,11 @@ ends as a tombstone, so the read model still equals the write model for everyone
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -208,6 +210,40 @@ def test_out_of_order_events_keep_the_newest(
     send(client, UPDATED, todo_id, 2, title="second")
     send(client, CREATED, todo_id, 1, title="first")
     assert run(live(todo_id)) == (3, "third")
+
+
+def test_events_delivered_together_are_applied_together_and_keep_the_newest_of_each_todo(
+    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], raw_redis: redis.Redis
+) -> None:
+    """As a KafkaSource with ordering `unordered` delivers: many events in flight at once, one todo's
+    versions in any order, a deletion among them. Each todo ends at its newest version, each event is
+    applied at most once, and each todo's newest version is the one its invalidations announce."""
+    todo_ids = new_ids(3)
+    events = [
+        (CREATED if version == 1 else UPDATED, todo_id, version)
+        for todo_id in todo_ids
+        for version in range(1, 9)
+    ]
+    events.append((DELETED, todo_ids[2], 9))
+    random.Random(7).shuffle(events)
+    with ThreadPoolExecutor(len(events)) as pool:
+        answers = list(pool.map(lambda e: send(client, e[0], e[1], e[2], title=f"v{e[2]}"), events))
+    assert all(answer.status_code == 200 for answer in answers)
+    applied = [
+        event for event, answer in zip(events, answers, strict=True) if outcome(answer)[1] == "applied"
+    ]
+    assert len(applied) == len(set(applied))
+    assert {(todo_id, version) for _, todo_id, version in applied} >= {
+        (todo_ids[0], 8),
+        (todo_ids[1], 8),
+        (todo_ids[2], 9),
+    }
+    assert run(live(todo_ids[0])) == (8, "v8")
+    assert run(live(todo_ids[1])) == (8, "v8")
+    assert run(live(todo_ids[2])) is None
+    assert run(read_row(todo_ids[2]))["version"] == 9  # a tombstone
+    for todo_id, newest in zip(todo_ids, (8, 8, 9), strict=True):
+        assert raw_redis.get(todo_key(todo_id)).startswith(f"{newest}:".encode())
 
 
 def test_late_update_does_not_resurrect_a_deleted_todo(

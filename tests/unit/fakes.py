@@ -374,6 +374,7 @@ class FakeReadModel:
         monkeypatch.setattr(query_handlers, "get_row", self.get_row)
         monkeypatch.setattr(query_handlers, "list_rows", self.list_rows)
         monkeypatch.setattr(projection_handlers, "apply_change", self.apply_change)
+        monkeypatch.setattr(projection_handlers, "apply_changes", self.apply_changes)
         return self
 
     def put(self, todo: Todo) -> Todo:
@@ -415,6 +416,10 @@ class FakeReadModel:
         self.list_queries.append((status, after_id, limit))
         live = sorted((t for t, _ in self.rows.values() if t is not None), key=lambda t: t.id)
         return [t for t in live if t.id > after_id and (status is None or t.status == status)][:limit]
+
+    async def apply_changes(self, conn: object, changes: list[tuple[Change, datetime]]) -> list[bool]:
+        """Many changes in one statement, each as `apply_change` applies it, in list order."""
+        return [await self.apply_change(conn, change, moment) for change, moment in changes]
 
     async def apply_change(self, conn: object, change: Change, event_time: datetime) -> bool:
         """The upsert gated by version: only a newer version moves the row; a deletion is a tombstone."""
@@ -463,6 +468,10 @@ class FakeCache:
         self.stored_pages.append(page)
         self.pages[(generation, page)] = body
 
+    async def invalidate_many(self, changes: list[tuple[int, int, str | None]]) -> None:
+        for change in changes:
+            await self.invalidate(*change)
+
     async def invalidate(self, todo_id: int, version: int, traceparent: str | None = None) -> None:
         self.invalidations.append((todo_id, version, traceparent))
         self.todos.pop(todo_id, None)
@@ -486,6 +495,9 @@ class UnreachableCache(FakeCache):
         raise DependencyUnavailable(
             "redis is unreachable", cause=ConnectionRefusedError("fake redis is down")
         )
+
+    async def invalidate_many(self, changes: list[tuple[int, int, str | None]]) -> None:
+        await self.invalidate(*changes[0])
 
 
 @dataclass

@@ -221,6 +221,24 @@ class TodoCache:
         except REDIS_DOWN as exc:
             raise DependencyUnavailable("redis is unreachable", cause=exc) from exc
 
+    async def invalidate_many(self, changes: list[tuple[int, int, str | None]]) -> None:
+        """`invalidate` for each (todo id, version, traceparent), in one round trip."""
+        if len(changes) == 1:
+            await self.invalidate(*changes[0])
+            return
+        ttl = settings().cache_ttl_s
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for todo_id, version, traceparent in changes:
+                    await self._invalidate(
+                        keys=[todo_key(todo_id), LIST_GENERATION_KEY, floor_key(todo_id)],
+                        args=[version, ttl, VERSIONS_CHANNEL, todo_id, traceparent or ""],
+                        client=pipe,
+                    )
+                await pipe.execute()
+        except REDIS_DOWN as exc:
+            raise DependencyUnavailable("redis is unreachable", cause=exc) from exc
+
     async def forget_everything(self) -> None:
         """Drop every cached entry except the invalidation markers, and retire every cached list (for a
         rebuild of the read model: a marker keeps a reader from caching a version older than one the

@@ -108,6 +108,28 @@ async def apply_change(conn: AsyncConnection, change: Change, event_time: dateti
     return result.rowcount > 0
 
 
+_VERSIONS = sa.select(todos_view.c.id, todos_view.c.version).where(
+    todos_view.c.id.in_(sa.bindparam("ids", expanding=True))
+)
+
+
+async def apply_changes(conn: AsyncConnection, changes: list[tuple[Change, datetime]]) -> list[bool]:
+    """Upsert many changes in one statement, each row version-gated as `apply_change` does, in list
+    order; per change, whether it was newer than what the read model held before it. (Read just before
+    the upsert: another writer of the same id in between would make a flag wrong, never a row.)"""
+    ids = sorted({change.todo_id for change, _ in changes})
+    held = {row.id: row.version for row in (await conn.execute(_VERSIONS, {"ids": ids})).all()}
+    applied = []
+    for change, _ in changes:
+        newer = change.version > held.get(change.todo_id, 0)
+        if newer:
+            held[change.todo_id] = change.version
+        applied.append(newer)
+    # A list of parameter sets: the driver sends one multi-row INSERT ... ON DUPLICATE KEY UPDATE.
+    await conn.execute(upsert_statement(), [change_row(change, moment) for change, moment in changes])
+    return applied
+
+
 async def get_row(conn: AsyncConnection, todo_id: int) -> tuple[Todo | None, int | None]:
     """(todo, version): the live todo, or (None, tombstone version), or (None, None) when never seen."""
     row = (await conn.execute(_GET_ROW, {"todo_id": todo_id})).first()

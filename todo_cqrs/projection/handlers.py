@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,12 +12,13 @@ from prometheus_client import Counter, Histogram
 from sqlalchemy.exc import DataError, IntegrityError
 
 from todo_cqrs import metrics, tracing
-from todo_cqrs.adapters.cache import todo_cache
-from todo_cqrs.adapters.read_store import apply_change, read_connection
+from todo_cqrs.adapters.cache import TodoCache, todo_cache
+from todo_cqrs.adapters.read_store import apply_change, apply_changes, read_connection
 from todo_cqrs.domain.clock import parse_time, utc_now
 from todo_cqrs.domain.errors import InvalidEvent
-from todo_cqrs.domain.events import EVENT_TYPES, read_change
+from todo_cqrs.domain.events import EVENT_TYPES, Change, read_change
 from todo_cqrs.logs import annotate
+from todo_cqrs.loop_local import loop_local
 
 projection_events = Counter(
     "todo_projection_events",
@@ -54,6 +58,8 @@ async def project_event(event_type: str, data: Any, time: Any = None) -> str:
 
     Raises InvalidEvent (never applicable: dead-letter it) or DependencyUnavailable (retry it).
     Duplicates and older versions change nothing in the DB but still invalidate, after the commit.
+    Events that arrive together (a KafkaSource with ordering `unordered` keeps many in flight) are
+    applied together: one upsert and one Redis round trip for all (`Projector`).
     """
     try:
         change = read_change(event_type, data)
@@ -62,20 +68,14 @@ async def project_event(event_type: str, data: Any, time: Any = None) -> str:
         raise
     annotate(todo_id=change.todo_id, version=change.version)
     moment = _event_time(time)
-    try:
-        async with read_connection() as conn:
-            applied = await apply_change(conn, change, moment or utc_now())
-    except (DataError, IntegrityError) as exc:  # a value the columns refuse: it never will fit
-        _count("rejected", event_type)
-        raise InvalidEvent(f"the read model refuses this event: {exc.orig}") from exc
-    except Exception:
-        _count("failed", event_type)
-        raise
     context = tracing.current()
     try:
-        await todo_cache().invalidate(
-            change.todo_id, change.version, context.traceparent if context else None
+        applied = await projector().apply(
+            change, moment or utc_now(), context.traceparent if context else None
         )
+    except InvalidEvent:
+        _count("rejected", event_type)
+        raise
     except Exception:
         _count("failed", event_type)
         raise
@@ -84,3 +84,79 @@ async def project_event(event_type: str, data: Any, time: Any = None) -> str:
     if moment is not None:
         projection_lag.observe(max(0.0, (utc_now() - moment).total_seconds()))
     return outcome
+
+
+@dataclass
+class _Arrived:
+    change: Change
+    moment: datetime
+    traceparent: str | None
+    done: asyncio.Future[bool]
+
+
+class Projector:
+    """Applies the events handed to it while the previous group was being applied as one group: one
+    upsert for all (each row still version-gated, in arrival order) and one Redis round trip for their
+    invalidations, after the commit. One event alone goes through as it arrives."""
+
+    def __init__(self, cache: Callable[[], TodoCache]) -> None:
+        self._cache = cache  # this event loop's
+        self._waiting: list[_Arrived] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def apply(self, change: Change, moment: datetime, traceparent: str | None) -> bool:
+        """True when the event changed the read model; raises what applying its group raised."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Arrived(change, moment, traceparent, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._apply_waiting())
+        return await done
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            await asyncio.wait([self._task])
+
+    async def _apply_waiting(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            try:
+                applied = await self._apply_group(group)
+            except BaseException as exc:  # noqa: BLE001 - each event's request answers it
+                for arrived in group:
+                    if not arrived.done.done():
+                        arrived.done.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for arrived, outcome in zip(group, applied, strict=True):
+                if arrived.done.done():
+                    continue
+                if isinstance(outcome, InvalidEvent):
+                    arrived.done.set_exception(outcome)
+                else:
+                    arrived.done.set_result(outcome)
+
+    async def _apply_group(self, group: list[_Arrived]) -> list[bool | InvalidEvent]:
+        """Per event: whether it changed the read model, or why it never will."""
+        try:
+            async with read_connection() as conn:
+                if len(group) == 1:
+                    applied = [await apply_change(conn, group[0].change, group[0].moment)]
+                else:
+                    applied = await apply_changes(conn, [(a.change, a.moment) for a in group])
+        except (DataError, IntegrityError) as exc:  # a value the columns refuse: it never will fit
+            if len(group) == 1:
+                return [InvalidEvent(f"the read model refuses this event: {exc.orig}")]
+            results: list[bool | InvalidEvent] = []
+            for arrived in group:  # find the one, apply the others
+                results += await self._apply_group([arrived])
+            return results
+        await self._cache().invalidate_many(
+            [(a.change.todo_id, a.change.version, a.traceparent) for a in group]
+        )
+        return list(applied)
+
+
+@loop_local
+def projector() -> Projector:
+    return Projector(lambda: todo_cache())
