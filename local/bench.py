@@ -3,8 +3,9 @@ the sustained mixed load alone.
 
 Starts its own copy of the local system beside the standard one (databases todo_bench_write and
 todo_bench_read, Redis db 1, topic todo-events-bench with its own consumer group, ports 9080-9091 and
-9101-9107), loads it on loopback only, bounded in count and time, prints the tables and writes bench-results.json (the soak
-alone: bench-results-soak.json), then stops everything it started, also on an error, Ctrl-C or SIGTERM.
+9101-9107), loads it on loopback only, bounded in count and time, prints the tables and writes
+bench-results.json (the soak alone: bench-results-soak.json), then stops everything it started, also on
+an error, Ctrl-C or SIGTERM.
 Load: `wrk` (closed loop, fixed concurrency) and an asyncio HTTP/1.1 client (open loop: paced commands,
 read-your-writes, the soak). Method and history: docs/performance.md.
 """
