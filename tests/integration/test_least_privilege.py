@@ -337,6 +337,21 @@ def test_the_projection_user_may_run_its_scripts_in_a_pipeline(run: Run[Any], ro
             admin.hdel(floor_key(todo_id), str(todo_id))
 
 
+def test_the_query_user_hears_the_projections_notices(row_id: int) -> None:
+    with redis_as(roles.QUERY) as query, redis_as(roles.PROJECTION) as projection:
+        listener = query.pubsub()
+        listener.subscribe(VERSIONS_CHANNEL)
+        assert listener.get_message(timeout=2)["type"] == "subscribe"
+        notice = f"{row_id}:7:".encode()
+        assert projection.publish(VERSIONS_CHANNEL, notice) >= 1
+        message = listener.get_message(timeout=2)
+        while message is not None and message["data"] != notice:  # others' notices may come first
+            message = listener.get_message(timeout=2)
+        assert message is not None and message["data"] == notice
+        listener.ping()
+        listener.close()
+
+
 def test_functions_without_a_redis_role_cannot_use_redis() -> None:
     with redis_as(None) as anonymous, pytest.raises(redis.exceptions.AuthenticationError):
         anonymous.get(LIST_GENERATION_KEY)
