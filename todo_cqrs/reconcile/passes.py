@@ -194,17 +194,31 @@ class Reconciler:
             finally:
                 slots.release()
 
-        async with asyncio.TaskGroup() as group:
-            async for leaf in differing_leaves(self.write, self.read, chunk, write, read):
-                report.leaves += 1
-                await slots.acquire()
-                group.create_task(look_into(leaf))
+        try:
+            async with asyncio.TaskGroup() as group:
+                async for leaf in differing_leaves(self.write, self.read, chunk, write, read):
+                    report.leaves += 1
+                    await slots.acquire()
+                    group.create_task(look_into(leaf))
+        except BaseExceptionGroup as failed:  # the first failure, as the caller maps it (503, ...)
+            raise failed.exceptions[0] from None
 
     async def _repairs(self, leaf: IdRange, report: PassReport) -> list[_Repair]:
-        # The read rows first: whatever the projection applied before this read, the write rows read
-        # next already hold (or a newer state), so a read row ahead of them is not a race but drift.
-        read_rows = await self.read.rows(leaf)
-        write_rows, now = await self.write.rows(leaf)
+        # Checksums first (two integers a row), then the whole rows of the ids that differ. The read
+        # side first, each time: whatever the projection applied before a read of the read model, the
+        # write rows read next already hold (or a newer state), so a read row ahead is drift, not a race.
+        read_sums = await self.read.checksums(leaf)
+        write_sums = await self.write.checksums(leaf)
+        suspects = sorted(
+            todo_id
+            for todo_id in read_sums.keys() | write_sums.keys()
+            if read_sums.get(todo_id, (None, True)) != (write_sums.get(todo_id), False)
+            and (todo_id in write_sums or not read_sums[todo_id][1])
+        )
+        if not suspects:
+            return []
+        read_rows = await self.read.rows(suspects)
+        write_rows, now = await self.write.rows(suspects)
         extra = [i for i, row in read_rows.items() if not row.deleted and i not in write_rows]
         assigned = await self.write.assigned() if extra else 0
         deletions = await self.write.deletions([i for i in extra if i <= assigned])

@@ -108,16 +108,21 @@ class WriteSide:
             found = (await conn.execute(statement, {"after": after, "skip": rows - 1})).scalar()
         return int(found) if found is not None else None
 
-    async def rows(self, ids: IdRange) -> tuple[dict[int, Row], datetime]:
-        """(the live todos in the range, the database's now just after reading them)."""
+    async def checksums(self, ids: IdRange) -> dict[int, int]:
+        """{id: row checksum} of the live todos in the range: the cheap first look into a range."""
         async with self.engine.connect() as conn:
-            result = await conn.execute(
-                sa.text(
-                    f"SELECT {COLUMNS}, {ROW_CHECKSUM} AS checksum FROM todos WHERE id BETWEEN :low AND :high"
-                ),
-                {"low": ids.low, "high": ids.high},
-            )
-            rows = {r.id: _row(r) for r in result}
+            statement = sa.text(f"SELECT id, {ROW_CHECKSUM} FROM todos WHERE id BETWEEN :low AND :high")
+            return {
+                int(i): int(c) for i, c in await conn.execute(statement, {"low": ids.low, "high": ids.high})
+            }
+
+    async def rows(self, todo_ids: list[int]) -> tuple[dict[int, Row], datetime]:
+        """(these live todos, the database's now just after reading them)."""
+        statement = sa.text(
+            f"SELECT {COLUMNS}, {ROW_CHECKSUM} AS checksum FROM todos WHERE id IN :ids"
+        ).bindparams(sa.bindparam("ids", expanding=True))
+        async with self.engine.connect() as conn:
+            rows = {r.id: _row(r) for r in await conn.execute(statement, {"ids": todo_ids})}
             now = (await conn.execute(sa.text("SELECT UTC_TIMESTAMP(3)"))).scalar_one()
         return rows, now
 
@@ -172,14 +177,19 @@ class ReadSide:
             statement = sa.text(f"SELECT COALESCE(MAX(id), 0) FROM {self.table} WHERE deleted = 0")
             return int((await conn.execute(statement)).scalar_one())
 
-    async def rows(self, ids: IdRange) -> dict[int, Row]:
-        """Every row in the range, tombstones included."""
+    async def checksums(self, ids: IdRange) -> dict[int, tuple[int, bool]]:
+        """{id: (row checksum, deleted)} of every row in the range, tombstones included."""
+        statement = sa.text(
+            f"SELECT id, {ROW_CHECKSUM}, deleted FROM {self.table} WHERE id BETWEEN :low AND :high"
+        )
         async with self.engine.connect() as conn:
-            result = await conn.execute(
-                sa.text(
-                    f"SELECT {COLUMNS}, deleted, {ROW_CHECKSUM} AS checksum FROM {self.table} "
-                    "WHERE id BETWEEN :low AND :high"
-                ),
-                {"low": ids.low, "high": ids.high},
-            )
-            return {r.id: _row(r, bool(r.deleted)) for r in result}
+            result = await conn.execute(statement, {"low": ids.low, "high": ids.high})
+            return {int(i): (int(c), bool(d)) for i, c, d in result}
+
+    async def rows(self, todo_ids: list[int]) -> dict[int, Row]:
+        """These rows, tombstones included."""
+        statement = sa.text(
+            f"SELECT {COLUMNS}, deleted, {ROW_CHECKSUM} AS checksum FROM {self.table} WHERE id IN :ids"
+        ).bindparams(sa.bindparam("ids", expanding=True))
+        async with self.engine.connect() as conn:
+            return {r.id: _row(r, bool(r.deleted)) for r in await conn.execute(statement, {"ids": todo_ids})}
