@@ -119,16 +119,49 @@ def deadline_s() -> float:
 async def transaction(
     engine: AsyncEngine, what: str, timeout_s: float | None = None
 ) -> AsyncIterator[AsyncConnection]:
-    """One transaction under a deadline; a database that is down or frozen becomes DependencyUnavailable
-    (503). A deadlock stays a DBAPIError, for the caller to retry."""
+    """One transaction; a database that is down or frozen becomes DependencyUnavailable (503). A deadlock
+    stays a DBAPIError, for the caller to retry.
+
+    The deadline covers the connection and the statements, never the COMMIT: a COMMIT cut off would
+    leave the caller not knowing whether its change was written, and a retry without an Idempotency-Key
+    would make it twice. So the COMMIT runs to its end, whatever the deadline or a cancellation."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (deadline_s() if timeout_s is None else timeout_s)
     try:
-        async with asyncio.timeout(deadline_s() if timeout_s is None else timeout_s):
-            async with engine.begin() as conn:
+        async with asyncio.timeout_at(deadline):
+            conn = await engine.connect()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await conn.begin()
                 yield conn
+            commit = loop.create_task(conn.commit())
+            try:
+                await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                await asyncio.wait([commit])
+                raise
+        except BaseException as exc:
+            await _end_failed(conn, exc)
+            raise
+        finally:
+            await conn.close()
     except (DBAPIError, PoolTimeout, TimeoutError, OSError) as exc:
         if is_unreachable(exc):
             raise unavailable(what, exc) from exc
         raise
+
+
+async def _end_failed(conn: AsyncConnection, exc: BaseException) -> None:
+    """Roll back after a failure; a connection cut off mid-statement (a deadline) is discarded instead,
+    since the state of its session is unknown."""
+    if isinstance(exc, TimeoutError | asyncio.CancelledError) or not conn.in_transaction():
+        await conn.invalidate()
+        return
+    try:
+        async with asyncio.timeout(deadline_s()):
+            await conn.rollback()
+    except Exception:  # noqa: BLE001 - a connection that cannot even roll back is of no more use
+        await conn.invalidate()
 
 
 @asynccontextmanager

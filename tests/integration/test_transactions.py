@@ -1,0 +1,77 @@
+"""The write transaction against the real MariaDB: its deadline bounds the statements, never the COMMIT.
+
+A COMMIT cut off by a deadline would leave the caller not knowing whether its change was written (a
+retry without an Idempotency-Key would then write it twice), so a COMMIT that waits for a frozen
+database finishes once the database answers, and the change is there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from local import services
+from tests.integration.settings_override import Run
+from todo_cqrs import db
+from todo_cqrs.adapters.write_store import todos
+from todo_cqrs.domain.errors import DependencyUnavailable
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
+
+
+async def titled(title: str) -> int:
+    async with db.write_engine().connect() as conn:
+        query = sa.select(sa.func.count()).select_from(todos).where(todos.c.title == title)
+        return int((await conn.execute(query)).scalar_one())
+
+
+async def in_a_transaction(work: Callable[[AsyncConnection], Awaitable[None]]) -> None:
+    await db.run_in_transaction(db.write_engine(), "write", work)
+
+
+def test_a_commit_waiting_for_a_frozen_database_is_not_cut_off_by_the_deadline(run: Run[Any]) -> None:
+    title = f"committed after a freeze {uuid.uuid4()}"
+    frozen_s = db.deadline_s() + 1.0
+    thawed = threading.Event()
+
+    async def insert_then_freeze(conn: AsyncConnection) -> None:
+        await conn.execute(
+            sa.insert(todos).values(
+                title=title, description="", status="CREATED", version=1,
+                created_at=sa.func.utc_timestamp(3), updated_at=sa.func.utc_timestamp(3),
+            )
+        )  # fmt: skip
+        services.pause("mariadb")  # the COMMIT that follows waits for it
+        threading.Timer(frozen_s, lambda: (services.resume("mariadb"), thawed.set())).start()
+
+    started = time.monotonic()
+    try:
+        run(in_a_transaction(insert_then_freeze))
+    finally:
+        thawed.wait(frozen_s + 10)
+    assert time.monotonic() - started >= frozen_s  # longer than the deadline, and not refused
+    assert run(titled(title)) == 1
+
+
+def test_statements_that_outlast_the_deadline_answer_503_and_write_nothing(run: Run[Any]) -> None:
+    title = f"never committed {uuid.uuid4()}"
+
+    async def insert_then_wait_too_long(conn: AsyncConnection) -> None:
+        await conn.execute(
+            sa.insert(todos).values(
+                title=title, description="", status="CREATED", version=1,
+                created_at=sa.func.utc_timestamp(3), updated_at=sa.func.utc_timestamp(3),
+            )
+        )  # fmt: skip
+        await conn.execute(sa.text("SELECT SLEEP(:s)"), {"s": db.deadline_s() + 1})
+
+    with pytest.raises(DependencyUnavailable):
+        run(in_a_transaction(insert_then_wait_too_long))
+    assert run(titled(title)) == 0
