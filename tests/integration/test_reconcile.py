@@ -8,6 +8,7 @@ restore would, and a pass (grace 0, or the function with RECONCILE_GRACE_SECONDS
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from tests.integration.settings_override import Run
 from todo_cqrs.adapters.cache import TodoCache, redis_client, todo_key
 from todo_cqrs.reconcile.passes import PassReport, Reconciler
 from todo_cqrs.reconcile.service import batch_engine
+from todo_cqrs.reconcile.sides import Row, WriteSide
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
@@ -325,3 +327,45 @@ def test_passes_during_a_stream_of_commands_never_take_a_read_row_back_to_an_old
     run(reconcile_once(grace_s=0))
     for todo_id in todos:
         assert held(todo_id) == (*written(todo_id), 0)  # type: ignore[misc]
+
+
+def test_a_read_row_the_projection_changes_during_a_repair_is_not_taken_back(
+    run: Run[Any], commands: dict[str, TestClient], function_client: Callable[[str], TestClient]
+) -> None:
+    """The exact interleaving: the pass has read the drifted read row and the write row, then a command
+    commits version 2 and the projection applies it, then the pass repairs: its guard sees the row
+    changed and leaves it (the next pass finds it equal)."""
+    projection = function_client("project_event")
+    todo = create(commands, "reconcile interleaved")
+    run(reconcile_once())
+    corrupt("UPDATE todos_view SET title = 'drifted by hand' WHERE id = :id", id=todo["id"])
+
+    class CommandRightAfterTheRead(WriteSide):
+        """The write model, with a command and its projection right after the pass read the rows."""
+
+        async def rows(self, todo_ids: list[int]) -> tuple[dict[int, Row], Any]:
+            found = await super().rows(todo_ids)
+            if todo["id"] in todo_ids:
+                await asyncio.to_thread(patch, commands, todo["id"], title="changed during the pass")
+                await asyncio.to_thread(project_latest, projection, todo["id"])
+            return found
+
+    async def interleaved_pass() -> PassReport:
+        s = settings()
+        write, read = batch_engine(s.write_db_url), batch_engine(s.read_db_url)
+        cache = TodoCache(redis_client(s.redis_url, s.redis_timeout_s))
+        try:
+            reconciler = Reconciler(write, read, cache, grace_s=0)
+            reconciler.write = CommandRightAfterTheRead(write)
+            return await reconciler.run_pass()
+        finally:
+            await cache.aclose()
+            await write.dispose()
+            await read.dispose()
+
+    report = run(interleaved_pass())
+
+    assert report.changed_meanwhile >= 1
+    assert todo["id"] not in report.repaired_ids
+    assert version_and_deleted(todo["id"]) == (2, 0)
+    assert held(todo["id"]) == (*written(todo["id"]), 0)  # type: ignore[misc]
