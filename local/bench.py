@@ -995,6 +995,17 @@ def soak_table(summary: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
+def reconciliation_passes() -> dict[str, Any]:
+    """Clean passes over 10,000 and 1,000,000 todos and a repair of 1,000 drifted rows
+    (docs/reconciliation.md): local/bench_reconcile.py, in a process of its own (its own databases)."""
+    bs.say("reconciliation passes (local/bench_reconcile.py) ...")
+    output = REPO / ".local" / "bench-reconcile.json"
+    argv = [sys.executable, "-m", "local.bench_reconcile", "--output", str(output)]
+    subprocess.run(argv, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    results: dict[str, Any] = json.loads(output.read_text())
+    return results
+
+
 def machine() -> dict[str, Any]:
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -1077,6 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
             for phase in phases:
                 if chosen is None or phase.__name__ in chosen:
                     phase()
+            if chosen is None or "reconciliation" in chosen:
+                bench.results["reconciliation"] = reconciliation_passes()
         bench.mark("done")
         bench.memory(sampler.stop())
         bench.results["loadavg"]["end"] = loadavg()
