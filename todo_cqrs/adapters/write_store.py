@@ -43,7 +43,7 @@ todos = sa.Table(
     mysql_charset="utf8mb4",
 )
 
-# One row per committed change. Rows stay after publishing: they are the history a rebuild replays.
+# One row per committed change; published rows are pruned after OUTBOX_RETENTION_HOURS (reconcile).
 outbox = sa.Table(
     "outbox",
     metadata,
