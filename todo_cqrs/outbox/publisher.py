@@ -34,6 +34,10 @@ from todo_cqrs.outbox.leases import execute
 from todo_cqrs.outbox.relay import outbox_publish_failures, outbox_published
 
 POLL_FIRST_S, POLL_MAX_S = 0.002, 0.05
+# Rows on Kafka are marked published at most this long after their ack, together: one UPDATE for
+# all that came meanwhile, not one per batch (only a later row of the same todo committed by another
+# process waits for the mark).
+MARK_EVERY_S = 0.05
 _MARK = sa.text(
     "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE id IN :ids AND published_at IS NULL"
 ).bindparams(sa.bindparam("ids", expanding=True))
@@ -63,13 +67,15 @@ class OutboxPublisher:
         self._local: set[int] = set()  # outbox ids handed to this publisher, not yet published or given up
         self._sent: set[int] = set()  # recently on Kafka (acknowledged): rows after them may go
         self._given_up: set[int] = set()  # left to the relay: rows after them must be left too
+        self._unmarked: list[int] = []  # on Kafka, not yet marked published
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._marking: asyncio.Task[None] | None = None
 
     @property
     def busy(self) -> bool:
-        """Rows handed over and not yet published or given up."""
-        return bool(self._local)
+        """Rows handed over and not yet published (and marked) or given up."""
+        return bool(self._local or self._unmarked)
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -92,6 +98,11 @@ class OutboxPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._marking is not None:
+            self._marking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._marking
+        await self._mark_now()
 
     async def aclose(self) -> None:
         """Stop, then close the pool (the end of the event loop that made this publisher)."""
@@ -162,18 +173,36 @@ class OutboxPublisher:
             self._local.difference_update(delivered)
             _remember(self._sent, delivered)
             outbox_published.inc(len(delivered))
-            # On Kafka either way: a row the mark misses goes out again as an orphan (a duplicate).
-            await execute(self._engine, _MARK, {"ids": delivered})
+            self._unmarked += delivered
+            if self._marking is None or self._marking.done():
+                self._marking = asyncio.get_running_loop().create_task(self._mark_soon())
         return True
+
+    async def _mark_soon(self) -> None:
+        await asyncio.sleep(MARK_EVERY_S)
+        await self._mark_now()
+
+    async def _mark_now(self) -> None:
+        """Mark what is on Kafka; a row the mark misses (the DB failed) goes out again as an orphan,
+        a duplicate that the projection skips."""
+        ids, self._unmarked = self._unmarked, []
+        if not ids:
+            return
+        try:
+            await execute(self._engine, _MARK, {"ids": ids})
+        except Exception as exc:  # noqa: BLE001 - the relay publishes them again later
+            log_event("outbox_mark_failed", rows=len(ids), error=repr(exc)[:300])
 
     def flush_at_exit(self) -> None:
         """When the process stops (scale-in, redeploy), its event loop gone: publish what may still go,
         within the publish timeout, and mark it; the relay takes anything left."""
         send, _ = self._take_sendable()
-        if not send:
+        delivered = list(self._unmarked)
+        if not send and not delivered:
             return
         try:
-            delivered = self._kafka().publish([item.record for item in send], self._publish_timeout_s)
+            if send:
+                delivered += self._kafka().publish([item.record for item in send], self._publish_timeout_s)
             if delivered:
                 asyncio.run(_mark_with_new_pool(self._engine, delivered))
         except Exception as exc:  # noqa: BLE001 - the relay publishes what is left
@@ -196,6 +225,7 @@ class OutboxPublisher:
         ]
 
     def _give_up(self, outbox_id: int) -> None:
+        log_event("outbox_row_left_to_relay", outbox_id=outbox_id)
         self._local.discard(outbox_id)
         _remember(self._given_up, [outbox_id])
 
