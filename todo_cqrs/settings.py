@@ -62,7 +62,6 @@ class Settings:
     topic_partitions: int
     event_source: str
     publish_timeout_s: float
-    publish_backoff_s: float
     relay_batch_size: int
     outbox_shards: int
     outbox_lease_s: float
@@ -114,7 +113,6 @@ class Settings:
             topic_partitions=_int("TODO_EVENTS_PARTITIONS", 3),
             event_source=os.environ.get("EVENT_SOURCE", "/todo-cqrs/commands"),
             publish_timeout_s=_float("PUBLISH_TIMEOUT_SECONDS", 1.0),
-            publish_backoff_s=_float("PUBLISH_BACKOFF_SECONDS", 2.0),
             relay_batch_size=_int("RELAY_BATCH_SIZE", 500),
             outbox_shards=_int("OUTBOX_SHARDS", _int("TODO_EVENTS_PARTITIONS", 3)),
             outbox_lease_s=_float("OUTBOX_LEASE_SECONDS", 5.0),
