@@ -96,6 +96,13 @@ class TooManyWaiters(DependencyUnavailable):
     code = "too_many_waiters"
 
 
+class Overloaded(DependencyUnavailable):
+    """Every read-DB slot of this process is busy and as many reads wait already (503 at once): the
+    cache hits keep flowing while the excess is refused."""
+
+    code = "overloaded"
+
+
 class Unauthenticated(TodoError):
     """An event receiver got no sender identity, or one that does not verify (401, WWW-Authenticate)."""
 

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +19,18 @@ from prometheus_client import Counter, Histogram
 from todo_cqrs import metrics, tracing
 from todo_cqrs.adapters.cache import CacheUnavailable, todo_cache, version_watch
 from todo_cqrs.adapters.read_store import get_row, list_rows, read_connection
-from todo_cqrs.domain.errors import NotFound, NotYetConsistent, TodoError, TooManyWaiters, ValidationFailed
+from todo_cqrs.domain.errors import (
+    NotFound,
+    NotYetConsistent,
+    Overloaded,
+    TodoError,
+    TooManyWaiters,
+    ValidationFailed,
+)
 from todo_cqrs.domain.numbers import MAX_VERSION, ascii_positive_int
 from todo_cqrs.domain.todo import Status, Todo
 from todo_cqrs.logs import annotate
+from todo_cqrs.loop_local import loop_local
 from todo_cqrs.settings import settings
 
 DEFAULT_LIMIT = 20
@@ -69,8 +77,38 @@ def _with_cache_state(error: TodoError, state: str) -> TodoError:
     return error
 
 
-async def _from_read_model(todo_id: int) -> tuple[Todo | None, int | None]:
-    async with read_connection() as conn:
+class ReadSlots:
+    """The read-DB queries of this process: as many at once as its pool holds (DB_POOL_SIZE and as
+    many overflow), and as many again waiting; past that a read answers 503 at once, instead of
+    queueing behind slow misses while the requests that the cache answers wait for a request slot."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._busy = asyncio.Semaphore(capacity)
+        self._waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, state: str) -> AsyncIterator[None]:
+        if self._busy.locked() and self._waiting >= self._capacity:
+            raise _with_cache_state(Overloaded("the read database is busy; retry shortly"), state)
+        self._waiting += 1
+        try:
+            await self._busy.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+
+@loop_local
+def read_slots() -> ReadSlots:
+    return ReadSlots(2 * settings().db_pool_size)
+
+
+async def _from_read_model(todo_id: int, state: str = "miss") -> tuple[Todo | None, int | None]:
+    async with read_slots().slot(state), read_connection() as conn:
         return await get_row(conn, todo_id)
 
 
@@ -91,7 +129,7 @@ async def get_todo(todo_id: int, min_version_text: str | None = None) -> Read:
     _CACHE_READS["item", state].inc()
     annotate(todo_id=todo_id)
     if min_version is None:
-        todo, version = await _from_read_model(todo_id)
+        todo, version = await _from_read_model(todo_id, state)
     else:
         with _Waiters.slot(state):
             todo, version = await _wait_for_version(todo_id, min_version, state)
@@ -226,7 +264,7 @@ async def list_todos(args: Mapping[str, str]) -> Read:
     except CacheUnavailable:
         state = "bypass"
     _CACHE_READS["list", state].inc()
-    async with read_connection() as conn:
+    async with read_slots().slot(state), read_connection() as conn:
         todos: list[Todo] = await list_rows(conn, status, after_id, limit + 1)
     more = len(todos) > limit
     todos = todos[:limit]

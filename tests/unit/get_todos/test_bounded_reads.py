@@ -13,9 +13,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.unit.fakes import FakeCache, FakeReadModel, FakeVersionWatch, a_todo, assert_error
-from todo_cqrs.domain.errors import TooManyWaiters
+from todo_cqrs.domain.errors import Overloaded, TooManyWaiters
 from todo_cqrs.domain.todo import Todo
 from todo_cqrs.query import handlers
+from todo_cqrs.query.handlers import ReadSlots
 from todo_cqrs.settings import settings
 
 FUNCTION = "get_todos"
@@ -191,3 +192,29 @@ def test_without_cursor_secret_the_key_is_derived_from_the_db_password_the_pods_
     env(DB_PASSWORD="another password")
     with pytest.raises(handlers.ValidationFailed):
         handlers.decode_cursor(cursor)
+
+
+def test_reads_past_the_read_db_slots_and_as_many_waiting_answer_503_at_once() -> None:
+    """Misses hold the read-DB slots; the excess is refused at once, not queued behind them."""
+
+    async def scenario() -> list[str]:
+        slots = ReadSlots(2)
+        release = asyncio.Event()
+        outcomes: list[str] = []
+
+        async def read(name: str) -> None:
+            try:
+                async with slots.slot("miss"):
+                    outcomes.append(f"{name} read")
+                    await release.wait()
+            except Overloaded as refused:
+                outcomes.append(f"{name} refused {refused.headers['X-Cache']}")
+
+        tasks = [asyncio.create_task(read(f"r{i}")) for i in range(5)]
+        await asyncio.sleep(0)  # two hold the slots, two wait, the fifth is refused at once
+        assert outcomes == ["r0 read", "r1 read", "r4 refused miss"]
+        release.set()
+        await asyncio.gather(*tasks)
+        return outcomes
+
+    assert asyncio.run(scenario()) == ["r0 read", "r1 read", "r4 refused miss", "r2 read", "r3 read"]
