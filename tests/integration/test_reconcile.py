@@ -23,6 +23,7 @@ from local.sync_db import read_db, write_db
 from tests.integration.projecting import project_latest
 from tests.integration.settings_override import Run
 from todo_cqrs.adapters.cache import TodoCache, redis_client, todo_key
+from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.reconcile.passes import PassReport, Reconciler
 from todo_cqrs.reconcile.service import batch_engine
 from todo_cqrs.reconcile.sides import Row, WriteSide
@@ -369,3 +370,40 @@ def test_a_read_row_the_projection_changes_during_a_repair_is_not_taken_back(
     assert todo["id"] not in report.repaired_ids
     assert version_and_deleted(todo["id"]) == (2, 0)
     assert held(todo["id"]) == (*written(todo["id"]), 0)  # type: ignore[misc]
+
+
+def test_a_repair_made_while_redis_is_down_answers_503_and_is_invalidated_by_the_next_pass(
+    run: Run[Any], commands: dict[str, TestClient], raw_redis: redis.Redis
+) -> None:
+    todo = create(commands, "reconcile without redis")
+    run(reconcile_once())
+    corrupt("UPDATE todos_view SET title = 'drifted while redis was down' WHERE id = :id", id=todo["id"])
+    cache_stale_entry(raw_redis, todo["id"], todo["version"])
+
+    async def two_passes() -> tuple[BaseException | None, PassReport]:
+        s = settings()
+        write, read = batch_engine(s.write_db_url), batch_engine(s.read_db_url)
+        down = TodoCache(redis_client("redis://127.0.0.1:1/0", 0.25))  # nothing listens there
+        up = TodoCache(redis_client(s.redis_url, s.redis_timeout_s))
+        reconciler = Reconciler(write, read, down, grace_s=0)
+        try:
+            try:
+                await reconciler.run_pass()
+                failed = None
+            except DependencyUnavailable as exc:
+                failed = exc
+            reconciler.cache = up  # Redis is back
+            return failed, await reconciler.run_pass()
+        finally:
+            for cache in (down, up):
+                await cache.aclose()
+            await write.dispose()
+            await read.dispose()
+
+    failed, second = run(two_passes())
+
+    assert failed is not None  # the tick answers 503
+    assert held(todo["id"]) == (*written(todo["id"]), 0)  # type: ignore[misc]  # repaired all the same
+    assert todo["id"] not in second.repaired_ids
+    cached = raw_redis.get(todo_key(todo["id"]))
+    assert cached is None or b":t:" not in cached  # invalidated once Redis answered again

@@ -36,6 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from todo_cqrs.adapters.read_store import upsert_statement
+from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.domain.todo import Status
 from todo_cqrs.logs import log_event
 from todo_cqrs.reconcile.ranges import Digest, IdRange, differing_leaves
@@ -155,12 +156,17 @@ class Reconciler:
         self.count_metrics = count_metrics
         self._sql = _Statements(table)
         self._one_at_a_time = asyncio.Lock()
+        # Repairs committed whose cache invalidation failed (Redis down): {todo id: version}, tried
+        # again before the next pass, since that pass will find nothing left to repair for them.
+        self._not_invalidated: dict[int, int] = {}
 
     async def run_pass(self) -> PassReport:
         """One pass over every id; passes asked for while one runs wait for it to end."""
         async with self._one_at_a_time:
             report = PassReport()
             started = time.monotonic()
+            for todo_id, version in list(self._not_invalidated.items()):
+                await self._invalidate(todo_id, version)
             last = max(await self.write.max_id(), await self.read.max_live_id())
             after = 0
             while after < last:
@@ -181,6 +187,11 @@ class Reconciler:
                 for kind in KINDS:
                     drift_total.labels(kind).inc(report.drift[kind])
                 last_pass_timestamp.set(time.time())
+            if self._not_invalidated:
+                raise DependencyUnavailable(
+                    f"redis is unreachable: {len(self._not_invalidated)} repaired todos are still cached "
+                    "as they were; the next pass invalidates them"
+                )
             return report
 
     async def _compare(self, chunk: IdRange, write: Digest, read: Digest, report: PassReport) -> None:
@@ -325,8 +336,17 @@ class Reconciler:
             new_version=repair.new_version,
             forward=self.forward or None,
         )
-        if self.cache is not None:
-            await self.cache.invalidate(repair.todo_id, repair.invalidate_version)
+        await self._invalidate(repair.todo_id, repair.invalidate_version)
+
+    async def _invalidate(self, todo_id: int, version: int) -> None:
+        if self.cache is None:
+            return
+        try:
+            await self.cache.invalidate(todo_id, version)
+        except DependencyUnavailable:
+            self._not_invalidated[todo_id] = max(version, self._not_invalidated.get(todo_id, 0))
+        else:
+            self._not_invalidated.pop(todo_id, None)
 
 
 def _invalidation_version(new: int, seen: int | None) -> int:
