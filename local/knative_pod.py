@@ -94,6 +94,38 @@ def writable_mounts(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return mounts
 
 
+def secret_template(name: str) -> dict[str, str]:
+    """The data of the Secret `name` in knative/secret.example.yaml (placeholder values)."""
+    return dict(_config_sources()[("Secret", name)])
+
+
+# The kubelet's file mode for a Secret volume's files when the volume says nothing (defaultMode).
+DEFAULT_SECRET_MODE = 0o644
+
+
+def secret_mounts(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The user container's Secret volume mounts, as the kubelet projects them: [{"path": mount path,
+    "secret": Secret name, "files": {file path in the volume: key}, "mode": file mode}]; the files are
+    the volume's items, or one per key of the Secret (its template) when it lists none. Always read-only."""
+    volumes = {v["name"]: v for v in revision_spec(doc).get("volumes", [])}
+    mounts = []
+    for mount in user_container(doc).get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        name = secret["secretName"]
+        items = secret.get("items") or [{"key": k, "path": k} for k in secret_template(name)]
+        mounts.append(
+            {
+                "path": mount["mountPath"],
+                "secret": name,
+                "files": {item["path"]: item["key"] for item in items},
+                "mode": int(secret.get("defaultMode", DEFAULT_SECRET_MODE)),
+            }
+        )
+    return mounts
+
+
 def readiness_probe(doc: dict[str, Any], user_port: int) -> dict[str, Any]:
     """The user container's readiness probe as queue-proxy receives it (SERVING_READINESS_PROBE): aimed at
     127.0.0.1 and the user port, with Knative's defaults; an absent probe becomes a TCP probe."""

@@ -3,9 +3,11 @@
 `make images` builds every image (on the local Debian base when the registry's python image cannot be
 pulled). Each function image then runs as its Service's pod would run it (knative/services/<svc>.yaml,
 read by local/knative_pod.py): the image's own user, a read-only root filesystem with the Service's
-emptyDir mounts, no capabilities, no privilege escalation, the Service's env over the ConfigMap and the
-Secret template, PORT set. It must answer /healthz without MariaDB, Redis or Kafka (the ConfigMap's
-hosts do not resolve here), log no error, and stop cleanly on SIGTERM within the pod's grace period.
+emptyDir mounts and its Secret volumes (read-only, their files from the Secret template; a certificate,
+which no placeholder can stand in for, is a self-signed CA made here, as the Kafka cluster's CA is one),
+no capabilities, no privilege escalation, the Service's env over the ConfigMap and the Secret template,
+PORT set. It must answer /healthz without MariaDB, Redis or Kafka (the ConfigMap's hosts do not resolve
+here), log no error, and stop cleanly on SIGTERM within the pod's grace period.
 One function also runs behind Knative's real queue-proxy, configured from its Service.
 
 Nothing here depends on what the functions are made of: any function folder, any requirements, any
@@ -28,6 +30,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -94,10 +97,48 @@ def tmpfs_size(limit: str | None) -> str:
     return f",tmpfs-size={int(limit)}"
 
 
+class SecretVolumes:
+    """Secret volumes' files on this machine, as the kubelet writes them for a pod: the Secret template's
+    values (knative/secret.example.yaml), except a certificate (a key ending in .crt), which is a
+    self-signed CA made once here, as Strimzi's cluster CA Secret holds one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._ca: bytes | None = None
+
+    def ca_certificate(self) -> bytes:
+        if self._ca is None:
+            cert, key = self.root / "ca.crt", self.root / "ca.key"
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                 "-subj", "/CN=cluster-ca", "-keyout", str(key), "-out", str(cert)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            self._ca = cert.read_bytes()
+        return self._ca
+
+    def directory(self, mount: dict[str, Any]) -> Path:
+        """A new directory holding the mount's files, to bind-mount read-only at its path."""
+        directory = Path(tempfile.mkdtemp(prefix=f"{mount['secret']}-", dir=self.root))
+        directory.chmod(0o755)  # the image's user reads it, as a Secret volume's directory
+        template = knative_pod.secret_template(mount["secret"])
+        for name, key in mount["files"].items():
+            path = directory / name
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            path.write_bytes(self.ca_certificate() if key.endswith(".crt") else template[key].encode())
+            path.chmod(mount["mode"])
+        return directory
+
+
+@pytest.fixture(scope="session")
+def secrets(tmp_path_factory: pytest.TempPathFactory) -> SecretVolumes:
+    return SecretVolumes(tmp_path_factory.mktemp("secret-volumes"))
+
+
 class Pod:
     """One function's image run as the user container of its Knative Service's pod."""
 
-    def __init__(self, cli: str, service: str, role: str = "test") -> None:
+    def __init__(self, cli: str, service: str, secrets: SecretVolumes, role: str = "test") -> None:
         self.cli, self.service = cli, service
         self.doc = knative_pod.service_manifest(service)
         self.port = free_port()
@@ -117,6 +158,9 @@ class Pod:
                 "--mount",
                 f"type=tmpfs,destination={mount['path']},tmpfs-mode=1777{tmpfs_size(mount.get('sizeLimit'))}",
             ]
+        for mount in knative_pod.secret_mounts(self.doc):
+            source = secrets.directory(mount)
+            argv += ["--mount", f"type=bind,source={source},destination={mount['path']},readonly=true"]
         for key, value in knative_pod.container_env(self.doc, self.port).items():
             argv += ["--env", f"{key}={value}"]
         self.run_argv = [*argv, image_of(service)]
@@ -193,8 +237,8 @@ def error_lines(log: str) -> list[str]:
 
 
 @contextmanager
-def healthy_pod(cli: str, service: str, role: str = "test") -> Iterator[Pod]:
-    running = Pod(cli, service, role)
+def healthy_pod(cli: str, service: str, secrets: SecretVolumes, role: str = "test") -> Iterator[Pod]:
+    running = Pod(cli, service, secrets, role)
     try:
         running.start()
         running.startup_s = running.wait_healthy()
@@ -204,16 +248,18 @@ def healthy_pod(cli: str, service: str, role: str = "test") -> Iterator[Pod]:
 
 
 @pytest.fixture(scope="module", params=knative_pod.services())
-def pod(request: pytest.FixtureRequest, cli: str, images: None) -> Iterator[Pod]:
+def pod(request: pytest.FixtureRequest, cli: str, images: None, secrets: SecretVolumes) -> Iterator[Pod]:
     """One pod per Service, shared by the tests that only look at it."""
-    with healthy_pod(cli, request.param) as running:
+    with healthy_pod(cli, request.param, secrets) as running:
         yield running
 
 
 @pytest.fixture(params=knative_pod.services())
-def pod_to_stop(request: pytest.FixtureRequest, cli: str, images: None) -> Iterator[Pod]:
+def pod_to_stop(
+    request: pytest.FixtureRequest, cli: str, images: None, secrets: SecretVolumes
+) -> Iterator[Pod]:
     """A pod of the test's own, for a test that stops it."""
-    with healthy_pod(cli, request.param, role="stop") as running:
+    with healthy_pod(cli, request.param, secrets, role="stop") as running:
         yield running
 
 
@@ -238,6 +284,13 @@ def test_root_filesystem_is_read_only_and_only_the_emptydir_is_writable(pod: Pod
     for mount in knative_pod.writable_mounts(pod.doc):
         written = pod.exec("sh", "-c", f"touch {mount['path']}/probe && rm {mount['path']}/probe")
         assert written.returncode == 0, (mount, written.stderr)
+    # A Secret volume: its files readable by the image's user, nothing writable.
+    for mount in knative_pod.secret_mounts(pod.doc):
+        for name in mount["files"]:
+            read = pod.exec("sh", "-c", f"test -s {mount['path']}/{name} && cat {mount['path']}/{name}")
+            assert read.returncode == 0, (mount, name, read.stderr)
+        refused = pod.exec("sh", "-c", f"touch {mount['path']}/probe")
+        assert refused.returncode != 0 and "Read-only file system" in refused.stderr, (mount, refused)
 
 
 def test_answers_its_health_path_without_any_backing_service(pod: Pod) -> None:
@@ -289,10 +342,11 @@ def test_ops_image_imports_every_jobs_module_as_non_root_on_a_read_only_root(cli
 
 
 def test_a_function_answers_behind_knatives_queue_proxy_configured_from_its_service(
-    cli: str, images: None
+    cli: str, images: None, secrets: SecretVolumes
 ) -> None:
     service = "get-todos"
-    pod = Pod(cli, service, role="queue-proxy")  # its own name: the shared get-todos pod may still run
+    # Its own name: the shared get-todos pod may still run.
+    pod = Pod(cli, service, secrets, role="queue-proxy")
     try:
         pod.start()
         pod.wait_healthy()
