@@ -123,6 +123,13 @@ async def pending_rows() -> int:
         return int((await conn.execute(query)).scalar_one())
 
 
+def publisher_state(function: TestClient) -> str:
+    async def state() -> str:
+        return repr(handlers.outbox_publisher.peek())
+
+    return str(function.portal.call(state))
+
+
 def publisher_busy(function: TestClient) -> bool:
     """Whether the in-process function's outbox publisher still holds rows (asked in its own loop)."""
 
@@ -451,7 +458,8 @@ def test_commands_succeed_while_kafka_is_down_and_the_relay_publishes_later(
         # The processes' publishers try the dead broker on their own, then leave the rows to the relay.
         deadline = time.monotonic() + 2 * settings().publish_timeout_s + DIRECT_WINDOW_S + 5
         while not outage.attempted() or any(publisher_busy(f) for f in (create, update, delete)):
-            assert time.monotonic() < deadline, f"the publishers still hold rows: {outage.attempts}"
+            states = [publisher_state(f) for f in (create, update, delete)]
+            assert time.monotonic() < deadline, f"the publishers still hold rows: {outage.attempts} {states}"
             time.sleep(0.05)
 
         rows = run(outbox_rows(todo_ids))

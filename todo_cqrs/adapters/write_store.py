@@ -100,10 +100,12 @@ _INSERT_TODO = sa.text(
     "RETURNING id, created_at"
 )
 _LOAD_FOR_UPDATE = sa.text(
-    "SELECT id, title, description, status, version, created_at, updated_at, UTC_TIMESTAMP(3) AS now, "
-    "(SELECT MAX(o.id) FROM outbox o WHERE o.todo_id = :id AND o.published_at IS NULL) AS pending "
+    "SELECT id, title, description, status, version, created_at, updated_at, UTC_TIMESTAMP(3) AS now "
     "FROM todos WHERE id = :id FOR UPDATE"
 )
+# Its own statement, once the row lock is held: a subquery of the locking SELECT would read the outbox
+# as it was when that statement began, before the command it waited for had committed its row.
+_PENDING_EVENT = sa.text("SELECT MAX(id) FROM outbox WHERE todo_id = :id AND published_at IS NULL")
 _SAVE_TODO = sa.text(
     "UPDATE todos SET title = :title, description = :description, status = :status, version = :version, "
     "updated_at = :updated_at WHERE id = :id"
@@ -147,7 +149,8 @@ async def load_for_update(conn: AsyncConnection, todo_id: int) -> Locked | None:
     row = (await conn.execute(_LOAD_FOR_UPDATE, {"id": todo_id})).first()
     if row is None:
         return None
-    return Locked(todo_from_row(row), as_utc(row.now), row.pending)
+    pending = (await conn.execute(_PENDING_EVENT, {"id": todo_id})).scalar()
+    return Locked(todo_from_row(row), as_utc(row.now), pending)
 
 
 async def insert_todo(conn: AsyncConnection, new: NewTodo) -> Todo:

@@ -77,6 +77,12 @@ class OutboxPublisher:
         """Rows handed over and not yet published (and marked) or given up."""
         return bool(self._local or self._unmarked)
 
+    def __repr__(self) -> str:
+        queued = [(c.record.outbox_id, c.after) for c in self._queue]
+        task = "none" if self._task is None else "done" if self._task.done() else "running"
+        local = sorted(self._local)
+        return f"OutboxPublisher(queued={queued}, local={local}, unmarked={self._unmarked}, task={task})"
+
     def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-publisher")
