@@ -332,7 +332,7 @@ class Bench:
             }
         )
         limit = s["async_db_commit"]
-        self.results["runtime_gain"]["db_commit"] = limit.rps / s["sync_db_commit"].rps
+        self.results.setdefault("runtime_gain", {})["db_commit"] = limit.rps / s["sync_db_commit"].rps
         self.rows += [
             Row("limit (old sync runtime): + write-DB commit, 1x8", _fmt(s["sync_db_commit"])),
             Row("limit: + async commit (aiomysql)", _fmt(limit)),
