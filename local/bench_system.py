@@ -385,9 +385,11 @@ class BenchSystem:
         return took
 
     def start(self) -> None:
-        """Every function on its bench port, the KafkaSource, the relay's tick (not the gateway)."""
+        """Every function on its bench port, the KafkaSource, the relay's tick (not the gateway); the
+        event receivers with sender identity required and the local issuer, as `make run` has them."""
+        run.start_issuer(self.system)
         for function in FUNCTIONS:
-            self.spawn_function(function.name, function, wait=False)
+            self.spawn_function(function.name, function, run.receiver_env(function), wait=False)
         for function in FUNCTIONS:
             self.wait_ready(function.name)
         self.start_kafkasource()
