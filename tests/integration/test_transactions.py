@@ -32,6 +32,12 @@ async def titled(title: str) -> int:
         return int((await conn.execute(query)).scalar_one())
 
 
+async def insert_todo(conn: AsyncConnection, title: str) -> None:
+    now = sa.func.utc_timestamp(3)
+    values = {"title": title, "description": "", "status": "CREATED", "version": 1}
+    await conn.execute(sa.insert(todos).values(**values, created_at=now, updated_at=now))
+
+
 async def in_a_transaction(work: Callable[[AsyncConnection], Awaitable[None]]) -> None:
     await db.run_in_transaction(db.write_engine(), "write", work)
 
@@ -42,12 +48,7 @@ def test_a_commit_waiting_for_a_frozen_database_is_not_cut_off_by_the_deadline(r
     thawed = threading.Event()
 
     async def insert_then_freeze(conn: AsyncConnection) -> None:
-        await conn.execute(
-            sa.insert(todos).values(
-                title=title, description="", status="CREATED", version=1,
-                created_at=sa.func.utc_timestamp(3), updated_at=sa.func.utc_timestamp(3),
-            )
-        )  # fmt: skip
+        await insert_todo(conn, title)
         services.pause("mariadb")  # the COMMIT that follows waits for it
         threading.Timer(frozen_s, lambda: (services.resume("mariadb"), thawed.set())).start()
 
@@ -64,12 +65,7 @@ def test_statements_that_outlast_the_deadline_answer_503_and_write_nothing(run: 
     title = f"never committed {uuid.uuid4()}"
 
     async def insert_then_wait_too_long(conn: AsyncConnection) -> None:
-        await conn.execute(
-            sa.insert(todos).values(
-                title=title, description="", status="CREATED", version=1,
-                created_at=sa.func.utc_timestamp(3), updated_at=sa.func.utc_timestamp(3),
-            )
-        )  # fmt: skip
+        await insert_todo(conn, title)
         await conn.execute(sa.text("SELECT SLEEP(:s)"), {"s": db.deadline_s() + 1})
 
     with pytest.raises(DependencyUnavailable):
