@@ -630,6 +630,8 @@ group.initial.rebalance.delay.ms=0
 # Few partitions for the internal topics: their coordinators load in a moment on a fresh broker.
 offsets.topic.num.partitions=3
 transaction.state.log.num.partitions=3
+# An idle single-node controller need not append a no-op record to its metadata log twice a second.
+metadata.max.idle.interval.ms=5000
 """
 
 
@@ -698,7 +700,8 @@ def _start_kafka(cfg: _Config) -> int:
             result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         if result.returncode != 0:
             raise ServiceError(f"formatting Kafka storage failed; see {log}:\n{_log_tail(log)}")
-    argv = [java, "-Xms256m", "-Xmx512m", *classpath, "kafka.Kafka", str(properties)]
+    # The serial collector: a local broker's heap is small, and G1's concurrent threads cost CPU when idle.
+    argv = [java, "-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", *classpath, "kafka.Kafka", str(properties)]
     return _launch("kafka", argv, cwd=home)
 
 
