@@ -182,11 +182,12 @@ def insert_backlog(count: int) -> range:
 _PUBLISHER = """
 import asyncio, sys
 from todo_cqrs.adapters.publisher import publisher
-from todo_cqrs.outbox.relay import Relay, relay_engine
+from todo_cqrs.outbox.leases import outbox_engine
+from todo_cqrs.outbox.relay import Relay
 from todo_cqrs.settings import settings
 
 async def main() -> None:
-    relay = Relay(relay_engine(settings()), publisher(), settings(), min_age_s=0.0)
+    relay = Relay(outbox_engine(settings()), publisher(), settings(), min_age_s=0.0)
     print("ready", flush=True)  # connected before the clock starts, as a warm pod's is
     await asyncio.to_thread(sys.stdin.readline)
     while True:  # until the bench sees nothing pending and ends this process
@@ -412,7 +413,7 @@ class BenchSystem:
             docs = [d for d in yaml.safe_load_all(f) if d]
         for doc in docs:
             if doc.get("kind") == "KafkaSource":
-                doc["metadata"]["name"] = "todo-events-projection-bench"
+                # Its name stays: the token it presents names it, and project_event accepts that subject.
                 doc["spec"]["topics"] = [settings().topic]
                 doc["spec"]["consumerGroup"] = CONSUMER_GROUP
                 if ordering:

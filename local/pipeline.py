@@ -22,8 +22,8 @@ The document (a number is null when its source did not answer, or when the windo
 - `components`: `{name: "up" | "down"}` for the eight functions and `kafkasource`.
 - `errors`: `[{"component", "message", "detail"}]`, e.g. `"project_event unreachable"`, one per target
   that did not answer.
-- `outbox`: `pending_rows`, `oldest_pending_age_seconds` (the commands' and relay_outbox's gauges, the
-  largest reported; they all count the same table), `published_per_second`, `publish_failures_total`.
+- `outbox`: `pending_rows`, `oldest_pending_age_seconds` (relay_outbox's gauges: it counts the table at
+  its scrapes), `published_per_second`, `publish_failures_total` (the commands' and the relay's counters).
 - `consumer` (the KafkaSource): `partitions` `[{"topic", "partition", "lag"}]` (records not yet
   delivered), `lag_total`, `retries_total`, `retries_60s`,
   `deliveries` `{"delivered", "dead_lettered", "dropped"}` (totals).

@@ -31,7 +31,8 @@ from todo_cqrs.command import handlers
 from todo_cqrs.db import write_engine
 from todo_cqrs.http import todo_reply
 from todo_cqrs.loop_local import close_loop_resources
-from todo_cqrs.outbox.relay import LEASE_MARGIN_S, Relay, relay_engine, relay_once
+from todo_cqrs.outbox.leases import outbox_engine
+from todo_cqrs.outbox.relay import LEASE_MARGIN_S, Relay, relay_once
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
@@ -550,7 +551,7 @@ def test_concurrent_drains_in_several_processes_publish_each_event_once_in_versi
         """A relay's loop: drain every shard whose lease is free, until the writes ended and nothing is
         pending."""
         deadline = time.monotonic() + 60
-        relay = Relay(relay_engine(settings()), producers.current, settings(), min_age_s=0.0)
+        relay = Relay(outbox_engine(settings()), producers.current, settings(), min_age_s=0.0)
         try:
             while time.monotonic() < deadline:
                 writes_ended = writing_done.is_set()

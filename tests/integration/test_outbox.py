@@ -30,7 +30,8 @@ from tests.integration.test_command_side import events_by_todo, records_since, t
 from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, publisher
 from todo_cqrs.adapters.write_store import outbox, outbox_leases
 from todo_cqrs.outbox import leases
-from todo_cqrs.outbox.relay import Relay, relay_engine
+from todo_cqrs.outbox.leases import outbox_engine
+from todo_cqrs.outbox.relay import Relay
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
@@ -38,11 +39,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 HOLD_ALL_SHARDS = """
 import asyncio, sys
 from todo_cqrs.outbox import leases
-from todo_cqrs.outbox.relay import relay_engine
+from todo_cqrs.outbox.leases import outbox_engine
 from todo_cqrs.settings import settings
 
 async def hold() -> None:
-    engine = relay_engine(settings())
+    engine = outbox_engine(settings())
     shards = [int(a) for a in sys.argv[1:]] or range(settings().outbox_shards)
     held = [await leases.acquire(engine, shard, settings().outbox_lease_s) for shard in shards]
     print("held" if all(held) else "busy", flush=True)
@@ -76,7 +77,7 @@ def loop() -> Iterator[asyncio.Runner]:
 def relay(loop: asyncio.Runner) -> Iterator[Relay]:
     """The relay's tick, as relay_outbox runs it: orphans only."""
     s = settings()
-    made = Relay(relay_engine(s), publisher(), s, min_age_s=s.outbox_orphan_s)
+    made = Relay(outbox_engine(s), publisher(), s, min_age_s=s.outbox_orphan_s)
     yield made
     loop.run(made.aclose())
 

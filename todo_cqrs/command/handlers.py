@@ -23,8 +23,8 @@ from todo_cqrs.domain.errors import NotFound, VersionMismatch
 from todo_cqrs.domain.todo import Todo, apply_patch, validate_new, validate_patch
 from todo_cqrs.logs import annotate
 from todo_cqrs.loop_local import loop_local
+from todo_cqrs.outbox.leases import outbox_engine
 from todo_cqrs.outbox.publisher import OutboxPublisher
-from todo_cqrs.outbox.relay import relay_engine
 from todo_cqrs.settings import settings
 
 
@@ -42,7 +42,7 @@ def warm_up() -> None:
 def outbox_publisher() -> OutboxPublisher:
     """This process's publisher of its own outbox rows, with a small autocommitted pool of its own."""
     s = settings()
-    outbox = OutboxPublisher(publisher, relay_engine(s), s.publish_timeout_s)
+    outbox = OutboxPublisher(publisher, outbox_engine(s), s.publish_timeout_s)
     atexit.register(outbox.flush_at_exit)
     return outbox
 

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from todo_cqrs import db
 from todo_cqrs.logs import log_event
+from todo_cqrs.settings import Settings
 
 _ACQUIRE = sa.text(
     "INSERT INTO outbox_leases (shard, holder, expires_at) "
@@ -47,6 +48,19 @@ class Lease:
 
     def remaining(self) -> float:
         return self.expires - time.monotonic()
+
+
+def outbox_engine(s: Settings) -> AsyncEngine:
+    """A small autocommitted pool of the write DB for publishing (a process's publisher, the relay):
+    a lease or mark statement never leaves a lock behind, and commands never wait behind publishing
+    for a connection."""
+    return db.create_engine(
+        s.write_db_url,
+        isolation_level="AUTOCOMMIT",
+        skip_autocommit_rollback=True,
+        pool_size=2,
+        max_overflow=2,
+    )
 
 
 async def execute(engine: AsyncEngine, statement: sa.Executable, params: dict[str, Any]) -> Any:

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, OutboxRecord, Publisher
 from todo_cqrs.logs import log_event
 from todo_cqrs.outbox.leases import execute
-from todo_cqrs.outbox.relay import outbox_publish_failures, outbox_published
+from todo_cqrs.outbox.metrics import outbox_publish_failures, outbox_published
 
 POLL_FIRST_S, POLL_MAX_S = 0.002, 0.05
 # Rows on Kafka are marked published at most this long after their ack, together: one UPDATE for

@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from todo_cqrs import db, metrics
+from todo_cqrs import metrics
 from todo_cqrs.adapters.publisher import OutboxRecord, Publisher, publisher
 from todo_cqrs.logs import log_event
 from todo_cqrs.loop_local import loop_local
-from todo_cqrs.outbox.leases import Lease, acquire, execute, release, renew
+from todo_cqrs.outbox.leases import Lease, acquire, execute, outbox_engine, release, renew
+from todo_cqrs.outbox.metrics import outbox_publish_failures, outbox_published
 from todo_cqrs.settings import Settings, settings
 
 LEASE_MARGIN_S = 1.0
@@ -61,22 +62,6 @@ outbox_pending = Gauge(
 outbox_oldest_age = Gauge(
     "todo_outbox_oldest_pending_age_seconds", "Age of the oldest outbox row not yet on Kafka (0: none)"
 )
-outbox_published = Counter("todo_outbox_published", "Outbox rows this process put on Kafka")
-outbox_publish_failures = Counter(
-    "todo_outbox_publish_failures", "Publishes that left rows pending (Kafka or the DB failed, a lease lost)"
-)
-
-
-def relay_engine(s: Settings) -> AsyncEngine:
-    """A small autocommitted pool of the write DB: a lease statement never leaves a lock behind, and
-    commands never wait behind publishing for a connection."""
-    return db.create_engine(
-        s.write_db_url,
-        isolation_level="AUTOCOMMIT",
-        skip_autocommit_rollback=True,
-        pool_size=2,
-        max_overflow=2,
-    )
 
 
 def record_of(row: Any) -> OutboxRecord:
@@ -203,7 +188,7 @@ def tick_relay() -> Relay:
     """relay_outbox's relay: orphans only (rows pending OUTBOX_ORPHAN_SECONDS); it also serves
     the outbox gauges at its scrapes."""
     s = settings()
-    engine = relay_engine(s)
+    engine = outbox_engine(s)
     metrics.on_scrape(GaugeRefresh(engine))
     return Relay(engine, publisher(), s, min_age_s=s.outbox_orphan_s)
 
@@ -211,7 +196,7 @@ def tick_relay() -> Relay:
 async def relay_once(min_age_s: float, wait_s: float = 0.0) -> int:
     """Publish pending rows at least `min_age_s` old, with a pool of its own made and closed here."""
     s = settings()
-    engine = relay_engine(s)
+    engine = outbox_engine(s)
     try:
         return await Relay(engine, publisher(), s, min_age_s).drain_all(wait_s)
     finally:
