@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,13 +151,8 @@ def strimzi_crd(kind: str) -> Path:
     model, crd_name = STRIMZI_CRDS[kind]
     cache = CACHE / f"strimzi-{STRIMZI_API_VERSION}"
     target = cache / f"{crd_name}.yaml"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with (cache / ".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            return target
+
+    def make() -> None:
         jars = _strimzi_jars(cache)
         java = shutil.which("java")
         if not java:
@@ -177,7 +173,8 @@ def strimzi_crd(kind: str) -> Path:
             raise ToolError(f"the generated CRD is not {crd_name}: {partial}")
         partial.rename(target)
         print(f"made {target} (Strimzi {STRIMZI_API_VERSION}'s {kind} CRD)", file=sys.stderr, flush=True)
-    return target
+
+    return _made_once(target, cache / ".lock", make)
 
 
 def _strimzi_jars(cache: Path) -> list[Path]:
@@ -228,13 +225,8 @@ def knative_eventing_crd(kind: str) -> Path:
     missing."""
     cache = CACHE / f"knative-eventing-{KNATIVE_EVENTING_VERSION}"
     target = cache / Path(KNATIVE_EVENTING_CRDS[kind]).name
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with (cache / ".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            return target
+
+    def fetch() -> None:
         module = f"knative.dev/eventing@{KNATIVE_EVENTING_VERSION}"
         run = subprocess.run(
             [go_binary(), "mod", "download", "-json", module],
@@ -253,7 +245,8 @@ def knative_eventing_crd(kind: str) -> Path:
         print(
             f"fetched {target} (knative.dev/eventing {KNATIVE_EVENTING_VERSION})", file=sys.stderr, flush=True
         )
-    return target
+
+    return _made_once(target, cache / ".lock", fetch)
 
 
 def go_binary() -> str:
@@ -269,14 +262,19 @@ def ensure_binary(name: str) -> Path:
     """The path of the cached binary `name` (a key of TOOLS), built first when missing."""
     tool = TOOLS[name]
     target = tool.cached_path()
+    return _made_once(target, BIN / f".{name}.lock", lambda: _build(tool, target))
+
+
+def _made_once(target: Path, lock_path: Path, make: Callable[[], None]) -> Path:
+    """`target`, made by `make` when missing, under a file lock: another process may be making it
+    right now, and then it is made once."""
     if target.exists():
         return target
-    BIN.mkdir(parents=True, exist_ok=True)
-    with (BIN / f".{name}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
-        if target.exists():
-            return target
-        _build(tool, target)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            make()
     return target
 
 

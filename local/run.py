@@ -314,30 +314,11 @@ def start(system: System) -> None:
 
 
 def relay_schedule(stopping: threading.Event, paused: threading.Event | None = None) -> None:
-    """What the PingSource does in a cluster: ask relay_outbox to publish whatever is still pending.
-    It never dies: a failed tick is logged and the next one follows. (`paused`: the bench measures
-    publishers without it.)"""
-    request = urllib.request.Request(
-        f"{BY_NAME['relay_outbox'].url}/",
-        data=b"{}",
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    tokens = issuer.Tokens(issuer.RELAY_TICK_SUBJECT)  # the PingSource's identity, as in a cluster
-    failing = False
-    while not stopping.wait(RELAY_PERIOD_S):
-        if paused is not None and paused.is_set():
-            continue
-        try:
-            request.add_header("Authorization", tokens.authorization(BY_NAME["relay_outbox"].service))
-            urllib.request.urlopen(request, timeout=10).close()
-            if failing:
-                say("outbox relay tick works again")
-            failing = False
-        except Exception as exc:  # noqa: BLE001 - relay_outbox restarting, or busy: the next tick retries
-            if not failing:
-                say(f"outbox relay tick failed: {exc}; retrying every {RELAY_PERIOD_S:.0f} s")
-            failing = True
+    """What the PingSource does in a cluster: ask relay_outbox to publish the orphaned outbox rows, with
+    the PingSource's token. (`paused`: the bench measures publishers without it.)"""
+    relay = BY_NAME["relay_outbox"]
+    headers = issuer.Tokens(issuer.RELAY_TICK_SUBJECT).headers_for(relay.service)
+    scheduled_ticks("outbox relay", f"{relay.url}/", RELAY_PERIOD_S, stopping, headers, 10.0, paused)
 
 
 def scheduled_ticks(
@@ -347,12 +328,15 @@ def scheduled_ticks(
     stopping: threading.Event,
     headers: Callable[[], dict[str, str]] | None = None,
     timeout_s: float = 120.0,
+    paused: threading.Event | None = None,
 ) -> None:
     """What a PingSource does in a cluster: POST to `url` every `period_s` (counted from the end of the
-    previous tick, so ticks never pile up), with `headers()` made afresh for each (a sender's token).
-    It never dies: a failed tick is logged once and the next one follows."""
+    previous tick, so ticks never pile up), with `headers()` made afresh for each (a sender's token),
+    except while `paused` is set. It never dies: a failed tick is logged once and the next one follows."""
     failing = False
     while not stopping.wait(period_s):
+        if paused is not None and paused.is_set():
+            continue
         request = urllib.request.Request(
             url,
             data=b"{}",

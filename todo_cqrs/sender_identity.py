@@ -46,6 +46,7 @@ from starlette.requests import Request
 
 from todo_cqrs import logs
 from todo_cqrs.domain import errors
+from todo_cqrs.http import SenderCheck
 from todo_cqrs.settings import Settings, settings
 
 MODES = ("off", "on", "required")
@@ -73,12 +74,6 @@ accepted = Counter("todo_sender_identity_accepted", "Deliveries whose sender ide
 anonymous = Counter(
     "todo_sender_identity_anonymous", "Deliveries without a token let through (SENDER_IDENTITY=on)"
 )
-
-
-class SenderCheck(Protocol):
-    """What an event receiver asks before it reads a request's body."""
-
-    async def admit(self, request: Request) -> None: ...
 
 
 class NoCheck:

@@ -100,6 +100,12 @@ def floor_key(todo_id: int) -> str:
     return f"todos:floor:{todo_id // FLOOR_BUCKET}"
 
 
+def _invalidation(todo_id: int, version: int, traceparent: str | None) -> tuple[list[Any], list[Any]]:
+    """The invalidation script's keys and arguments for one change."""
+    keys = [todo_key(todo_id), LIST_GENERATION_KEY, floor_key(todo_id)]
+    return keys, [version, settings().cache_ttl_s, VERSIONS_CHANNEL, todo_id, traceparent or ""]
+
+
 def list_key(generation: bytes | str, page: str) -> str:
     generation = generation.decode() if isinstance(generation, bytes) else generation
     return f"todos:list:{generation}:{page}"
@@ -214,10 +220,8 @@ class TodoCache:
         """After a read-DB commit: mark the todo's entry stale up to `version`, retire every cached
         list, and tell the waiting readers."""
         try:
-            await self._invalidate(
-                keys=[todo_key(todo_id), LIST_GENERATION_KEY, floor_key(todo_id)],
-                args=[version, settings().cache_ttl_s, VERSIONS_CHANNEL, todo_id, traceparent or ""],
-            )
+            keys, args = _invalidation(todo_id, version, traceparent)
+            await self._invalidate(keys=keys, args=args)
         except REDIS_DOWN as exc:
             raise DependencyUnavailable("redis is unreachable", cause=exc) from exc
 
@@ -226,15 +230,11 @@ class TodoCache:
         if len(changes) == 1:
             await self.invalidate(*changes[0])
             return
-        ttl = settings().cache_ttl_s
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for todo_id, version, traceparent in changes:
-                    await self._invalidate(
-                        keys=[todo_key(todo_id), LIST_GENERATION_KEY, floor_key(todo_id)],
-                        args=[version, ttl, VERSIONS_CHANNEL, todo_id, traceparent or ""],
-                        client=pipe,
-                    )
+                for change in changes:
+                    keys, args = _invalidation(*change)
+                    await self._invalidate(keys=keys, args=args, client=pipe)
                 await pipe.execute()
         except REDIS_DOWN as exc:
             raise DependencyUnavailable("redis is unreachable", cause=exc) from exc

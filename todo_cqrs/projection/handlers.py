@@ -16,7 +16,7 @@ from todo_cqrs.adapters.cache import TodoCache, todo_cache
 from todo_cqrs.adapters.read_store import apply_change, apply_changes, read_connection
 from todo_cqrs.domain.clock import parse_time, utc_now
 from todo_cqrs.domain.errors import InvalidEvent
-from todo_cqrs.domain.events import EVENT_TYPES, Change, read_change
+from todo_cqrs.domain.events import EVENT_TYPES, Change, check_subject, read_change
 from todo_cqrs.logs import annotate
 from todo_cqrs.loop_local import loop_local
 
@@ -52,16 +52,18 @@ def _count(outcome: str, event_type: str) -> None:
     _OUTCOMES[outcome, event_type if event_type in EVENT_TYPES else "other"].inc()
 
 
-async def project_event(event_type: str, data: Any, time: Any = None) -> str:
+async def project_event(event_type: str, data: Any, time: Any = None, subject: Any = None) -> str:
     """Apply the event when its version is newer than the read model's; invalidate either way.
     Returns "applied" or "skipped" (a duplicate or an older version: nothing to do).
 
-    Raises InvalidEvent (never applicable: dead-letter it) or DependencyUnavailable (retry it).
+    Raises InvalidEvent (never applicable: dead-letter it; also when `subject` names another todo than
+    data.id) or DependencyUnavailable (retry it).
     Duplicates and older versions change nothing in the DB but still invalidate, after the commit.
     Events that arrive together (a KafkaSource with ordering `unordered` keeps many in flight) are
     applied together: one upsert and one Redis round trip for all (`Projector`).
     """
     try:
+        check_subject(subject, data)
         change = read_change(event_type, data)
     except InvalidEvent:
         _count("rejected", event_type)

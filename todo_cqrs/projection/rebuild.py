@@ -41,6 +41,7 @@ from todo_cqrs.adapters.cache import TodoCache, redis_client
 from todo_cqrs.adapters.read_store import TABLE, upsert_statement
 from todo_cqrs.domain.todo import Status
 from todo_cqrs.reconcile.passes import Reconciler
+from todo_cqrs.reconcile.service import batch_engine
 from todo_cqrs.settings import settings
 
 SHADOW = f"{TABLE}_rebuild"
@@ -57,14 +58,7 @@ Progress = Callable[[str], None]
 
 def _engine(url: str) -> AsyncEngine:
     # Each statement its own transaction, no time limit, no gap locks: a batch job beside live traffic.
-    return db.create_engine(
-        url,
-        isolation_level="AUTOCOMMIT",
-        skip_autocommit_rollback=True,
-        pool_size=2,
-        max_overflow=0,
-        connect_args={"connect_timeout": 10, "client_flag": 0, "init_command": _SESSION},
-    )
+    return batch_engine(url, _SESSION, max_overflow=0)
 
 
 def _mirror(table: str) -> str:

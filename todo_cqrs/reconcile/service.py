@@ -20,16 +20,17 @@ from todo_cqrs.settings import Settings
 SESSION = "SET SESSION max_statement_time = 60, innodb_lock_wait_timeout = 5"
 
 
-def batch_engine(url: str) -> AsyncEngine:
-    """A small AUTOCOMMIT pool (each statement its own transaction) without the requests' 2 s limits."""
+def batch_engine(url: str, session: str = SESSION, max_overflow: int = 4) -> AsyncEngine:
+    """A small AUTOCOMMIT pool (each statement its own transaction) without the requests' 2 s limits: a
+    pass looks into up to 4 small ranges at once beside its search; the rebuild gives its own session."""
     return db.create_engine(
         url,
         isolation_level="AUTOCOMMIT",
         skip_autocommit_rollback=True,
         pool_size=2,
-        max_overflow=4,  # a pass looks into up to 4 small ranges at once, beside its search
+        max_overflow=max_overflow,
         pool_timeout=10,
-        connect_args={"connect_timeout": 5, "client_flag": 0, "init_command": SESSION},
+        connect_args={"connect_timeout": 5, "client_flag": 0, "init_command": session},
     )
 
 
