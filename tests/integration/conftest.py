@@ -86,6 +86,21 @@ def function_client() -> Iterator[Callable[[str], TestClient]]:
         yield lambda name: stack.enter_context(running_function(name))
 
 
+@pytest.fixture(scope="module")
+def create(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("create_todo")
+
+
+@pytest.fixture(scope="module")
+def update(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("update_todo")
+
+
+@pytest.fixture(scope="module")
+def delete(function_client: Callable[[str], TestClient]) -> TestClient:
+    return function_client("delete_todo")
+
+
 @pytest.fixture
 def new_ids(run: Run[Any]) -> Iterator[Callable[[int], list[int]]]:
     """n fresh consecutive read-model-only ids; each is tombstoned at the end of the test."""

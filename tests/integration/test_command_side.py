@@ -11,7 +11,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,21 +44,6 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 # --- the functions' apps ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def create(function_client: Callable[[str], TestClient]) -> TestClient:
-    return function_client("create_todo")
-
-
-@pytest.fixture(scope="module")
-def update(function_client: Callable[[str], TestClient]) -> TestClient:
-    return function_client("update_todo")
-
-
-@pytest.fixture(scope="module")
-def delete(function_client: Callable[[str], TestClient]) -> TestClient:
-    return function_client("delete_todo")
 
 
 def create_todo(create: TestClient, **fields: Any) -> dict[str, Any]:

@@ -21,16 +21,6 @@ from todo_cqrs.command.idempotency import IdempotencyKey
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
 
-@pytest.fixture(scope="module")
-def create(function_client: Callable[[str], TestClient]) -> TestClient:
-    return function_client("create_todo")
-
-
-@pytest.fixture(scope="module")
-def update(function_client: Callable[[str], TestClient]) -> TestClient:
-    return function_client("update_todo")
-
-
 def count(table: sa.Table, where: sa.ColumnElement[bool]) -> int:
     with write_db().connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(where)).scalar_one())

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,12 @@ import sqlalchemy as sa
 from starlette.testclient import TestClient
 
 from local.sync_db import write_db
-from tests.integration.test_command_side import events_by_todo, records_since, topic_end_offsets
+from tests.integration.test_command_side import (
+    events_by_todo,
+    publisher_busy,
+    records_since,
+    topic_end_offsets,
+)
 from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, publisher
 from todo_cqrs.adapters.write_store import outbox, outbox_leases
 from todo_cqrs.outbox import leases
@@ -139,16 +144,6 @@ def wait_until_published(todo_id: int, bound_s: float) -> float:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def create(function_client: Callable[[str], TestClient]) -> TestClient:
-    return function_client("create_todo")
-
-
-@pytest.fixture(scope="module")
-def update(function_client: Callable[[str], TestClient]) -> TestClient:
-    return function_client("update_todo")
-
-
 def test_a_frozen_lease_holder_does_not_delay_a_live_process_events(create: TestClient) -> None:
     with frozen_holding() as frozen:
         answered = create.post("/", json={"title": f"beside a frozen relay {uuid.uuid4()}"})
@@ -190,8 +185,11 @@ def test_an_event_waits_for_an_older_event_of_its_todo_left_by_a_process_that_di
     todo_id = created_by_a_process_that_died(f"followed {uuid.uuid4()}")
     patched = update.patch(f"/{todo_id}", json={"status": "FINISHED"})
     assert patched.status_code == 200 and patched.json()["version"] == 2
-    # Its process gives the update up rather than publish it before the create.
-    time.sleep(DIRECT_WINDOW_S + 0.5)
+    # Its process holds the update back, then leaves it to the relay, rather than publish it first.
+    deadline = time.monotonic() + DIRECT_WINDOW_S + 5
+    while publisher_busy(update):
+        assert time.monotonic() < deadline, "the update's process neither published nor gave up its row"
+        time.sleep(0.05)
     assert published_at(todo_id) == [None, None]
     drain_until_published(loop, relay, todo_id, bound_s=settings().outbox_orphan_s + 10)
     assert [version for _, version, _ in events_by_todo(records_since(start, [todo_id]))[todo_id]] == [1, 2]

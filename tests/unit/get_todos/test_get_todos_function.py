@@ -31,21 +31,6 @@ from todo_cqrs.settings import settings
 FUNCTION = "get_todos"
 
 
-@pytest.fixture(autouse=True)
-def read_model(monkeypatch: pytest.MonkeyPatch) -> FakeReadModel:
-    return FakeReadModel().install(monkeypatch)
-
-
-@pytest.fixture(autouse=True)
-def watch(monkeypatch: pytest.MonkeyPatch) -> FakeVersionWatch:
-    return FakeVersionWatch().install(monkeypatch)
-
-
-@pytest.fixture(autouse=True)
-def cache(monkeypatch: pytest.MonkeyPatch, watch: FakeVersionWatch) -> FakeCache:
-    return FakeCache(watch=watch).install(monkeypatch)
-
-
 @pytest.fixture
 def redis_down(monkeypatch: pytest.MonkeyPatch) -> UnreachableCache:
     return UnreachableCache().install(monkeypatch)  # type: ignore[return-value]
