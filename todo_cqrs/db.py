@@ -1,4 +1,5 @@
-"""SQLAlchemy asyncio engines for the write and the read database, one of each per event loop, made lazily.
+"""The write and the read database as the functions use them: `Database`, an SQLAlchemy asyncio engine per
+event loop (made on first use), and its transactions under a deadline.
 
 The driver is aiomysql (PyMySQL's protocol code under an asyncio transport). aiomysql has no read or
 write timeout of its own, so every transaction runs under an asyncio deadline instead (twice
@@ -11,7 +12,7 @@ import asyncio
 import itertools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import sqlalchemy.ext.asyncio
@@ -22,8 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from todo_cqrs import tracing
 from todo_cqrs.domain.errors import DependencyUnavailable
-from todo_cqrs.loop_local import loop_local
-from todo_cqrs.settings import settings
+from todo_cqrs.loop_local import LoopLocal
+from todo_cqrs.settings import Settings
 
 T = TypeVar("T")
 
@@ -38,19 +39,20 @@ def driver_url(url: str, driver: str) -> URL:
     return parsed.set(drivername=f"mysql+{driver}") if parsed.get_backend_name() == "mysql" else parsed
 
 
-def create_engine(url: str, isolation_level: str = "REPEATABLE READ", **overrides: Any) -> AsyncEngine:
+def create_engine(
+    url: str, timeout_s: float, pool_size: int, isolation_level: str = "REPEATABLE READ", **overrides: Any
+) -> AsyncEngine:
     """An async engine whose pool is bounded, so an overloaded process answers 503 instead of queueing.
 
     The server gives up on its side too, once the client has: a row lock is waited for at most
-    DB_TIMEOUT_SECONDS (rounded up), a statement runs at most twice that.
+    `timeout_s` (rounded up), a statement runs at most twice that.
     """
-    s = settings()
-    lock_wait_s = max(1, math.ceil(s.db_timeout_s))
+    lock_wait_s = max(1, math.ceil(timeout_s))
     session = f"SET SESSION innodb_lock_wait_timeout = {lock_wait_s}, max_statement_time = {2 * lock_wait_s}"
     options: dict[str, Any] = {
-        "pool_size": s.db_pool_size,
-        "max_overflow": s.db_pool_size,
-        "pool_timeout": s.db_timeout_s,
+        "pool_size": pool_size,
+        "max_overflow": pool_size,
+        "pool_timeout": timeout_s,
         # No ping before every checkout (a round trip per transaction): a connection found dead fails
         # its request with a 503, and SQLAlchemy then discards every pooled connection as old as it,
         # so after a database restart one request per process is refused, not one per connection.
@@ -70,18 +72,56 @@ def create_engine(url: str, isolation_level: str = "REPEATABLE READ", **override
     return sqlalchemy.ext.asyncio.create_async_engine(driver_url(url, "aiomysql"), **options)
 
 
-@loop_local
-def write_engine() -> AsyncEngine:
-    # Commands lock the rows they change (SELECT ... FOR UPDATE); READ COMMITTED spares them gap
-    # locks, and lets the outbox drain see rows committed meanwhile.
-    return create_engine(settings().write_db_url, isolation_level="READ COMMITTED")
+class Database:
+    """One database: its engine in the running event loop (made on first use, so nothing connects at
+    import), what to call it in errors ("write", "read"), and the deadline of its transactions."""
 
+    def __init__(self, what: str, url: str, timeout_s: float, pool_size: int, **engine_options: Any) -> None:
+        self.what = what
+        self.url = url
+        self.timeout_s = timeout_s
+        self._engine = LoopLocal(lambda: create_engine(url, timeout_s, pool_size, **engine_options))
 
-@loop_local
-def read_engine() -> AsyncEngine:
-    # Every use is one statement (a read, or the projection's upsert): autocommitted, no COMMIT or
-    # ROLLBACK round trips around it.
-    return create_engine(settings().read_db_url, isolation_level="AUTOCOMMIT", skip_autocommit_rollback=True)
+    @classmethod
+    def write(cls, s: Settings, **overrides: Any) -> Database:
+        """The write DB: commands lock the rows they change (SELECT ... FOR UPDATE); READ COMMITTED spares
+        them gap locks, and lets the outbox drain see rows committed meanwhile."""
+        options = {"pool_size": s.db_pool_size, "isolation_level": "READ COMMITTED", **overrides}
+        return cls("write", s.write_db_url, s.db_timeout_s, **options)
+
+    @classmethod
+    def read(cls, s: Settings, **overrides: Any) -> Database:
+        """The read DB: every use is one statement (a read, or the projection's upsert), autocommitted, with
+        no COMMIT or ROLLBACK round trips around it."""
+        options = {"pool_size": s.db_pool_size, "isolation_level": "AUTOCOMMIT", **overrides}
+        return cls("read", s.read_db_url, s.db_timeout_s, skip_autocommit_rollback=True, **options)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine()
+
+    @property
+    def deadline_s(self) -> float:
+        """How long one transaction may take: twice the timeout (a connection, then its statements), so a
+        frozen database answers 503 within about 2 s, and a busy one is not cut off at the first slow
+        statement."""
+        return 2 * self.timeout_s
+
+    def transaction(self, timeout_s: float | None = None) -> AbstractAsyncContextManager[AsyncConnection]:
+        return transaction(self.engine, self.what, self.deadline_s if timeout_s is None else timeout_s)
+
+    def autocommitted(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return autocommitted(self.engine, self.what, self.deadline_s)
+
+    async def run_in_transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        return await run_in_transaction(self.engine, self.what, work, self.deadline_s)
+
+    async def aclose(self) -> None:
+        """Close this loop's engine, if one was made."""
+        engine = self._engine.peek()
+        if engine is not None:
+            self._engine.forget()
+            await engine.dispose()
 
 
 def error_code(exc: DBAPIError) -> int | None:
@@ -108,17 +148,8 @@ def unavailable(what: str, exc: BaseException) -> DependencyUnavailable:
     return DependencyUnavailable(f"the {what} database is unreachable", cause=exc)
 
 
-def deadline_s() -> float:
-    """How long one transaction may take: twice DB_TIMEOUT_SECONDS (a connection, then its statements),
-    so a frozen database answers 503 within about 2 s, and a busy one is not cut off at the first
-    slow statement."""
-    return 2 * settings().db_timeout_s
-
-
 @asynccontextmanager
-async def transaction(
-    engine: AsyncEngine, what: str, timeout_s: float | None = None
-) -> AsyncIterator[AsyncConnection]:
+async def transaction(engine: AsyncEngine, what: str, deadline_s: float) -> AsyncIterator[AsyncConnection]:
     """One transaction; a database that is down or frozen becomes DependencyUnavailable (503). A deadlock
     stays a DBAPIError, for the caller to retry.
 
@@ -126,7 +157,7 @@ async def transaction(
     leave the caller not knowing whether its change was written, and a retry without an Idempotency-Key
     would make it twice. So the COMMIT runs to its end, whatever the deadline or a cancellation."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + (deadline_s() if timeout_s is None else timeout_s)
+    deadline = loop.time() + deadline_s
     try:
         async with asyncio.timeout_at(deadline):
             conn = await engine.connect()
@@ -141,7 +172,7 @@ async def transaction(
                 await asyncio.wait([commit])
                 raise
         except BaseException as exc:
-            await _end_failed(conn, exc)
+            await _end_failed(conn, exc, deadline_s)
             raise
         finally:
             await conn.close()
@@ -151,24 +182,24 @@ async def transaction(
         raise
 
 
-async def _end_failed(conn: AsyncConnection, exc: BaseException) -> None:
+async def _end_failed(conn: AsyncConnection, exc: BaseException, deadline_s: float) -> None:
     """Roll back after a failure; a connection cut off mid-statement (a deadline) is discarded instead,
     since the state of its session is unknown."""
     if isinstance(exc, TimeoutError | asyncio.CancelledError) or not conn.in_transaction():
         await conn.invalidate()
         return
     try:
-        async with asyncio.timeout(deadline_s()):
+        async with asyncio.timeout(deadline_s):
             await conn.rollback()
     except Exception:  # noqa: BLE001 - a connection that cannot even roll back is of no more use
         await conn.invalidate()
 
 
 @asynccontextmanager
-async def autocommitted(engine: AsyncEngine, what: str) -> AsyncIterator[AsyncConnection]:
+async def autocommitted(engine: AsyncEngine, what: str, deadline_s: float) -> AsyncIterator[AsyncConnection]:
     """A connection of an AUTOCOMMIT engine, each statement its own transaction, under the deadline."""
     try:
-        async with asyncio.timeout(deadline_s()), engine.connect() as conn:
+        async with asyncio.timeout(deadline_s), engine.connect() as conn:
             yield conn
     except (DBAPIError, PoolTimeout, TimeoutError, OSError) as exc:
         if is_unreachable(exc):
@@ -177,12 +208,12 @@ async def autocommitted(engine: AsyncEngine, what: str) -> AsyncIterator[AsyncCo
 
 
 async def run_in_transaction(
-    engine: AsyncEngine, what: str, work: Callable[[AsyncConnection], Awaitable[T]]
+    engine: AsyncEngine, what: str, work: Callable[[AsyncConnection], Awaitable[T]], deadline_s: float
 ) -> T:
     """`await work(conn)` in a transaction, again on a deadlock (its effects were rolled back)."""
     for attempt in itertools.count():
         try:
-            async with transaction(engine, what) as conn:
+            async with transaction(engine, what, deadline_s) as conn:
                 return await work(conn)
         except DBAPIError as exc:
             if not is_deadlock(exc):

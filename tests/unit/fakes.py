@@ -10,6 +10,7 @@ client runs (the real adapters cache their connections per loop: todo_cqrs/loop_
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import sys
@@ -20,12 +21,16 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import functions_framework.aio
 import orjson
 import pytest
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from todo_cqrs import dead_letter, logs
@@ -84,6 +89,30 @@ def function_client(name: str) -> Iterator[TestClient]:
     """A test client of functions/<name>/main.py (see `function_app`); it runs the app on one event
     loop, in a thread of its own, while its context is open."""
     with function_app(name) as app, TestClient(app) as client:
+        yield client
+
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def load_main(name: str) -> ModuleType:
+    """functions/<name>/main.py as a module of its own (not sys.modules["main"]), for its `build`."""
+    spec = importlib.util.spec_from_file_location(f"{name}_main", FUNCTIONS_DIR / name / "main.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def client_of(function: Callable[[Request], Awaitable[Response]]) -> Iterator[TestClient]:
+    """A test client of a function built with fakes (`load_main(name).build(fakes)`), routed as
+    functions-framework routes it: every path, every method, to the one function."""
+
+    async def endpoint(request: Request) -> Response:
+        return await function(request)
+
+    with TestClient(Starlette(routes=[Route("/{path:path}", endpoint, methods=ALL_METHODS)])) as client:
         yield client
 
 
