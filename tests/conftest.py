@@ -21,7 +21,6 @@ credentials.use_admin()
 @pytest.fixture(scope="session")
 def services() -> Iterator[None]:
     from local import services as local_services
-    from todo_cqrs.adapters.publisher import reset_publisher
     from todo_cqrs.migrations import upgrade
 
     before = set(local_services.running_services())
@@ -29,7 +28,6 @@ def services() -> Iterator[None]:
     upgrade()
     local_services.ensure_roles()
     yield
-    reset_publisher()  # this process's producer, closed before the broker it talks to stops
     started_here = [name for name in local_services.running_services() if name not in before]
     if started_here:
         local_services.stop_services(started_here)

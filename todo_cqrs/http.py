@@ -29,7 +29,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from todo_cqrs import logs, metrics, tracing
-from todo_cqrs.command.idempotency import Reply
 from todo_cqrs.domain import errors
 from todo_cqrs.domain.errors import error_body
 from todo_cqrs.domain.numbers import MAX_ID, ascii_positive_int
@@ -94,16 +93,12 @@ def error_response(error: errors.TodoError) -> Response:
     return json_response(status_of(error), error_body(error.code, error.message, error.details), headers)
 
 
-def todo_reply(todo: Todo, status: int = 200, *, location: bool = False) -> Reply:
-    """A command's answer: the todo, its ETag, and where it lives (on create)."""
+def todo_response(todo: Todo, *, created: bool = False) -> Response:
+    """A command's answer: the todo and its ETag; 201 and where it lives for a create, else 200."""
     headers = {"ETag": f'"{todo.version}"'}
-    if location:
+    if created:
         headers["Location"] = f"/todo/{todo.id}"
-    return Reply(status, headers, orjson.dumps(todo.to_dict()))
-
-
-def reply_response(reply: Reply) -> Response:
-    return Response(reply.body, reply.status, reply.headers, JSON)
+    return Response(orjson.dumps(todo.to_dict()), 201 if created else 200, headers, JSON)
 
 
 # --- reading requests --------------------------------------------------------------------------------

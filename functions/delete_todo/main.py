@@ -4,21 +4,28 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from todo_cqrs import bootstrap
 from todo_cqrs.command import handlers
+from todo_cqrs.command.handlers import Commands
 from todo_cqrs.command.idempotency import IdempotencyKey
-from todo_cqrs.http import HttpFunction, if_match_versions, reply_response, todo_reply
-
-handlers.warm_up()
-
-
-async def delete(request: Request, todo_id: int) -> Response:
-    if_match = request.headers.get("if-match")
-    key = IdempotencyKey.of(request.headers.get("idempotency-key"), f"DELETE /todo/{todo_id}", None, if_match)
-    reply = await handlers.delete_todo(todo_id, if_match_versions(request), todo_reply, key)
-    return reply_response(reply)
+from todo_cqrs.http import HttpFunction, if_match_versions, todo_response
+from todo_cqrs.settings import settings
 
 
-function = HttpFunction(item={"DELETE": delete})
+def build(commands: Commands) -> HttpFunction:
+    async def delete(request: Request, todo_id: int) -> Response:
+        if_match = request.headers.get("if-match")
+        key = IdempotencyKey.of(
+            request.headers.get("idempotency-key"), f"DELETE /todo/{todo_id}", None, if_match
+        )
+        result = await handlers.delete_todo(commands, todo_id, if_match_versions(request), key)
+        return todo_response(result.todo)
+
+    return HttpFunction(item={"DELETE": delete})
+
+
+deps = bootstrap.commands(settings())
+function = build(deps)
 
 
 @functions_framework.aio.http

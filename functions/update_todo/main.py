@@ -4,22 +4,29 @@ import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from todo_cqrs import bootstrap
 from todo_cqrs.command import handlers
+from todo_cqrs.command.handlers import Commands
 from todo_cqrs.command.idempotency import IdempotencyKey
-from todo_cqrs.http import HttpFunction, if_match_versions, read_json_object, reply_response, todo_reply
-
-handlers.warm_up()
-
-
-async def update(request: Request, todo_id: int) -> Response:
-    body = await read_json_object(request)
-    if_match = request.headers.get("if-match")
-    key = IdempotencyKey.of(request.headers.get("idempotency-key"), f"PATCH /todo/{todo_id}", body, if_match)
-    reply = await handlers.update_todo(todo_id, body, if_match_versions(request), todo_reply, key)
-    return reply_response(reply)
+from todo_cqrs.http import HttpFunction, if_match_versions, read_json_object, todo_response
+from todo_cqrs.settings import settings
 
 
-function = HttpFunction(item={"PATCH": update})
+def build(commands: Commands) -> HttpFunction:
+    async def update(request: Request, todo_id: int) -> Response:
+        body = await read_json_object(request)
+        if_match = request.headers.get("if-match")
+        key = IdempotencyKey.of(
+            request.headers.get("idempotency-key"), f"PATCH /todo/{todo_id}", body, if_match
+        )
+        result = await handlers.update_todo(commands, todo_id, body, if_match_versions(request), key)
+        return todo_response(result.todo)
+
+    return HttpFunction(item={"PATCH": update})
+
+
+deps = bootstrap.commands(settings())
+function = build(deps)
 
 
 @functions_framework.aio.http

@@ -16,35 +16,19 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Any
 
-import functions_framework.aio
 import pytest
 from starlette.testclient import TestClient
 
-from local.topology import REPO
+from tests.integration.in_process import close_deps, close_this_loop, running_function
 from tests.integration.read_model_ids import DELETED, FINAL_VERSION, HIGH_IDS
 from tests.integration.settings_override import InLoop, Run
-from todo_cqrs.command.handlers import outbox_publisher
-from todo_cqrs.loop_local import close_loop_resources
+from todo_cqrs import bootstrap
+from todo_cqrs.command.handlers import Commands
 from todo_cqrs.projection.handlers import project_event
-
-PUBLISHER_SETTLE_S = 10.0
-
-
-async def settle_outbox_publisher() -> None:
-    """Let this loop's publisher finish what its commands committed (bounded), then stop it, so that
-    nothing is cut off halfway and nothing is left for the flush at exit."""
-    publisher = outbox_publisher.peek()
-    if publisher is not None:
-        await publisher.stop(within_s=PUBLISHER_SETTLE_S)
-
-
-async def close_this_loop() -> None:
-    """Stop this loop's outbox publisher once it is idle, then close everything the loop made."""
-    await settle_outbox_publisher()
-    await close_loop_resources()
+from todo_cqrs.settings import settings
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +50,12 @@ def in_runner(runner: asyncio.Runner) -> InLoop:
     return lambda function: runner.run(function())
 
 
-@contextmanager
-def running_function(name: str) -> Iterator[TestClient]:
-    """functions/<name>/main.py as functions-framework serves it (ASGI), on its own loop in a thread."""
-    app = functions_framework.aio.create_asgi_app(
-        target=name, source=str(REPO / "functions" / name / "main.py")
-    )
-    with TestClient(app) as client:
-        try:
-            yield client
-        finally:
-            client.portal.call(close_this_loop)
+@pytest.fixture(scope="session")
+def commands(run: Run[Any]) -> Iterator[Commands]:
+    """The command side's real dependencies, for the tests' direct calls on the session's loop."""
+    deps = bootstrap.commands(settings())
+    yield deps
+    run(close_deps(deps))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ records keyed by its own ids, so it shares the databases and the topic with anyo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -21,18 +22,20 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
-from tests.integration.settings_override import Run, overridden_setting
-from todo_cqrs.adapters import publisher as publisher_module
-from todo_cqrs.adapters import write_store
-from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S
-from todo_cqrs.adapters.write_store import outbox, todos
+from tests.integration.databases import write_db
+from tests.integration.in_process import deps_of, running_with
+from tests.integration.settings_override import Run
+from todo_cqrs import bootstrap
+from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, Kafka, Publisher
+from todo_cqrs.adapters.write_store import MariaDbUnitOfWork, WriteStore, outbox, todos
 from todo_cqrs.command import handlers
-from todo_cqrs.db import write_engine
-from todo_cqrs.http import todo_reply
+from todo_cqrs.command.handlers import Commands
+from todo_cqrs.db import Database
 from todo_cqrs.loop_local import close_loop_resources
-from todo_cqrs.outbox.leases import outbox_engine
+from todo_cqrs.outbox.leases import outbox_database
+from todo_cqrs.outbox.publisher import ProcessPublisher
 from todo_cqrs.outbox.relay import LEASE_MARGIN_S, Relay, relay_once
-from todo_cqrs.settings import settings
+from todo_cqrs.settings import Settings, settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
@@ -56,7 +59,7 @@ def create_todo(create: TestClient, **fields: Any) -> dict[str, Any]:
 
 
 async def outbox_rows(todo_ids: list[int]) -> list[Any]:
-    async with write_engine().connect() as conn:
+    async with write_db().engine.connect() as conn:
         result = await conn.execute(
             sa.select(outbox).where(outbox.c.todo_id.in_(todo_ids)).order_by(outbox.c.id)
         )
@@ -66,7 +69,7 @@ async def outbox_rows(todo_ids: list[int]) -> list[Any]:
 async def changes_of(todo_ids: list[int]) -> list[Any]:
     """The outbox rows without published_at: what commands wrote (publishing happens in the background)."""
     columns = [column for column in outbox.c if column.name != "published_at"]
-    async with write_engine().connect() as conn:
+    async with write_db().engine.connect() as conn:
         result = await conn.execute(
             sa.select(*columns).where(outbox.c.todo_id.in_(todo_ids)).order_by(outbox.c.id)
         )
@@ -74,12 +77,12 @@ async def changes_of(todo_ids: list[int]) -> list[Any]:
 
 
 async def todo_row(todo_id: int) -> Any:
-    async with write_engine().connect() as conn:
+    async with write_db().engine.connect() as conn:
         return (await conn.execute(sa.select(todos).where(todos.c.id == todo_id))).first()
 
 
 async def database_now() -> datetime:
-    async with write_engine().connect() as conn:
+    async with write_db().engine.connect() as conn:
         now = (await conn.execute(sa.text("SELECT UTC_TIMESTAMP(3)"))).scalar_one()
     return now.replace(tzinfo=UTC)
 
@@ -99,18 +102,18 @@ def published_by_this_process() -> float:
 
 def publish_pending(run: Run[Any]) -> None:
     """Publish whatever is still pending, as `make relay-once` does (waiting out a lease held elsewhere)."""
-    run(relay_once(0.0, wait_s=settings().outbox_lease_s + LEASE_MARGIN_S))
+    run(relay_once(settings(), 0.0, wait_s=settings().outbox_lease_s + LEASE_MARGIN_S))
 
 
 async def pending_rows() -> int:
-    async with write_engine().connect() as conn:
+    async with write_db().engine.connect() as conn:
         query = sa.select(sa.func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
         return int((await conn.execute(query)).scalar_one())
 
 
 def publisher_state(function: TestClient) -> str:
     async def state() -> str:
-        return repr(handlers.outbox_publisher.peek())
+        return repr(deps_of(function).publisher.in_this_loop())
 
     return str(function.portal.call(state))
 
@@ -119,8 +122,8 @@ def publisher_busy(function: TestClient) -> bool:
     """Whether the in-process function's outbox publisher still holds rows (asked in its own loop)."""
 
     async def busy() -> bool:
-        publisher = handlers.outbox_publisher.peek()
-        return publisher is not None and publisher.busy
+        outbox = deps_of(function).publisher.in_this_loop()
+        return outbox is not None and outbox.busy
 
     return bool(function.portal.call(busy))
 
@@ -325,7 +328,7 @@ def test_rejected_create_writes_nothing(run: Run[Any], create: TestClient, body:
 
 async def rows_mentioning(marker: str) -> tuple[int, int]:
     """(todos, outbox rows) whose description or payload holds the marker."""
-    async with write_engine().connect() as conn:
+    async with write_db().engine.connect() as conn:
         in_todos = await conn.execute(sa.select(sa.func.count()).where(todos.c.description == marker))
         in_outbox = await conn.execute(sa.select(sa.func.count()).where(outbox.c.payload.like(f"%{marker}%")))
         return in_todos.scalar_one(), in_outbox.scalar_one()
@@ -366,19 +369,25 @@ def test_update_that_changes_nothing_keeps_the_version_and_emits_no_event(
     assert [row.version for row in run(outbox_rows([todo["id"]]))] == [1]
 
 
-def test_change_rolled_back_after_its_event_was_written_leaves_neither(
-    run: Run[Any], create: TestClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class _FailingAfterTheOutboxInsert(WriteStore):
+    """The MariaDB store, whose units of work fail right after their events went into the outbox."""
+
+    async def run(self, work: Any, trace: Any) -> Any:
+        async def fail_after(uow: MariaDbUnitOfWork) -> Any:
+            await work(uow)
+            await uow.append_events(trace)
+            raise RuntimeError("the transaction fails after the outbox insert")
+
+        return await super().run(fail_after, trace)
+
+
+def test_change_rolled_back_after_its_event_was_written_leaves_neither(run: Run[Any]) -> None:
     marker = f"rolled back {uuid.uuid4()}"
-    real_append = write_store.append_event
-
-    async def append_then_fail(*args: Any) -> tuple[int, int]:
-        await real_append(*args)
-        raise RuntimeError("the transaction fails after the outbox insert")
-
-    monkeypatch.setattr(write_store, "append_event", append_then_fail)
-    response = create.post("/", json={"title": "doomed", "description": marker})
-    monkeypatch.undo()
+    s = settings()
+    real = bootstrap.commands(s)
+    store = _FailingAfterTheOutboxInsert(Database.write(s), s.outbox_shards, s.idempotency_ttl_s)
+    with running_with("create_todo", Commands(store, real.publisher)) as create:
+        response = create.post("/", json={"title": "doomed", "description": marker})
 
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal"
@@ -388,50 +397,47 @@ def test_change_rolled_back_after_its_event_was_written_leaves_neither(
 # --- Kafka down ---------------------------------------------------------------------------------------
 
 
-class KafkaOutage:
-    """This process's producer pointed at a closed port, recording every publish it attempts."""
+class RecordingKafka(Kafka):
+    """The producer of the given settings, recording every publish it attempts."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._monkeypatch = monkeypatch
+    def __init__(self, s: Settings) -> None:
+        super().__init__(s)
         self.attempts: list[tuple[list[int], list[int]]] = []  # (outbox ids asked, outbox ids delivered)
-        monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", CLOSED_PORT)
-        self._reset_clients()
-        dead = publisher_module.publisher()
-        real_publish = dead.publish
 
-        def recording_publish(records: Any, timeout_s: float) -> list[int]:
-            delivered = real_publish(records, timeout_s)
-            self.attempts.append(([r.outbox_id for r in records], delivered))
-            return delivered
+    def __call__(self) -> Publisher:
+        producer = super().__call__()
+        kafka = self
 
-        monkeypatch.setattr(dead, "publish", recording_publish)
-        self.ended = False
+        class Recording:
+            def publish(self, records: Any, timeout_s: float) -> list[int]:
+                delivered = producer.publish(records, timeout_s)
+                kafka.attempts.append(([r.outbox_id for r in records], delivered))
+                return delivered
 
-    @staticmethod
-    def _reset_clients() -> None:
-        settings.cache_clear()
-        publisher_module.reset_publisher()
+        return Recording()  # type: ignore[return-value]
 
     def attempted(self) -> set[int]:
         return {outbox_id for asked, _ in list(self.attempts) for outbox_id in asked}
 
-    def end(self) -> None:
-        """Kafka is back: the real settings and a producer for the real broker (the dead one closed)."""
-        self._monkeypatch.undo()
-        self._reset_clients()
-        self.ended = True
-
 
 def test_commands_succeed_while_kafka_is_down_and_the_relay_publishes_later(
-    run: Run[Any], create: TestClient, update: TestClient, delete: TestClient, monkeypatch: pytest.MonkeyPatch
+    run: Run[Any], create: TestClient
 ) -> None:
     start = topic_end_offsets()
     before = create_todo(create)  # published normally: only its later events meet the outage
     run(wait_until_published([before["id"]]))
     published_before = {row.id for row in run(outbox_rows([before["id"]]))}
 
-    outage = KafkaOutage(monkeypatch)
-    try:
+    # The command functions of one process whose producer is pointed at a closed port.
+    s = dataclasses.replace(settings(), kafka_bootstrap_servers=CLOSED_PORT)
+    outage = RecordingKafka(s)
+    publisher = ProcessPublisher(outage, outbox_database(s), s.publish_timeout_s)
+    deps = Commands(bootstrap.commands(s).store, publisher)
+    with (
+        running_with("create_todo", deps) as create,
+        running_with("update_todo", deps) as update,
+        running_with("delete_todo", deps) as delete,
+    ):
         created = create.post("/", json={"title": "during the outage"})
         updated = update.patch(f"/{created.json()['id']}", json={"status": "FINISHED"})
         also_updated = update.patch(f"/{before['id']}", json={"title": "changed during the outage"})
@@ -457,10 +463,7 @@ def test_commands_succeed_while_kafka_is_down_and_the_relay_publishes_later(
         assert all(delivered == [] for _, delivered in outage.attempts)
         assert all(row.published_at is None for row in outage_rows), "marked published while Kafka was down"
         assert outage.attempted() <= outage_ids
-        outage.end()
-    finally:
-        if not outage.ended:
-            outage.end()
+    outage.close()
 
     publish_pending(run)
     publish_pending(run)  # a second drain finds nothing of ours to publish again
@@ -515,15 +518,19 @@ class _PublisherOfAProcessThatDied:
     def committed(self, record: object, after: int | None) -> None:
         pass
 
+    async def aclose(self) -> None:
+        pass
+
 
 def test_concurrent_drains_in_several_processes_publish_each_event_once_in_version_order(
-    run: Run[Any], monkeypatch: pytest.MonkeyPatch
+    run: Run[Any], commands: Commands
 ) -> None:
     """Relays of four processes (a thread each, with its own event loop, pools and Kafka producer) drain
     while the commands commit, in small batches: the shards' leases change hands all the time."""
     start = topic_end_offsets()
     processes, todo_count, updates = 4, 6, 15
-    monkeypatch.setattr(handlers, "outbox_publisher", _PublisherOfAProcessThatDied)
+    dying = Commands(commands.store, _PublisherOfAProcessThatDied())
+    s = dataclasses.replace(settings(), relay_batch_size=4)
     # Each simulated process has its own event loop (and so its own pools) and its own Kafka producer,
     # made and connected when the process starts, as a function's warm_up() does at its cold start.
     producers = threading.local()
@@ -535,7 +542,7 @@ def test_concurrent_drains_in_several_processes_publish_each_event_once_in_versi
         """A relay's loop: drain every shard whose lease is free, until the writes ended and nothing is
         pending."""
         deadline = time.monotonic() + 60
-        relay = Relay(outbox_engine(settings()), producers.current, settings(), min_age_s=0.0)
+        relay = Relay(outbox_database(s), lambda: producers.current, s, min_age_s=0.0)
         try:
             while time.monotonic() < deadline:
                 writes_ended = writing_done.is_set()
@@ -548,8 +555,7 @@ def test_concurrent_drains_in_several_processes_publish_each_event_once_in_versi
             await close_loop_resources()
 
     def process() -> None:
-        s = settings()
-        producers.current = publisher_module.Publisher(s.kafka_bootstrap_servers, s.topic, s.event_source)
+        producers.current = Publisher(s)
         try:
             producers.current._producer.list_topics(s.topic, timeout=10)  # connected to the broker
             started.wait()
@@ -561,26 +567,25 @@ def test_concurrent_drains_in_several_processes_publish_each_event_once_in_versi
 
     async def write_changes() -> list[int]:
         replies = await asyncio.gather(
-            *(handlers.create_todo({"title": f"drained {n}"}, todo_reply) for n in range(todo_count))
+            *(handlers.create_todo(dying, {"title": f"drained {n}"}) for n in range(todo_count))
         )
-        todo_ids = [json.loads(reply.body)["id"] for reply in replies]
+        todo_ids = [result.todo.id for result in replies]
         for round_ in range(updates):  # one todo's changes one after another, the todos' side by side
             await asyncio.gather(
-                *(handlers.update_todo(i, {"title": f"round {round_}"}, None, todo_reply) for i in todo_ids)
+                *(handlers.update_todo(dying, i, {"title": f"round {round_}"}, None) for i in todo_ids)
             )
         return todo_ids
 
-    with overridden_setting("RELAY_BATCH_SIZE", "4"):
-        threads = [threading.Thread(target=process) for _ in range(processes)]
+    threads = [threading.Thread(target=process) for _ in range(processes)]
+    for thread in threads:
+        thread.start()
+    try:
+        started.wait()
+        todo_ids = run(write_changes())
+    finally:
+        writing_done.set()
         for thread in threads:
-            thread.start()
-        try:
-            started.wait()
-            todo_ids = run(write_changes())
-        finally:
-            writing_done.set()
-            for thread in threads:
-                thread.join(timeout=90)
+            thread.join(timeout=90)
 
     assert not failures, failures
     assert not any(thread.is_alive() for thread in threads)

@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from starlette.testclient import TestClient
 
 from local.sync_db import write_db
-from todo_cqrs import db
-from todo_cqrs.adapters.write_store import idempotency_keys, outbox, todos
-from todo_cqrs.command import idempotency
+from todo_cqrs.adapters.write_store import MariaDbUnitOfWork, WriteStore, idempotency_keys, outbox, todos
 from todo_cqrs.command.idempotency import IdempotencyKey
+from todo_cqrs.db import Database
+from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
@@ -49,6 +49,10 @@ def test_the_same_key_with_another_body_is_422_and_writes_nothing(create: TestCl
     assert count(todos, todos.c.title == title) == 0
 
 
+class RolledBack(Exception):
+    pass
+
+
 def test_a_key_held_by_a_transaction_in_flight_answers_409_then_works_once_it_is_gone(
     create: TestClient,
 ) -> None:
@@ -60,15 +64,20 @@ def test_a_key_held_by_a_transaction_in_flight_answers_409_then_works_once_it_is
 
     async def first_request_in_flight() -> None:
         # A first request with this key, mid-transaction (its row taken, not committed), then rolled back.
-        engine = db.create_engine(db.settings().write_db_url, isolation_level="READ COMMITTED")
+        s = settings()
+        store = WriteStore(Database.write(s), s.outbox_shards, s.idempotency_ttl_s)
+
+        async def claim_then_fail(uow: MariaDbUnitOfWork) -> None:
+            assert await uow.claim(key) is None
+            holding.set()
+            await asyncio.to_thread(release.wait, 10)
+            raise RolledBack
+
         try:
-            async with engine.connect() as conn, conn.begin():
-                assert await idempotency.claim(conn, key) is None
-                holding.set()
-                await asyncio.to_thread(release.wait, 10)
-                await conn.rollback()
+            with pytest.raises(RolledBack):
+                await store.run(claim_then_fail, None)
         finally:
-            await engine.dispose()
+            await store.aclose()
 
     first = threading.Thread(target=asyncio.run, args=(first_request_in_flight(),))
     first.start()
@@ -138,3 +147,18 @@ def test_a_repeated_patch_answers_the_first_answer_and_bumps_the_version_once(
     assert first.status_code == again.status_code == 200
     assert again.content == first.content and first.json()["version"] == 2
     assert count(outbox, outbox.c.todo_id == todo["id"]) == 2  # created + one update
+
+
+def test_a_repeated_delete_answers_the_first_answer_and_deletes_once(
+    create: TestClient, delete: TestClient
+) -> None:
+    todo = create.post("/", json={"title": f"delete me {uuid.uuid4()}"}).json()
+    key = {"Idempotency-Key": f"key-{uuid.uuid4()}"}
+    first = delete.delete(f"/{todo['id']}", headers=key)
+    again = delete.delete(f"/todo/{todo['id']}", headers=key)
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content and again.headers["ETag"] == first.headers["ETag"] == '"1"'
+    assert count(todos, todos.c.id == todo["id"]) == 0
+    assert count(outbox, outbox.c.todo_id == todo["id"]) == 2  # created + one delete
+    gone = delete.delete(f"/{todo['id']}")  # without the key: the todo is gone
+    assert gone.status_code == 404

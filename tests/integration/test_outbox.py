@@ -32,10 +32,10 @@ from tests.integration.test_command_side import (
     records_since,
     topic_end_offsets,
 )
-from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, publisher
+from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, Kafka
 from todo_cqrs.adapters.write_store import outbox, outbox_leases
 from todo_cqrs.outbox import leases
-from todo_cqrs.outbox.leases import outbox_engine
+from todo_cqrs.outbox.leases import outbox_database
 from todo_cqrs.outbox.relay import Relay
 from todo_cqrs.settings import settings
 
@@ -44,13 +44,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 HOLD_ALL_SHARDS = """
 import asyncio, sys
 from todo_cqrs.outbox import leases
-from todo_cqrs.outbox.leases import outbox_engine
+from todo_cqrs.outbox.leases import outbox_database
 from todo_cqrs.settings import settings
 
 async def hold() -> None:
-    engine = outbox_engine(settings())
+    database = outbox_database(settings())
     shards = [int(a) for a in sys.argv[1:]] or range(settings().outbox_shards)
-    held = [await leases.acquire(engine, shard, settings().outbox_lease_s) for shard in shards]
+    held = [await leases.acquire(database, shard, settings().outbox_lease_s) for shard in shards]
     print("held" if all(held) else "busy", flush=True)
     await asyncio.sleep(3600)
 
@@ -59,13 +59,14 @@ asyncio.run(hold())
 
 # A command process that dies right after its commit, before its publisher ever ran.
 CREATE_THEN_DIE = """
-import asyncio, json, os, sys
+import asyncio, os, sys
+from todo_cqrs import bootstrap
 from todo_cqrs.command import handlers
-from todo_cqrs.http import todo_reply
+from todo_cqrs.settings import settings
 
 async def create() -> None:
-    reply = await handlers.create_todo({"title": sys.argv[1]}, todo_reply)
-    print(json.loads(reply.body)["id"], flush=True)
+    result = await handlers.create_todo(bootstrap.commands(settings()), {"title": sys.argv[1]})
+    print(result.todo.id, flush=True)
     os._exit(0)
 
 asyncio.run(create())
@@ -82,9 +83,11 @@ def loop() -> Iterator[asyncio.Runner]:
 def relay(loop: asyncio.Runner) -> Iterator[Relay]:
     """The relay's tick, as relay_outbox runs it: orphans only."""
     s = settings()
-    made = Relay(outbox_engine(s), publisher(), s, min_age_s=s.outbox_orphan_s)
+    kafka = Kafka(s)
+    made = Relay(outbox_database(s), kafka, s, min_age_s=s.outbox_orphan_s)
     yield made
     loop.run(made.aclose())
+    kafka.close()
 
 
 @contextlib.contextmanager
@@ -199,22 +202,22 @@ def test_a_live_holder_keeps_its_shard_and_a_released_one_is_free_at_once(
     loop: asyncio.Runner, relay: Relay
 ) -> None:
     free_every_lease()
-    engine, length_s = relay.engine, settings().outbox_lease_s
-    first = loop.run(leases.acquire(engine, 0, length_s))
+    database, length_s = relay.database, settings().outbox_lease_s
+    first = loop.run(leases.acquire(database, 0, length_s))
     assert first is not None
-    assert loop.run(leases.acquire(engine, 0, length_s)) is None  # held and not expired
-    assert loop.run(leases.renew(engine, first))
-    loop.run(leases.release(engine, first))
-    second = loop.run(leases.acquire(engine, 0, length_s))
+    assert loop.run(leases.acquire(database, 0, length_s)) is None  # held and not expired
+    assert loop.run(leases.renew(database, first))
+    loop.run(leases.release(database, first))
+    second = loop.run(leases.acquire(database, 0, length_s))
     assert second is not None and second.holder != first.holder
-    loop.run(leases.release(engine, second))
+    loop.run(leases.release(database, second))
 
 
 def test_a_holder_whose_lease_was_taken_over_cannot_mark_rows_published(
     loop: asyncio.Runner, relay: Relay, create: TestClient
 ) -> None:
     free_every_lease()
-    engine, length_s = relay.engine, settings().outbox_lease_s
+    database, length_s = relay.database, settings().outbox_lease_s
     todo_id = create.post("/", json={"title": f"fenced {uuid.uuid4()}"}).json()["id"]
     wait_until_published(todo_id, bound_s=10)
     shard = todo_id % settings().outbox_shards
@@ -224,7 +227,7 @@ def test_a_holder_whose_lease_was_taken_over_cannot_mark_rows_published(
             .where(outbox.c.todo_id == todo_id)
             .values(published_at=None, occurred_at=sa.text("UTC_TIMESTAMP(3) - INTERVAL 1 HOUR"))
         )
-    old = loop.run(leases.acquire(engine, shard, length_s))
+    old = loop.run(leases.acquire(database, shard, length_s))
     assert old is not None
     with write_db().begin() as conn:  # its holder froze: the lease ran out
         conn.execute(
@@ -232,13 +235,13 @@ def test_a_holder_whose_lease_was_taken_over_cannot_mark_rows_published(
             .where(outbox_leases.c.shard == shard)
             .values(expires_at=sa.text("UTC_TIMESTAMP(3) - INTERVAL 1 SECOND"))
         )
-    new = loop.run(leases.acquire(engine, shard, length_s))
+    new = loop.run(leases.acquire(database, shard, length_s))
     assert new is not None
     with write_db().connect() as conn:
         row_ids = [r.id for r in conn.execute(sa.select(outbox.c.id).where(outbox.c.todo_id == todo_id))]
     assert loop.run(relay.mark_published(old, row_ids)) == 0  # fenced off
-    assert not loop.run(leases.renew(engine, old))
+    assert not loop.run(leases.renew(database, old))
     drained = loop.run(relay.drain_leased(new))
-    loop.run(leases.release(engine, new))
+    loop.run(leases.release(database, new))
     assert drained.complete and drained.published >= 1
     assert all(mark is not None for mark in published_at(todo_id))

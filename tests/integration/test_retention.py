@@ -10,8 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from local.sync_db import write_db
+from tests.integration.databases import write_db as write_database
 from tests.integration.settings_override import Run
-from todo_cqrs.command.idempotency import purge_expired
+from todo_cqrs.adapters.write_store import WriteStore
 from todo_cqrs.reconcile.retention import prune_published_outbox
 from todo_cqrs.reconcile.service import batch_engine
 from todo_cqrs.settings import settings
@@ -36,7 +37,8 @@ def test_expired_keys_are_purged_in_batches_until_none_is_left_and_live_keys_sta
         )
         conn.execute(live, {"key": f"{tag}-live"})
 
-    deleted = run(purge_expired())
+    s = settings()
+    deleted = run(WriteStore(write_database(), s.outbox_shards, s.idempotency_ttl_s).purge_expired_keys())
 
     assert deleted >= 2500  # more than two batches of 1,000 in one tick
     with write_db().connect() as conn:

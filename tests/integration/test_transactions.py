@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from local import services
+from tests.integration.databases import write_db
 from tests.integration.settings_override import Run
-from todo_cqrs import db
 from todo_cqrs.adapters.write_store import todos
 from todo_cqrs.domain.errors import DependencyUnavailable
 
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
 
 async def titled(title: str) -> int:
-    async with db.write_engine().connect() as conn:
+    async with write_db().engine.connect() as conn:
         query = sa.select(sa.func.count()).select_from(todos).where(todos.c.title == title)
         return int((await conn.execute(query)).scalar_one())
 
@@ -39,12 +39,12 @@ async def insert_todo(conn: AsyncConnection, title: str) -> None:
 
 
 async def in_a_transaction(work: Callable[[AsyncConnection], Awaitable[None]]) -> None:
-    await db.run_in_transaction(db.write_engine(), "write", work)
+    await write_db().run_in_transaction(work)
 
 
 def test_a_commit_waiting_for_a_frozen_database_is_not_cut_off_by_the_deadline(run: Run[Any]) -> None:
     title = f"committed after a freeze {uuid.uuid4()}"
-    frozen_s = db.deadline_s() + 1.0
+    frozen_s = write_db().deadline_s + 1.0
     thawed = threading.Event()
 
     async def insert_then_freeze(conn: AsyncConnection) -> None:
@@ -66,7 +66,7 @@ def test_statements_that_outlast_the_deadline_answer_503_and_write_nothing(run: 
 
     async def insert_then_wait_too_long(conn: AsyncConnection) -> None:
         await insert_todo(conn, title)
-        await conn.execute(sa.text("SELECT SLEEP(:s)"), {"s": db.deadline_s() + 1})
+        await conn.execute(sa.text("SELECT SLEEP(:s)"), {"s": write_db().deadline_s + 1})
 
     with pytest.raises(DependencyUnavailable):
         run(in_a_transaction(insert_then_wait_too_long))

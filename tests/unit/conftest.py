@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from tests.unit.fakes import FakeWriteStore, PublishRecorder, function_client
+from tests.unit.fakes import FakeWriteStore, PublishRecorder, client_of, function_client, load_main
 from todo_cqrs import logs
+from todo_cqrs.command.handlers import Commands
 from todo_cqrs.dead_letter.store import from_settings
 from todo_cqrs.settings import settings
 
@@ -54,20 +55,33 @@ def written_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     logs.flush()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(request: pytest.FixtureRequest) -> Iterator[TestClient]:
-    """The module's function (named by its FUNCTION), through functions-framework's own ASGI app."""
-    with function_client(request.module.FUNCTION) as test_client:
+    """The module's function (named by its FUNCTION), built by its main.py's `build` with the fakes of the
+    fixture its DEPS names; without DEPS, functions-framework's own app of the real main.py."""
+    deps = getattr(request.module, "DEPS", None)
+    if deps is None:
+        with function_client(request.module.FUNCTION) as test_client:
+            yield test_client
+        return
+    function = load_main(request.module.FUNCTION).build(request.getfixturevalue(deps))
+    with client_of(function) as test_client:
         yield test_client
 
 
 @pytest.fixture
-def store(monkeypatch: pytest.MonkeyPatch) -> FakeWriteStore:
+def store() -> FakeWriteStore:
     """A fake write store (todos, outbox, idempotency keys in memory) in place of the write database."""
-    return FakeWriteStore().install(monkeypatch)
+    return FakeWriteStore()
 
 
 @pytest.fixture
-def published(monkeypatch: pytest.MonkeyPatch) -> PublishRecorder:
+def published() -> PublishRecorder:
     """A fake outbox publisher that records the commands' commits instead of draining to Kafka."""
-    return PublishRecorder().install(monkeypatch)
+    return PublishRecorder()
+
+
+@pytest.fixture
+def commands(store: FakeWriteStore, published: PublishRecorder) -> Commands:
+    """A command function's dependencies: the fake store and publisher (DEPS = "commands")."""
+    return Commands(store, published)

@@ -16,13 +16,13 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import functions_framework.aio
 import orjson
@@ -33,22 +33,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from todo_cqrs import dead_letter, logs
-from todo_cqrs.adapters import write_store
-from todo_cqrs.adapters.cache import CachedTodo, CacheUnavailable
+from tests.unit.fakes_read import FakeCache, FakeDeadLetterStore, FakeReadStore, FakeVersionWatch
+from todo_cqrs import logs
 from todo_cqrs.adapters.publisher import OutboxRecord
-from todo_cqrs.command import handlers as command_handlers
 from todo_cqrs.command import idempotency
-from todo_cqrs.command.idempotency import IdempotencyKey, Reply
-from todo_cqrs.dead_letter.store import DeadLetter
+from todo_cqrs.command.handlers import Commands
+from todo_cqrs.command.idempotency import IdempotencyKey
+from todo_cqrs.command.unit_of_work import Locked, Outcome, Stored, ToPublish
 from todo_cqrs.domain.errors import DependencyUnavailable
-from todo_cqrs.domain.events import Change, TodoEvent
+from todo_cqrs.domain.events import TodoEvent
 from todo_cqrs.domain.todo import NewTodo, Status, Todo
-from todo_cqrs.outbox import relay
-from todo_cqrs.projection import handlers as projection_handlers
-from todo_cqrs.query import handlers as query_handlers
 from todo_cqrs.tracing import TraceContext
 
+T = TypeVar("T")
 FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
 HTTP_FUNCTIONS = ("create_todo", "update_todo", "delete_todo", "get_todos", "relay_outbox")
 EVENT_SINKS = ("project_event", "dead_letter")
@@ -162,39 +159,134 @@ def log_lines(capfd: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
 # --- command side -------------------------------------------------------------------------------
 
 
-class FakeConnection:
-    """Stands for the write-DB connection of one fake transaction, with its undo log."""
-
-    def __init__(self) -> None:
-        self.undo: list[Callable[[], None]] = []
-
-
 @dataclass
 class OutboxRow:
     outbox_id: int
     shard: int
     event: TodoEvent
     trace: TraceContext | None
+    published: bool = False
 
 
 @dataclass
 class StoredKey:
-    """An idempotency_keys row: the request's fingerprint, its reply once stored, and the transaction
+    """An idempotency_keys row: the request's fingerprint, its outcome once kept, and the unit of work
     that holds the row until it commits (None once committed)."""
 
-    fingerprint: bytes
-    reply: Reply | None
-    holder: FakeConnection | None
+    fingerprint: str
+    stored: Stored | None
+    holder: FakeUnitOfWork | None
+
+
+class FakeUnitOfWork:
+    """One transaction of the fake write store, with its undo log (todo_cqrs/command/unit_of_work.py)."""
+
+    def __init__(self, store: FakeWriteStore) -> None:
+        self._store = store
+        self.undo: list[Callable[[], None]] = []
+        self.events: list[tuple[TodoEvent, int | None]] = []
+        self.pending: dict[int, int | None] = {}
+        self.open = True
+
+    def _step(self, name: str) -> None:
+        assert self.open, "a write outside its unit of work"
+        self._store.maybe_fail(name)
+
+    async def claim(self, key: IdempotencyKey) -> Stored | None:
+        self._step("claim")
+        keys = self._store.keys
+        held = keys.get(key.key_hash)
+        if key.key_hash in self._store.held_elsewhere or (
+            held is not None and held.holder not in (None, self)
+        ):
+            raise idempotency.in_flight()
+        if held is None:
+            keys[key.key_hash] = StoredKey(key.fingerprint, None, self)
+            self.undo.append(lambda: keys.pop(key.key_hash, None))
+            return None
+        if held.fingerprint != key.fingerprint:
+            raise idempotency.reused()
+        if held.stored is None:
+            raise idempotency.in_flight()
+        return held.stored
+
+    async def keep(self, key: IdempotencyKey, outcome: Outcome, todo: Todo) -> None:
+        self._step("keep")
+        held = self._store.keys[key.key_hash]
+        assert held.holder is self, "an outcome kept under a key this unit of work did not claim"
+        # As the real table keeps it: the todo as JSON, read back.
+        held.stored = Stored(outcome, Todo.from_dict(orjson.loads(orjson.dumps(todo.to_dict()))))
+
+    async def insert(self, new: NewTodo) -> Todo:
+        self._step("insert")
+        await self._store.maybe_wait()
+        store = self._store
+        todo_id, store.next_id = store.next_id, store.next_id + 1  # auto-increment: not given back
+        todo = new.created(todo_id, store.now)
+        store.todos[todo_id] = todo
+        self.undo.append(lambda: store.todos.pop(todo_id, None))
+        return todo
+
+    async def lock(self, todo_id: int) -> Locked | None:
+        self._step("lock")
+        todo = self._store.todos.get(todo_id)
+        if todo is None:
+            return None
+        pending = [
+            row.outbox_id for row in self._store.outbox if row.event.todo_id == todo_id and not row.published
+        ]
+        self.pending[todo_id] = max(pending, default=None)
+        return Locked(todo, self._store.now)
+
+    async def save(self, todo: Todo) -> None:
+        self._step("save")
+        todos = self._store.todos
+        before = todos[todo.id]  # a save of a todo that is not in the table is a bug
+        todos[todo.id] = todo
+        self.undo.append(lambda: todos.__setitem__(todo.id, before))
+
+    async def delete(self, todo_id: int) -> None:
+        self._step("delete")
+        todos = self._store.todos
+        before = todos.pop(todo_id, None)
+        if before is not None:
+            self.undo.append(lambda: todos.__setitem__(todo_id, before))
+
+    def add_event(self, event: TodoEvent) -> None:
+        assert self.open, "an event outside its unit of work"
+        self.events.append((event, self.pending.get(event.todo_id)))
+
+    def append_events(self, trace: TraceContext | None) -> list[ToPublish]:
+        self._step("append_events")
+        store = self._store
+        appended = []
+        for event, after in self.events:
+            row = OutboxRow(store.next_outbox_id, event.todo_id % store.SHARDS, event, trace)
+            store.next_outbox_id += 1
+            store.outbox.append(row)
+            self.undo.append(lambda row=row: store.outbox.remove(row))  # type: ignore[misc]
+            record = OutboxRecord(
+                row.outbox_id,
+                event.event_id,
+                event.type,
+                event.todo_id,
+                event.time,
+                event.payload.decode(),
+                trace.traceparent if trace else None,
+                trace.tracestate if trace else None,
+            )
+            appended.append(ToPublish(record, after))
+        return appended
 
 
 class FakeWriteStore:
     """A fake write database, in memory, no service: the todos table, the outbox, the idempotency keys,
-    and the database's clock (`now`), with transactions that roll back every change on failure.
+    and the database's clock (`now`), with units of work that roll back every change on failure.
 
-    Every write must happen inside `run_in_transaction` with its connection, as against the real store.
-    Idempotency keys follow todo_cqrs/command/idempotency.py: a key another transaction holds (or one
-    `hold_key` marks as held by another process) is in flight (409); a committed key answers its
-    stored reply for the same fingerprint, IdempotencyKeyReused (422) for another.
+    It keeps the rules of the MariaDB store (tests/contract/test_write_store_contract.py runs the same
+    cases on both): a key another unit of work holds (or one `hold_key` marks as held by another
+    process) is in flight (409); a committed key gives its stored outcome for the same fingerprint,
+    IdempotencyKeyReused (422) for another; an event follows its todo's newest unpublished row.
     """
 
     SHARDS = 3
@@ -202,26 +294,18 @@ class FakeWriteStore:
     def __init__(self) -> None:
         self.todos: dict[int, Todo] = {}
         self.outbox: list[OutboxRow] = []
-        self.keys: dict[bytes, StoredKey] = {}
+        self.keys: dict[str, StoredKey] = {}
         self.next_id = 1
         self.next_outbox_id = 1
         self.now = T0 + timedelta(minutes=5)
         self.unreachable = False
         self.fail_in: str | None = None  # the name of a step that raises DependencyUnavailable
         self.transactions = 0
-        self._open: set[FakeConnection] = set()
-        self._held_elsewhere: set[bytes] = set()
+        self.expired_keys = 0  # deleted by the next purge
+        self.held_elsewhere: set[str] = set()
         self._gate: asyncio.Event | None = None
         self.gate_reached = threading.Event()
         self.gated = False
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeWriteStore:
-        for name in ("run_in_transaction", "load_for_update", "insert_todo", "save_todo", "delete_todo"):
-            monkeypatch.setattr(write_store, name, getattr(self, name))
-        monkeypatch.setattr(write_store, "append_event", self.append_event)
-        monkeypatch.setattr(idempotency, "claim", self.claim)
-        monkeypatch.setattr(idempotency, "store", self.store_reply)
-        return self
 
     def seed(self, todo: Todo) -> Todo:
         self.todos[todo.id] = todo
@@ -232,12 +316,18 @@ class FakeWriteStore:
     def events(self) -> list[TodoEvent]:
         return [row.event for row in self.outbox]
 
+    def mark_published(self, outbox_ids: Iterable[int]) -> None:
+        ids = set(outbox_ids)
+        for row in self.outbox:
+            if row.outbox_id in ids:
+                row.published = True
+
     def hold_key(self, key: str) -> None:
         """Another process's request with this key is in flight (its transaction holds the key's row)."""
-        self._held_elsewhere.add(IdempotencyKey.of(key, "", None, None).key_hash)  # type: ignore[union-attr]
+        self.held_elsewhere.add(IdempotencyKey.of(key, "", None, None).key_hash)  # type: ignore[union-attr]
 
     def pause_inside_transactions(self) -> None:
-        """Make the next transactions wait, just after their first step, until `resume` (called on the
+        """Make the next units of work wait, just after their first step, until `resume` (called on the
         app's event loop); `gate_reached` is set when one is waiting."""
         self.gated = True
 
@@ -246,115 +336,54 @@ class FakeWriteStore:
         if self._gate is not None:
             self._gate.set()
 
-    def _check(self, conn: Any) -> None:
-        assert isinstance(conn, FakeConnection) and conn in self._open, "write outside a transaction"
-
-    def _maybe_fail(self, step: str) -> None:
+    def maybe_fail(self, step: str) -> None:
         if self.fail_in == step:
             raise DependencyUnavailable(
                 "the write database is unreachable",
                 cause=ConnectionResetError(f"fake write DB died in {step}"),
             )
 
-    async def _maybe_wait(self) -> None:
+    async def maybe_wait(self) -> None:
         if self.gated:
             if self._gate is None:
                 self._gate = asyncio.Event()
             self.gate_reached.set()
             await self._gate.wait()
 
-    async def run_in_transaction(self, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def run(
+        self, work: Callable[[FakeUnitOfWork], Awaitable[T]], trace: TraceContext | None
+    ) -> tuple[T, list[ToPublish]]:
         if self.unreachable:
             raise DependencyUnavailable(
                 "the write database is unreachable", cause=ConnectionRefusedError("fake write DB is down")
             )
-        conn = FakeConnection()
-        self._open.add(conn)
+        uow = FakeUnitOfWork(self)
         self.transactions += 1
         try:
-            result = await work(conn)
-            self._maybe_fail("commit")
+            result = await work(uow)
+            appended = uow.append_events(trace)
+            self.maybe_fail("commit")
         except BaseException:
-            for undo in reversed(conn.undo):
+            for undo in reversed(uow.undo):
                 undo()
             raise
-        else:
-            for stored in self.keys.values():
-                if stored.holder is conn:
-                    stored.holder = None
-            return result
         finally:
-            self._open.discard(conn)
+            uow.open = False
+        for held in self.keys.values():
+            if held.holder is uow:
+                held.holder = None
+        return result, appended
 
-    async def load_for_update(self, conn: Any, todo_id: int) -> write_store.Locked | None:
-        self._check(conn)
-        self._maybe_fail("load_for_update")
-        todo = self.todos.get(todo_id)
-        return write_store.Locked(todo, self.now, None) if todo is not None else None
+    async def purge_expired_keys(self, budget_s: float = 2.0) -> int:
+        if self.unreachable:
+            raise DependencyUnavailable(
+                "the write database is unreachable", cause=ConnectionRefusedError("fake write DB is down")
+            )
+        expired, self.expired_keys = self.expired_keys, 0
+        return expired
 
-    async def insert_todo(self, conn: Any, new: NewTodo) -> Todo:
-        self._check(conn)
-        self._maybe_fail("insert_todo")
-        await self._maybe_wait()
-        todo_id, self.next_id = self.next_id, self.next_id + 1  # auto-increment: not given back on rollback
-        todo = new.created(todo_id, self.now)
-        self.todos[todo_id] = todo
-        conn.undo.append(lambda: self.todos.pop(todo_id, None))
-        return todo
-
-    async def save_todo(self, conn: Any, todo: Todo) -> None:
-        self._check(conn)
-        self._maybe_fail("save_todo")
-        before = self.todos[todo.id]  # a save of a todo that is not in the table is a bug
-        self.todos[todo.id] = todo
-        conn.undo.append(lambda: self.todos.__setitem__(todo.id, before))
-
-    async def delete_todo(self, conn: Any, todo_id: int) -> None:
-        self._check(conn)
-        self._maybe_fail("delete_todo")
-        before = self.todos.pop(todo_id, None)
-        if before is not None:
-            conn.undo.append(lambda: self.todos.__setitem__(todo_id, before))
-
-    async def append_event(self, conn: Any, event: TodoEvent, trace: TraceContext | None) -> OutboxRecord:
-        self._check(conn)
-        self._maybe_fail("append_event")
-        row = OutboxRow(self.next_outbox_id, event.todo_id % self.SHARDS, event, trace)
-        self.next_outbox_id += 1
-        self.outbox.append(row)
-        conn.undo.append(lambda: self.outbox.remove(row))
-        return OutboxRecord(
-            row.outbox_id,
-            event.event_id,
-            event.type,
-            event.todo_id,
-            event.time,
-            event.payload.decode(),
-            trace.traceparent if trace else None,
-            trace.tracestate if trace else None,
-        )
-
-    async def claim(self, conn: Any, key: IdempotencyKey) -> Reply | None:
-        self._check(conn)
-        stored = self.keys.get(key.key_hash)
-        if key.key_hash in self._held_elsewhere or (stored is not None and stored.holder not in (None, conn)):
-            raise idempotency.in_flight()
-        if stored is None:
-            self.keys[key.key_hash] = StoredKey(key.fingerprint, None, conn)
-            conn.undo.append(lambda: self.keys.pop(key.key_hash, None))
-            return None
-        if stored.fingerprint != key.fingerprint:
-            raise idempotency.reused()
-        if stored.reply is None:
-            raise idempotency.in_flight()
-        return stored.reply
-
-    async def store_reply(self, conn: Any, key: IdempotencyKey, reply: Reply) -> None:
-        self._check(conn)
-        stored = self.keys[key.key_hash]
-        assert stored.holder is conn, "a reply stored under a key this transaction did not claim"
-        # As the real table keeps it: headers as JSON text, the body as bytes.
-        stored.reply = Reply(reply.status, orjson.loads(orjson.dumps(reply.headers)), bytes(reply.body))
+    async def aclose(self) -> None:
+        pass
 
 
 @dataclass
@@ -364,10 +393,6 @@ class PublishRecorder:
 
     committed_rows: list[tuple[int, int | None]] = field(default_factory=list)
 
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> PublishRecorder:
-        monkeypatch.setattr(command_handlers, "outbox_publisher", lambda: self)
-        return self
-
     @property
     def calls(self) -> int:
         return len(self.committed_rows)
@@ -375,236 +400,13 @@ class PublishRecorder:
     def committed(self, record: OutboxRecord, after: int | None) -> None:
         self.committed_rows.append((record.outbox_id, after))
 
-
-# --- query side and event path ------------------------------------------------------------------
-
-
-@dataclass
-class FakeReadModel:
-    """A fake read database, in memory, no service: projected todos and tombstones by id, as `get_row`,
-    `list_rows` (query side) and `apply_change` (projection) see them.
-
-    `arrive_after(n, change)` lets a projection land after n reads, for the polling min_version wait;
-    `fail_with` makes every statement raise that exception (a DataError, a dead server...).
-    """
-
-    rows: dict[int, tuple[Todo | None, int]] = field(default_factory=dict)
-    unreachable: bool = False
-    fail_with: BaseException | None = None
-    reads: int = 0
-    row_lookups: list[int] = field(default_factory=list)
-    list_queries: list[tuple[Status | None, int, int]] = field(default_factory=list)
-    applied: list[tuple[Change, datetime]] = field(default_factory=list)
-    _arrivals: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeReadModel:
-        for module in (query_handlers, projection_handlers):
-            monkeypatch.setattr(module, "read_connection", self.read_connection)
-        monkeypatch.setattr(query_handlers, "get_row", self.get_row)
-        monkeypatch.setattr(query_handlers, "list_rows", self.list_rows)
-        monkeypatch.setattr(projection_handlers, "apply_change", self.apply_change)
-        monkeypatch.setattr(projection_handlers, "apply_changes", self.apply_changes)
-        return self
-
-    def put(self, todo: Todo) -> Todo:
-        self.rows[todo.id] = (todo, todo.version)
-        return todo
-
-    def tombstone(self, todo_id: int, version: int) -> None:
-        self.rows[todo_id] = (None, version)
-
-    def version_of(self, todo_id: int) -> int | None:
-        return self.rows[todo_id][1] if todo_id in self.rows else None
-
-    def arrive_after(self, reads: int, change: Callable[[], None]) -> None:
-        self._arrivals.append((reads, change))
-
-    @asynccontextmanager
-    async def read_connection(self) -> AsyncIterator[object]:
-        if self.unreachable:
-            raise DependencyUnavailable(
-                "the read database is unreachable", cause=ConnectionRefusedError("fake read DB is down")
-            )
-        for due, change in [a for a in self._arrivals if a[0] <= self.reads]:
-            change()
-            self._arrivals.remove((due, change))
-        self.reads += 1
-        yield object()
-
-    def _statement(self) -> None:
-        if self.fail_with is not None:
-            raise self.fail_with
-
-    async def get_row(self, conn: object, todo_id: int) -> tuple[Todo | None, int | None]:
-        self._statement()
-        self.row_lookups.append(todo_id)
-        return self.rows.get(todo_id, (None, None))
-
-    async def list_rows(self, conn: object, status: Status | None, after_id: int, limit: int) -> list[Todo]:
-        self._statement()
-        self.list_queries.append((status, after_id, limit))
-        live = sorted((t for t, _ in self.rows.values() if t is not None), key=lambda t: t.id)
-        return [t for t in live if t.id > after_id and (status is None or t.status == status)][:limit]
-
-    async def apply_changes(self, conn: object, changes: list[tuple[Change, datetime]]) -> list[bool]:
-        """Many changes in one statement, each as `apply_change` applies it, in list order."""
-        return [await self.apply_change(conn, change, moment) for change, moment in changes]
-
-    async def apply_change(self, conn: object, change: Change, event_time: datetime) -> bool:
-        """The upsert gated by version: only a newer version moves the row; a deletion is a tombstone."""
-        self._statement()
-        held = self.version_of(change.todo_id)
-        if held is not None and held >= change.version:
-            return False
-        self.rows[change.todo_id] = (change.todo, change.version)
-        self.applied.append((change, event_time))
-        return True
+    async def aclose(self) -> None:
+        pass
 
 
-@dataclass
-class FakeCache:
-    """A fake Redis cache, in memory, no service: todos by id, list pages by (generation, page), and the
-    projection's invalidations (a marker version per todo, a list generation bump, a notice)."""
-
-    todos: dict[int, CachedTodo] = field(default_factory=dict)
-    pages: dict[tuple[bytes, str], bytes] = field(default_factory=dict)
-    generation: int = 0
-    stored_todos: list[tuple[int, int]] = field(default_factory=list)
-    stored_pages: list[str] = field(default_factory=list)
-    invalidations: list[tuple[int, int, str | None]] = field(default_factory=list)
-    markers: dict[int, int] = field(default_factory=dict)
-    watch: FakeVersionWatch | None = None
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeCache:
-        for module in (query_handlers, projection_handlers):
-            monkeypatch.setattr(module, "todo_cache", lambda: self)
-        return self
-
-    async def get_todo(self, todo_id: int) -> CachedTodo | None:
-        return self.todos.get(todo_id)
-
-    async def store_todo(self, todo_id: int, version: int, body: bytes) -> None:
-        self.stored_todos.append((todo_id, version))
-        current = self.todos.get(todo_id)
-        if (current is None or current.version < version) and self.markers.get(todo_id, 0) <= version:
-            self.todos[todo_id] = CachedTodo(version, body)
-
-    async def get_list(self, page: str) -> tuple[bytes, bytes | None]:
-        generation = str(self.generation).encode()
-        return generation, self.pages.get((generation, page))
-
-    async def store_list(self, generation: bytes, page: str, body: bytes) -> None:
-        self.stored_pages.append(page)
-        self.pages[(generation, page)] = body
-
-    async def invalidate_many(self, changes: list[tuple[int, int, str | None]]) -> None:
-        for change in changes:
-            await self.invalidate(*change)
-
-    async def invalidate(self, todo_id: int, version: int, traceparent: str | None = None) -> None:
-        self.invalidations.append((todo_id, version, traceparent))
-        self.todos.pop(todo_id, None)
-        self.markers[todo_id] = max(self.markers.get(todo_id, 0), version)
-        self.generation += 1
-        if self.watch is not None:
-            self.watch.notice(todo_id, version, traceparent or "")
-
-
-class UnreachableCache(FakeCache):
-    """A fake cache whose Redis does not answer: reads raise CacheUnavailable (the reader must bypass),
-    an invalidation raises DependencyUnavailable (the projection must answer 503)."""
-
-    async def get_todo(self, todo_id: int) -> CachedTodo | None:
-        raise CacheUnavailable("fake redis is down")
-
-    async def get_list(self, page: str) -> tuple[bytes, bytes | None]:
-        raise CacheUnavailable("fake redis is down")
-
-    async def invalidate(self, todo_id: int, version: int, traceparent: str | None = None) -> None:
-        raise DependencyUnavailable(
-            "redis is unreachable", cause=ConnectionRefusedError("fake redis is down")
-        )
-
-    async def invalidate_many(self, changes: list[tuple[int, int, str | None]]) -> None:
-        await self.invalidate(*changes[0])
-
-
-@dataclass
-class FakeVersionWatch:
-    """A fake of the subscription to the projection's notices (VersionWatch), in memory, no Redis.
-
-    `healthy` False stands for a subscription that is down (readers then poll the read model).
-    `land_when_waited(todo_id, projection)` runs `projection` (which lands a version in the fake read
-    model and invalidates the fake cache, whose notice resolves the waiter) once a reader waits for
-    that todo, on the event loop, after the reader's current step.
-    """
-
-    healthy: bool = True
-    waiting: dict[int, list[tuple[int, asyncio.Future[str]]]] = field(default_factory=dict)
-    waits: list[tuple[int, int]] = field(default_factory=list)
-    _landings: dict[int, Callable[[], Awaitable[None]]] = field(default_factory=dict)
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeVersionWatch:
-        monkeypatch.setattr(query_handlers, "version_watch", lambda: self)
-        return self
-
-    def land_when_waited(self, todo_id: int, projection: Callable[[], Awaitable[None]]) -> None:
-        self._landings[todo_id] = projection
-
-    async def ready(self) -> bool:
-        return self.healthy
-
-    def wait_for(self, todo_id: int, version: int) -> asyncio.Future[str]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[str] = loop.create_future()
-        self.waiting.setdefault(todo_id, []).append((version, future))
-        self.waits.append((todo_id, version))
-        landing = self._landings.pop(todo_id, None)
-        if landing is not None:
-            loop.create_task(landing())
-        return future
-
-    def forget(self, todo_id: int, future: asyncio.Future[str]) -> None:
-        waiting = self.waiting.get(todo_id, [])
-        waiting[:] = [(v, f) for v, f in waiting if f is not future]
-        if not waiting:
-            self.waiting.pop(todo_id, None)
-
-    def notice(self, todo_id: int, version: int, traceparent: str) -> None:
-        for wanted, future in self.waiting.get(todo_id, []):
-            if wanted <= version and not future.done():
-                future.set_result(traceparent)
-
-
-# --- dead letters -------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeDeadLetterStore:
-    """A fake dead-letter store, in memory, no service (no S3, no directory)."""
-
-    letters: dict[str, DeadLetter] = field(default_factory=dict)
-    unreachable: bool = False
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeDeadLetterStore:
-        monkeypatch.setattr(dead_letter, "from_settings", lambda: self)
-        return self
-
-    def put(self, letter: DeadLetter) -> str:
-        if self.unreachable:
-            raise DependencyUnavailable("the dead-letter store is unreachable")
-        key = letter.new_key()
-        self.letters[key] = letter
-        return key
-
-    def list(self) -> list[str]:
-        return sorted(self.letters)
-
-    def get(self, key: str) -> DeadLetter:
-        return self.letters[key]
-
-    def delete(self, key: str) -> None:
-        self.letters.pop(key, None)
+def fake_commands(store: FakeWriteStore | None = None, published: PublishRecorder | None = None) -> Commands:
+    """A command function's dependencies, in memory."""
+    return Commands(store or FakeWriteStore(), published or PublishRecorder())
 
 
 # --- the relay ---------------------------------------------------------------------------------
@@ -612,24 +414,11 @@ class FakeDeadLetterStore:
 
 @dataclass
 class FakeRelay:
-    """A fake outbox relay and key purge, in memory, no service: `pending` rows get published by the
-    next drain, `expired` keys deleted by the next purge. Install it before relay_outbox's main.py is
-    loaded: main.py imports `tick_relay` and `purge_expired` by name."""
+    """A fake outbox relay, in memory, no service: `pending` rows get published by the next drain."""
 
     pending: int = 0
-    expired: int = 0
     unreachable: bool = False
     drains: int = 0
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeRelay:
-        monkeypatch.setattr(relay, "tick_relay", lambda: self)
-        monkeypatch.setattr(idempotency, "purge_expired", self.purge_expired)
-        return self
-
-    def reset(self) -> FakeRelay:
-        self.pending = self.expired = self.drains = 0
-        self.unreachable = False
-        return self
 
     async def drain_all(self, wait_s: float = 0.0) -> int:
         if self.unreachable:
@@ -640,9 +429,13 @@ class FakeRelay:
         published, self.pending = self.pending, 0
         return published
 
-    async def purge_expired(self) -> int:
-        expired, self.expired = self.expired, 0
-        return expired
+    async def aclose(self) -> None:
+        pass
+
+
+class NoGauges:
+    def __call__(self) -> None:
+        pass
 
 
 # --- every function on fakes --------------------------------------------------------------------
@@ -654,7 +447,7 @@ class Fakes:
 
     store: FakeWriteStore = field(default_factory=FakeWriteStore)
     published: PublishRecorder = field(default_factory=PublishRecorder)
-    read_model: FakeReadModel = field(default_factory=FakeReadModel)
+    read_model: FakeReadStore = field(default_factory=FakeReadStore)
     watch: FakeVersionWatch = field(default_factory=FakeVersionWatch)
     cache: FakeCache = field(default_factory=FakeCache)
     letters: FakeDeadLetterStore = field(default_factory=FakeDeadLetterStore)
@@ -662,15 +455,8 @@ class Fakes:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> Fakes:
         self.cache.watch = self.watch
-        for fake in (
-            self.store,
-            self.published,
-            self.read_model,
-            self.watch,
-            self.cache,
-            self.letters,
-            self.relay,
-        ):
+        # The read side's fakes are passed in, never installed (tests/unit/fakes_read.py).
+        for fake in (self.store, self.published, self.relay):
             fake.install(monkeypatch)
         return self
 

@@ -1,4 +1,5 @@
-"""Kafka publishing of outbox rows as CloudEvents in binary content mode (one producer per process).
+"""Kafka publishing of outbox rows as CloudEvents in binary content mode (one producer per process:
+`Producer`).
 
 librdkafka does its network work on its own threads, so its producer is not tied to an event loop;
 `publish` blocks until the batch is acknowledged or its time is up, and the relay calls it in a
@@ -8,7 +9,6 @@ future and batches them again on a thread pool; one call per outbox batch does l
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from cloudevents.kafka import to_binary
 from confluent_kafka import KafkaError, Producer
 
 from todo_cqrs.domain.clock import format_time
-from todo_cqrs.settings import settings
+from todo_cqrs.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -74,25 +74,24 @@ def message_timeout_ms(orphan_s: float, transaction_s: float) -> int:
     return max(500, int((orphan_s - DIRECT_WINDOW_S - transaction_s - 0.5) * 1000))
 
 
-def producer_config(bootstrap_servers: str) -> dict[str, Any]:
+def producer_config(s: Settings) -> dict[str, Any]:
     return {
-        "bootstrap.servers": bootstrap_servers,
+        "bootstrap.servers": s.kafka_bootstrap_servers,
         "acks": "all",
         "enable.idempotence": True,
         # Java clients' partitioner, so any Kafka client agrees on which partition holds a todo.
         "partitioner": "murmur2_random",
         "linger.ms": 1,
-        "message.timeout.ms": message_timeout_ms(settings().outbox_orphan_s, 2 * settings().db_timeout_s),
+        "message.timeout.ms": message_timeout_ms(s.outbox_orphan_s, 2 * s.db_timeout_s),
         "socket.connection.setup.timeout.ms": 3000,
         "reconnect.backoff.max.ms": 1000,
-        **kafka_security_config(),
+        **kafka_security_config(s),
     }
 
 
-def kafka_security_config() -> dict[str, Any]:
+def kafka_security_config(s: Settings) -> dict[str, Any]:
     """The connection's security from the settings: nothing more for PLAINTEXT (local, loopback);
     SASL credentials and the brokers' CA for SASL_SSL (a cluster's SCRAM-SHA-512 listener)."""
-    s = settings()
     config: dict[str, Any] = {"security.protocol": s.kafka_security_protocol}
     if s.kafka_sasl_mechanism:
         config |= {
@@ -108,11 +107,11 @@ def kafka_security_config() -> dict[str, Any]:
 class Publisher:
     """Publishes records and says which were acknowledged by Kafka within the wait bound."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, source: str) -> None:
+    def __init__(self, s: Settings) -> None:
         self.broken = False  # a fatal error (e.g. of the idempotent producer): only a new producer helps
-        self._producer = Producer({**producer_config(bootstrap_servers), "error_cb": self._on_error})
-        self._topic = topic
-        self._source = source
+        self._producer = Producer({**producer_config(s), "error_cb": self._on_error})
+        self._topic = s.topic
+        self._source = s.event_source
         self._lock = threading.Lock()  # one batch at a time: delivery reports are matched per batch
 
     def publish(self, records: Sequence[OutboxRecord], timeout_s: float) -> list[int]:
@@ -159,34 +158,27 @@ class Publisher:
             self.broken = True
 
 
-_current: Publisher | None = None
-_current_lock = threading.Lock()
+class Kafka:
+    """The process's publisher, made on first use and again only after a fatal producer error.
 
+    First use is in the process that serves: a gunicorn master imports the function and forks its
+    worker, and librdkafka's threads do not survive fork(), so nothing is made at import."""
 
-def publisher() -> Publisher:
-    """The process's publisher, created on first use and again only after a fatal producer error."""
-    global _current
-    with _current_lock:
-        if _current is None or _current.broken:
-            s = settings()
-            _current = Publisher(s.kafka_bootstrap_servers, s.topic, s.event_source)
-        return _current
+    def __init__(self, s: Settings) -> None:
+        self._settings = s
+        self._current: Publisher | None = None
+        self._lock = threading.Lock()
 
+    def __call__(self) -> Publisher:
+        with self._lock:
+            if self._current is None or self._current.broken:
+                self._current = Publisher(self._settings)
+            return self._current
 
-def _forget_after_fork() -> None:
-    # librdkafka's threads do not survive fork(): a gunicorn worker makes its own producer.
-    global _current, _current_lock
-    _current, _current_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-def reset_publisher() -> None:
-    """Close the process's publisher (after a settings change, before Kafka goes away); the next use
-    makes a new one."""
-    global _current
-    with _current_lock:
-        if _current is not None:
-            _current.close()
-        _current = None
+    def close(self) -> None:
+        """Close the publisher (what is queued is dropped: its rows stay pending); the next use makes
+        a new one."""
+        with self._lock:
+            if self._current is not None:
+                self._current.close()
+            self._current = None

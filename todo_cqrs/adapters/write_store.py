@@ -1,28 +1,31 @@
-"""The write database: the todos table, the transactional outbox beside it, and the outbox's shard leases.
+"""The write database: the todos table, the transactional outbox beside it, the outbox's shard leases and
+the commands' idempotency keys; `WriteStore` runs a command's unit of work on it.
 
 Every moment of a change (`created_at`, `updated_at`, the event's time) is the database's
 `UTC_TIMESTAMP(3)`, read inside the change's transaction: pods with skewed clocks cannot make a todo
-go back in time. Idempotency keys live here too (todo_cqrs/command/idempotency.py).
+go back in time.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import DATETIME, MEDIUMTEXT
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from todo_cqrs import db
 from todo_cqrs.adapters.publisher import OutboxRecord
 from todo_cqrs.adapters.rows import todo_from_row
+from todo_cqrs.command.idempotency import IdempotencyKey, in_flight, reused
+from todo_cqrs.command.unit_of_work import Locked, Outcome, Stored, ToPublish
 from todo_cqrs.domain.clock import as_utc, naive_utc
 from todo_cqrs.domain.events import TodoEvent
 from todo_cqrs.domain.todo import NewTodo, Status, Todo
-from todo_cqrs.settings import settings
 from todo_cqrs.tracing import TraceContext
 
 T = TypeVar("T")
@@ -83,9 +86,10 @@ idempotency_keys = sa.Table(
     metadata,
     sa.Column("key_hash", sa.CHAR(64), primary_key=True),
     sa.Column("fingerprint", sa.CHAR(64), nullable=False),
-    sa.Column("status", sa.SmallInteger, nullable=True),
-    sa.Column("headers", sa.Text, nullable=True),
-    sa.Column("body", MEDIUMTEXT, nullable=True),
+    # What the first request came to (todo_cqrs/command/unit_of_work.Outcome) and its todo as JSON,
+    # NULL while it runs: a repeat is answered from them exactly as the first time.
+    sa.Column("outcome", sa.SmallInteger, nullable=True),
+    sa.Column("todo", MEDIUMTEXT, nullable=True),
     sa.Column("created_at", Millis, nullable=False),
     sa.Column("expires_at", Millis, nullable=False),
     sa.Index("ix_idempotency_keys_expires", "expires_at"),
@@ -113,6 +117,30 @@ _SAVE_TODO = sa.text(
 _DELETE_TODO = sa.text("DELETE FROM todos WHERE id = :id")
 _INSERT_EVENT = sa.insert(outbox)
 
+# The key's row, taken without waiting: a row another transaction holds means that request is in flight.
+_CLAIM_KEY = sa.text(
+    "SET STATEMENT innodb_lock_wait_timeout = 0 FOR "
+    "INSERT INTO idempotency_keys (key_hash, fingerprint, created_at, expires_at) "
+    "VALUES (:key_hash, :fingerprint, UTC_TIMESTAMP(3), UTC_TIMESTAMP(3) + INTERVAL :ttl SECOND)"
+)
+_STORED_KEY = sa.text(
+    "SELECT fingerprint, outcome, todo, expires_at > UTC_TIMESTAMP(3) AS live "
+    "FROM idempotency_keys WHERE key_hash = :key_hash FOR UPDATE NOWAIT"
+)
+_RENEW_KEY = sa.text(
+    "UPDATE idempotency_keys SET fingerprint = :fingerprint, outcome = NULL, todo = NULL, "
+    "created_at = UTC_TIMESTAMP(3), expires_at = UTC_TIMESTAMP(3) + INTERVAL :ttl SECOND "
+    "WHERE key_hash = :key_hash"
+)
+_KEEP_OUTCOME = sa.text(
+    "UPDATE idempotency_keys SET outcome = :outcome, todo = :todo WHERE key_hash = :key_hash"
+)
+_PURGE_BATCH = 1000
+_PURGE_KEYS = sa.text(
+    f"DELETE FROM idempotency_keys WHERE expires_at < UTC_TIMESTAMP(3) LIMIT {_PURGE_BATCH}"
+)
+_LOCK_WAIT_TIMEOUT = 1205
+
 
 def todo_values(todo: Todo) -> dict[str, Any]:
     return {
@@ -125,83 +153,144 @@ def todo_values(todo: Todo) -> dict[str, Any]:
     }
 
 
-async def run_in_transaction(work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    """`await work(conn)` in a write transaction, again on a deadlock; 503 when the DB is unreachable."""
-    return await db.run_in_transaction(db.write_engine(), "write", work)
+def shard_of(todo_id: int, shards: int) -> int:
+    """todo_id modulo OUTBOX_SHARDS: one todo's outbox rows are in one shard."""
+    return todo_id % shards
 
 
-@dataclass(frozen=True)
-class Locked:
-    """A todo row-locked until commit, the database's now, and its newest outbox row not yet on Kafka."""
+class MariaDbUnitOfWork:
+    """One command's write transaction on MariaDB (todo_cqrs/command/unit_of_work.UnitOfWork)."""
 
-    todo: Todo
-    now: datetime
-    pending_event: int | None
+    def __init__(self, conn: AsyncConnection, shards: int, key_ttl_s: int) -> None:
+        self._conn = conn
+        self._shards = shards
+        self._key_ttl_s = key_ttl_s
+        self._events: list[tuple[TodoEvent, int | None]] = []
+        self._pending: dict[int, int | None] = {}
+
+    async def claim(self, key: IdempotencyKey) -> Stored | None:
+        params = {"key_hash": key.key_hash, "fingerprint": key.fingerprint, "ttl": self._key_ttl_s}
+        try:
+            await self._conn.execute(_CLAIM_KEY, params)
+            return None
+        except IntegrityError:
+            pass  # the key was used before (and committed): look at what it came to
+        except DBAPIError as exc:
+            if db.error_code(exc) == _LOCK_WAIT_TIMEOUT:
+                raise in_flight() from exc
+            raise
+        try:
+            row = (await self._conn.execute(_STORED_KEY, {"key_hash": key.key_hash})).one()
+        except DBAPIError as exc:
+            if db.error_code(exc) in db.LOCK_BUSY_CODES:
+                raise in_flight() from exc
+            raise
+        if not row.live:  # expired: the key is free again
+            await self._conn.execute(_RENEW_KEY, params)
+            return None
+        if row.fingerprint != key.fingerprint:
+            raise reused()
+        if row.outcome is None:
+            raise in_flight()
+        return Stored(Outcome(row.outcome), Todo.from_dict(orjson.loads(row.todo)))
+
+    async def keep(self, key: IdempotencyKey, outcome: Outcome, todo: Todo) -> None:
+        params = {
+            "key_hash": key.key_hash,
+            "outcome": outcome.value,
+            "todo": orjson.dumps(todo.to_dict()).decode(),
+        }
+        await self._conn.execute(_KEEP_OUTCOME, params)
+
+    async def insert(self, new: NewTodo) -> Todo:
+        values = {"title": new.title, "description": new.description, "status": Status.CREATED.value}
+        row = (await self._conn.execute(_INSERT_TODO, values)).one()
+        return new.created(int(row.id), as_utc(row.created_at))
+
+    async def lock(self, todo_id: int) -> Locked | None:
+        row = (await self._conn.execute(_LOAD_FOR_UPDATE, {"id": todo_id})).first()
+        if row is None:
+            return None
+        self._pending[todo_id] = (await self._conn.execute(_PENDING_EVENT, {"id": todo_id})).scalar()
+        return Locked(todo_from_row(row), as_utc(row.now))
+
+    async def save(self, todo: Todo) -> None:
+        values = todo_values(todo)
+        del values["created_at"]
+        await self._conn.execute(_SAVE_TODO, {**values, "id": todo.id})
+
+    async def delete(self, todo_id: int) -> None:
+        await self._conn.execute(_DELETE_TODO, {"id": todo_id})
+
+    def add_event(self, event: TodoEvent) -> None:
+        self._events.append((event, self._pending.get(event.todo_id)))
+
+    async def append_events(self, trace: TraceContext | None) -> list[ToPublish]:
+        """The collected events into the outbox, in the transaction: they commit with the change or not
+        at all. Each comes back as the publisher sends it, with the pending row it must follow."""
+        traceparent = trace.traceparent if trace else None
+        tracestate = trace.tracestate if trace else None
+        appended = []
+        for event, after in self._events:
+            payload = event.payload.decode()
+            occurred_at = naive_utc(event.time)
+            values = {
+                "event_id": event.event_id,
+                "event_type": event.type,
+                "todo_id": event.todo_id,
+                "version": event.version,
+                "occurred_at": occurred_at,
+                "payload": payload,
+                "shard": shard_of(event.todo_id, self._shards),
+                "traceparent": traceparent,
+                "tracestate": tracestate,
+            }
+            result = await self._conn.execute(_INSERT_EVENT, values)
+            record = OutboxRecord(
+                int(result.lastrowid),
+                event.event_id,
+                event.type,
+                event.todo_id,
+                occurred_at,
+                payload,
+                traceparent,
+                tracestate,
+            )
+            appended.append(ToPublish(record, after))
+        return appended
 
 
-async def load_for_update(conn: AsyncConnection, todo_id: int) -> Locked | None:
-    """The todo, row-locked until commit; None when there is none.
+class WriteStore:
+    """The write database as the commands use it: a unit of work per command, in one transaction, again
+    on a deadlock (its effects were rolled back); 503 when the database is unreachable."""
 
-    The row lock makes concurrent commands on one todo run one after another, so its versions never
-    skip or repeat and its outbox rows are in version order; the pending row read under it is the one
-    this command's event must follow onto Kafka (todo_cqrs/outbox/publisher.py).
-    """
-    row = (await conn.execute(_LOAD_FOR_UPDATE, {"id": todo_id})).first()
-    if row is None:
-        return None
-    pending = (await conn.execute(_PENDING_EVENT, {"id": todo_id})).scalar()
-    return Locked(todo_from_row(row), as_utc(row.now), pending)
+    def __init__(self, database: db.Database, shards: int, key_ttl_s: int) -> None:
+        self.database = database
+        self._shards = shards
+        self._key_ttl_s = key_ttl_s
 
+    async def run(
+        self, work: Callable[[MariaDbUnitOfWork], Awaitable[T]], trace: TraceContext | None
+    ) -> tuple[T, list[ToPublish]]:
+        async def attempt(conn: AsyncConnection) -> tuple[T, list[ToPublish]]:
+            uow = MariaDbUnitOfWork(conn, self._shards, self._key_ttl_s)
+            result = await work(uow)
+            return result, await uow.append_events(trace)
 
-async def insert_todo(conn: AsyncConnection, new: NewTodo) -> Todo:
-    """Insert a todo at version 1, stamped with the database's clock."""
-    values = {"title": new.title, "description": new.description, "status": Status.CREATED.value}
-    row = (await conn.execute(_INSERT_TODO, values)).one()
-    return new.created(int(row.id), as_utc(row.created_at))
+        return await self.database.run_in_transaction(attempt)
 
+    async def purge_expired_keys(self, budget_s: float = 2.0) -> int:
+        """Delete expired idempotency keys batch after batch, until one comes back short or the time
+        budget is spent; returns how many. A batch takes a few milliseconds, so a tick keeps up with any
+        command rate the write DB can take (a minute of 250 keyed commands a second is 15 batches)."""
+        deadline = time.monotonic() + budget_s
+        deleted = 0
+        while True:
+            async with self.database.transaction() as conn:
+                count = (await conn.execute(_PURGE_KEYS)).rowcount
+            deleted += count
+            if count < _PURGE_BATCH or time.monotonic() >= deadline:
+                return deleted
 
-async def save_todo(conn: AsyncConnection, todo: Todo) -> None:
-    values = todo_values(todo)
-    del values["created_at"]
-    await conn.execute(_SAVE_TODO, {**values, "id": todo.id})
-
-
-async def delete_todo(conn: AsyncConnection, todo_id: int) -> None:
-    await conn.execute(_DELETE_TODO, {"id": todo_id})
-
-
-def shard_of(todo_id: int) -> int:
-    return todo_id % settings().outbox_shards
-
-
-async def append_event(conn: AsyncConnection, event: TodoEvent, trace: TraceContext | None) -> OutboxRecord:
-    """Add the event to the outbox in the caller's transaction: it commits with the change or not at all.
-    Returns the row as the publisher sends it."""
-    payload = event.payload.decode()
-    occurred_at = naive_utc(event.time)
-    traceparent = trace.traceparent if trace else None
-    tracestate = trace.tracestate if trace else None
-    result = await conn.execute(
-        _INSERT_EVENT,
-        {
-            "event_id": event.event_id,
-            "event_type": event.type,
-            "todo_id": event.todo_id,
-            "version": event.version,
-            "occurred_at": occurred_at,
-            "payload": payload,
-            "shard": shard_of(event.todo_id),
-            "traceparent": traceparent,
-            "tracestate": tracestate,
-        },
-    )
-    return OutboxRecord(
-        int(result.lastrowid),
-        event.event_id,
-        event.type,
-        event.todo_id,
-        occurred_at,
-        payload,
-        traceparent,
-        tracestate,
-    )
+    async def aclose(self) -> None:
+        await self.database.aclose()

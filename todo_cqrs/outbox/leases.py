@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from todo_cqrs import db
 from todo_cqrs.logs import log_event
@@ -50,47 +49,49 @@ class Lease:
         return self.expires - time.monotonic()
 
 
-def outbox_engine(s: Settings) -> AsyncEngine:
+def outbox_database(s: Settings) -> db.Database:
     """A small autocommitted pool of the write DB for publishing (a process's publisher, the relay):
     a lease or mark statement never leaves a lock behind, and commands never wait behind publishing
     for a connection."""
-    return db.create_engine(
+    return db.Database(
+        "write",
         s.write_db_url,
+        s.db_timeout_s,
+        pool_size=2,
         isolation_level="AUTOCOMMIT",
         skip_autocommit_rollback=True,
-        pool_size=2,
         max_overflow=2,
     )
 
 
-async def execute(engine: AsyncEngine, statement: sa.Executable, params: dict[str, Any]) -> Any:
+async def execute(database: db.Database, statement: sa.Executable, params: dict[str, Any]) -> Any:
     """One autocommitted statement under the database deadline."""
-    async with db.autocommitted(engine, "write") as conn:
+    async with database.autocommitted() as conn:
         return await conn.execute(statement, params)
 
 
-async def acquire(engine: AsyncEngine, shard: int, length_s: float) -> Lease | None:
+async def acquire(database: db.Database, shard: int, length_s: float) -> Lease | None:
     """The shard's lease if it is free or expired; None while another holder's lease runs."""
     holder = f"{os.getpid()}-{secrets.token_hex(8)}"
     sent = time.monotonic()
     result = await execute(
-        engine, _ACQUIRE, {"shard": shard, "holder": holder, "lease_us": int(length_s * 1e6)}
+        database, _ACQUIRE, {"shard": shard, "holder": holder, "lease_us": int(length_s * 1e6)}
     )
     return Lease(shard, holder, sent + length_s, length_s) if result.rowcount > 0 else None
 
 
-async def renew(engine: AsyncEngine, lease: Lease) -> bool:
+async def renew(database: db.Database, lease: Lease) -> bool:
     """Extend the lease by its length; False when it was lost (expired and maybe taken over)."""
     sent = time.monotonic()
     params = {"shard": lease.shard, "holder": lease.holder, "lease_us": int(lease.length_s * 1e6)}
-    if (await execute(engine, _RENEW, params)).rowcount == 0:
+    if (await execute(database, _RENEW, params)).rowcount == 0:
         return False
     lease.expires = sent + lease.length_s
     return True
 
 
-async def release(engine: AsyncEngine, lease: Lease) -> None:
+async def release(database: db.Database, lease: Lease) -> None:
     try:
-        await execute(engine, _RELEASE, {"shard": lease.shard, "holder": lease.holder})
+        await execute(database, _RELEASE, {"shard": lease.shard, "holder": lease.holder})
     except Exception as exc:  # noqa: BLE001 - the lease then simply expires
         log_event("outbox_lease_release_failed", shard=lease.shard, error=repr(exc)[:200])

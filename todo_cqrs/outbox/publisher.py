@@ -19,6 +19,7 @@ timeout keeps a row handed to Kafka from arriving after that (adapters/publisher
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import sys
 import time
@@ -26,10 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, OutboxRecord, Publisher
+from todo_cqrs.db import Database
 from todo_cqrs.logs import log_event
+from todo_cqrs.loop_local import LoopLocal
 from todo_cqrs.outbox.leases import execute
 from todo_cqrs.outbox.metrics import outbox_publish_failures, outbox_published
 
@@ -59,9 +61,9 @@ class OutboxPublisher:
     """This process's rows on their way to Kafka. `start()` in the process's event loop, then
     `committed()` after each commit; `stop()` publishes what is left (bounded) and ends the task."""
 
-    def __init__(self, kafka: Callable[[], Publisher], engine: AsyncEngine, publish_timeout_s: float) -> None:
+    def __init__(self, kafka: Callable[[], Publisher], database: Database, publish_timeout_s: float) -> None:
         self._kafka = kafka
-        self._engine = engine
+        self._database = database
         self._publish_timeout_s = publish_timeout_s
         self._queue: list[Committed] = []  # in commit order
         self._local: set[int] = set()  # outbox ids handed to this publisher, not yet published or given up
@@ -113,7 +115,7 @@ class OutboxPublisher:
     async def aclose(self) -> None:
         """Stop, then close the pool (the end of the event loop that made this publisher)."""
         await self.stop()
-        await self._engine.dispose()
+        await self._database.aclose()
 
     async def _run(self) -> None:
         pause = POLL_FIRST_S
@@ -195,7 +197,7 @@ class OutboxPublisher:
         if not ids:
             return
         try:
-            await execute(self._engine, _MARK, {"ids": ids})
+            await execute(self._database, _MARK, {"ids": ids})
         except Exception as exc:  # noqa: BLE001 - the relay publishes them again later
             log_event("outbox_mark_failed", rows=len(ids), error=repr(exc)[:300])
 
@@ -210,7 +212,7 @@ class OutboxPublisher:
             if send:
                 delivered += self._kafka().publish([item.record for item in send], self._publish_timeout_s)
             if delivered:
-                asyncio.run(_mark_with_new_pool(self._engine, delivered))
+                asyncio.run(_mark_in_new_loop(self._database, delivered))
         except Exception as exc:  # noqa: BLE001 - the relay publishes what is left
             print(f"outbox flush at exit incomplete: {exc!r}", file=sys.stderr)
 
@@ -223,7 +225,7 @@ class OutboxPublisher:
         }
         if not foreign:
             return
-        rows = await execute(self._engine, _STILL_PENDING, {"ids": sorted(foreign)})
+        rows = await execute(self._database, _STILL_PENDING, {"ids": sorted(foreign)})
         still_pending = {row.id for row in rows.all()}
         self._queue = [
             Committed(c.record, None, c.at) if c.after in foreign and c.after not in still_pending else c
@@ -236,14 +238,13 @@ class OutboxPublisher:
         _remember(self._given_up, [outbox_id])
 
 
-async def _mark_with_new_pool(engine: AsyncEngine, outbox_ids: list[int]) -> None:
-    """Mark rows published from a new event loop: the pool's connections belong to the old one, so
-    they are dropped unclosed and new ones made."""
-    await engine.dispose(close=False)
+async def _mark_in_new_loop(database: Database, outbox_ids: list[int]) -> None:
+    """Mark rows published from a new event loop (the pool of the old one is of no use in it): the
+    database makes an engine for this loop, closed here."""
     try:
-        await execute(engine, _MARK, {"ids": outbox_ids})
+        await execute(database, _MARK, {"ids": outbox_ids})
     finally:
-        await engine.dispose()
+        await database.aclose()
 
 
 def _remember(ids: set[int], more: list[int], keep: int = 4096) -> None:
@@ -253,3 +254,36 @@ def _remember(ids: set[int], more: list[int], keep: int = 4096) -> None:
         newest = sorted(ids)[-keep:]
         ids.clear()
         ids.update(newest)
+
+
+class ProcessPublisher:
+    """The command process's publisher (`committed`), one OutboxPublisher per event loop, made on the first
+    commit in it (a function serves from one loop; the tests run several)."""
+
+    def __init__(self, kafka: Callable[[], Publisher], database: Database, publish_timeout_s: float) -> None:
+        self._kafka = kafka
+        self._database = database
+        self._local = LoopLocal(self._make)
+        self._publish_timeout_s = publish_timeout_s
+
+    def _make(self) -> OutboxPublisher:
+        outbox = OutboxPublisher(self._kafka, self._database, self._publish_timeout_s)
+        atexit.register(outbox.flush_at_exit)  # the process ends: publish what may still go
+        return outbox
+
+    def committed(self, record: OutboxRecord, after: int | None) -> None:
+        self._local().committed(record, after)
+
+    def in_this_loop(self) -> OutboxPublisher | None:
+        """This loop's publisher, if a commit made one."""
+        return self._local.peek()
+
+    async def aclose(self) -> None:
+        """Publish what is left (bounded), then close this loop's pool."""
+        outbox = self._local.peek()
+        if outbox is not None:
+            self._local.forget()
+            atexit.unregister(outbox.flush_at_exit)
+            await outbox.aclose()
+        else:
+            await self._database.aclose()

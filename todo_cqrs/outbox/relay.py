@@ -19,20 +19,19 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client import Gauge
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from todo_cqrs import metrics
-from todo_cqrs.adapters.publisher import OutboxRecord, Publisher, publisher
+from todo_cqrs.adapters.publisher import Kafka, OutboxRecord, Publisher
+from todo_cqrs.db import Database
 from todo_cqrs.logs import log_event
-from todo_cqrs.loop_local import loop_local
-from todo_cqrs.outbox.leases import Lease, acquire, execute, outbox_engine, release, renew
+from todo_cqrs.outbox.leases import Lease, acquire, execute, outbox_database, release, renew
 from todo_cqrs.outbox.metrics import outbox_publish_failures, outbox_published
-from todo_cqrs.settings import Settings, settings
+from todo_cqrs.settings import Settings
 
 LEASE_MARGIN_S = 1.0
 GAUGE_REFRESH_S = 5.0
@@ -87,8 +86,8 @@ class Drain:
 class Relay:
     """Drains shards of their orphans: rows pending at least `min_age_s` (0: every pending row)."""
 
-    engine: AsyncEngine
-    kafka: Publisher
+    database: Database
+    kafka: Callable[[], Publisher]
     settings: Settings
     min_age_s: float
 
@@ -98,7 +97,7 @@ class Relay:
         outcome = Drain()
         while True:
             if lease.remaining() < 2 * s.publish_timeout_s + LEASE_MARGIN_S and not await renew(
-                self.engine, lease
+                self.database, lease
             ):
                 outcome.complete = False
                 return outcome
@@ -107,10 +106,10 @@ class Relay:
                 "limit": s.relay_batch_size,
                 "min_age_us": int(self.min_age_s * 1e6),
             }
-            records = [record_of(r) for r in (await execute(self.engine, _PENDING, params)).all()]
+            records = [record_of(r) for r in (await execute(self.database, _PENDING, params)).all()]
             if not records:
                 return outcome
-            delivered = await asyncio.to_thread(self.kafka.publish, records, s.publish_timeout_s)
+            delivered = await asyncio.to_thread(self.kafka().publish, records, s.publish_timeout_s)
             if delivered:
                 marked = await self.mark_published(lease, delivered)
                 outcome.published += marked
@@ -127,35 +126,35 @@ class Relay:
 
     async def mark_published(self, lease: Lease, outbox_ids: list[int]) -> int:
         params = {"ids": outbox_ids, "shard": lease.shard, "holder": lease.holder}
-        return (await execute(self.engine, _MARK_FENCED, params)).rowcount
+        return (await execute(self.database, _MARK_FENCED, params)).rowcount
 
     async def drain_shard(self, shard: int, wait_s: float = 0.0) -> Drain | None:
         """Take the shard's lease (waiting up to wait_s while another process holds it) and drain it;
         None when the lease stayed busy."""
         deadline = time.monotonic() + wait_s
-        while (lease := await acquire(self.engine, shard, self.settings.outbox_lease_s)) is None:
+        while (lease := await acquire(self.database, shard, self.settings.outbox_lease_s)) is None:
             if time.monotonic() + 0.05 > deadline:
                 return None
             await asyncio.sleep(0.05)
         try:
             return await self.drain_leased(lease)
         finally:
-            await release(self.engine, lease)
+            await release(self.database, lease)
 
     async def aclose(self) -> None:
-        await self.engine.dispose()
+        await self.database.aclose()
 
     async def drain_all(self, wait_s: float = 0.0) -> int:
         """Drain every shard that has orphans; returns how many rows were published."""
         params = {"min_age_us": int(self.min_age_s * 1e6)}
-        shards = [row.shard for row in (await execute(self.engine, _PENDING_SHARDS, params)).all()]
+        shards = [row.shard for row in (await execute(self.database, _PENDING_SHARDS, params)).all()]
         drains = await asyncio.gather(*(self.drain_shard(shard, wait_s) for shard in shards))
         return sum(d.published for d in drains if d is not None)
 
 
-async def refresh_outbox_gauges(engine: AsyncEngine) -> None:
+async def refresh_outbox_gauges(database: Database) -> None:
     """Pending rows and the age of the oldest: one indexed query."""
-    row = (await execute(engine, _GAUGES, {})).one()
+    row = (await execute(database, _GAUGES, {})).one()
     outbox_pending.set(row.pending)
     outbox_oldest_age.set((row.oldest_us or 0) / 1e6)
 
@@ -164,8 +163,8 @@ class GaugeRefresh:
     """At a scrape, when the outbox gauges are older than GAUGE_REFRESH_S: refresh them in the
     background (the scrape answers with what is there, never waiting for the database)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, database: Database) -> None:
+        self._database = database
         self._due = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -178,33 +177,25 @@ class GaugeRefresh:
 
     async def _refresh(self) -> None:
         try:
-            await refresh_outbox_gauges(self._engine)
+            await refresh_outbox_gauges(self._database)
         except Exception as exc:  # noqa: BLE001 - the gauges keep their last values
             log_event("outbox_gauges_failed", error=repr(exc)[:200])
 
 
-@loop_local
-def tick_relay() -> Relay:
-    """relay_outbox's relay: orphans only (rows pending OUTBOX_ORPHAN_SECONDS); it also serves
-    the outbox gauges at its scrapes."""
-    s = settings()
-    engine = outbox_engine(s)
-    metrics.on_scrape(GaugeRefresh(engine))
-    return Relay(engine, publisher(), s, min_age_s=s.outbox_orphan_s)
-
-
-async def relay_once(min_age_s: float, wait_s: float = 0.0) -> int:
-    """Publish pending rows at least `min_age_s` old, with a pool of its own made and closed here."""
-    s = settings()
-    engine = outbox_engine(s)
+async def relay_once(s: Settings, min_age_s: float, wait_s: float = 0.0) -> int:
+    """Publish pending rows at least `min_age_s` old, with a pool and a producer of its own, closed here."""
+    kafka = Kafka(s)
+    relay = Relay(outbox_database(s), kafka, s, min_age_s)
     try:
-        return await Relay(engine, publisher(), s, min_age_s).drain_all(wait_s)
+        return await relay.drain_all(wait_s)
     finally:
-        await engine.dispose()
+        await relay.aclose()
+        kafka.close()
 
 
 if __name__ == "__main__":
     # `make relay-once`: publish every pending event now (also rows a live process is about to
     # publish: at worst a duplicate), waiting out a lease held elsewhere.
-    count = asyncio.run(relay_once(0.0, wait_s=settings().outbox_lease_s + LEASE_MARGIN_S))
+    config = Settings.from_env()
+    count = asyncio.run(relay_once(config, 0.0, wait_s=config.outbox_lease_s + LEASE_MARGIN_S))
     print(f"published {count} pending events", file=sys.stderr)

@@ -10,11 +10,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.unit.fakes import FakeWriteStore, PublishRecorder, assert_error
+from todo_cqrs.command.unit_of_work import Outcome
 from todo_cqrs.domain.clock import format_time, parse_time
 from todo_cqrs.domain.todo import Status
 
 FUNCTION = "create_todo"
-pytestmark = pytest.mark.usefixtures("store", "published")  # every test on the fakes
+DEPS = "commands"  # every test on the fakes, passed in
 
 
 def post(client: TestClient, body: Any, path: str = "/", **headers: str) -> Any:
@@ -219,7 +220,7 @@ def test_write_store_unreachable_answers_503_with_retry_after(
 def test_failure_after_the_insert_rolls_back_the_todo_and_publishes_nothing(
     client: TestClient, store: FakeWriteStore, published: PublishRecorder
 ) -> None:
-    store.fail_in = "append_event"
+    store.fail_in = "append_events"
 
     assert_error(post(client, {"title": "a"}), 503, "dependency_unavailable")
 
@@ -248,7 +249,7 @@ def test_key_is_kept_with_the_change_in_one_transaction(client: TestClient, stor
     post(client, {"title": "buy milk"}, **{"Idempotency-Key": "k-1"})
 
     [stored] = store.keys.values()
-    assert stored.holder is None and stored.reply is not None and stored.reply.status == 201
+    assert stored.holder is None and stored.stored is not None and stored.stored.outcome is Outcome.CREATED
     assert store.transactions == 1
 
 
@@ -321,7 +322,7 @@ def test_concurrent_repeat_answers_409_while_the_first_runs_then_the_first_answe
 def test_failed_first_attempt_keeps_no_key_so_the_retry_runs(
     client: TestClient, store: FakeWriteStore, published: PublishRecorder
 ) -> None:
-    store.fail_in = "append_event"
+    store.fail_in = "append_events"
     assert_error(post(client, {"title": "a"}, **{"Idempotency-Key": "k"}), 503, "dependency_unavailable")
     assert store.keys == {}
     store.fail_in = None

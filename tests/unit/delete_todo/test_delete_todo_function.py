@@ -13,7 +13,7 @@ from todo_cqrs.domain.clock import format_time, parse_time
 from todo_cqrs.domain.todo import Status, Todo
 
 FUNCTION = "delete_todo"
-pytestmark = pytest.mark.usefixtures("store", "published")  # every test on the fakes
+DEPS = "commands"  # every test on the fakes, passed in
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_write_store_unreachable_answers_503_with_retry_after(
 def test_failure_after_the_delete_rolls_it_back(
     client: TestClient, store: FakeWriteStore, published: PublishRecorder, todo: Todo
 ) -> None:
-    store.fail_in = "append_event"
+    store.fail_in = "append_events"
 
     assert_error(client.delete("/7"), 503, "dependency_unavailable")
 

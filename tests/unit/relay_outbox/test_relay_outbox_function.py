@@ -1,44 +1,40 @@
-"""relay_outbox through functions-framework's ASGI app, with a fake relay (no write DB, no Kafka).
-
-main.py imports `drain_all` and `purge_expired` by name, so the fake is installed once, before the
-function is loaded, and reset before every test.
-"""
+"""relay_outbox built with a fake relay and a fake write store (no write DB, no Kafka): what a tick does
+with them, and how it answers. The relay itself runs against MariaDB and Kafka in
+tests/integration/test_outbox.py."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 from starlette.testclient import TestClient
 
-from tests.unit.fakes import FakeRelay, assert_error, function_client
+from tests.unit.fakes import FakeRelay, FakeWriteStore, NoGauges, assert_error
+from todo_cqrs.bootstrap import RelayTick
+from todo_cqrs.sender_identity import NoCheck
 
-_RELAY = FakeRelay()
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        _RELAY.install(monkeypatch)
-        with function_client("relay_outbox") as loaded:
-            yield loaded
+FUNCTION = "relay_outbox"
+DEPS = "tick"
 
 
 @pytest.fixture
 def relay() -> FakeRelay:
-    return _RELAY.reset()
+    return FakeRelay()
+
+
+@pytest.fixture
+def tick(relay: FakeRelay, store: FakeWriteStore) -> RelayTick:
+    return RelayTick(relay, store, NoGauges(), NoCheck)
 
 
 @pytest.mark.parametrize("path", ["/", "/todo"])
 def test_tick_publishes_what_is_pending_and_purges_expired_keys(
-    client: TestClient, relay: FakeRelay, path: str
+    client: TestClient, relay: FakeRelay, store: FakeWriteStore, path: str
 ) -> None:
-    relay.pending, relay.expired = 3, 2
+    relay.pending, store.expired_keys = 3, 2
 
     response = client.post(path)
 
     assert (response.status_code, response.json()) == (200, {"published": 3, "expired_keys_deleted": 2})
-    assert (relay.pending, relay.expired, relay.drains) == (0, 0, 1)
+    assert (relay.pending, store.expired_keys, relay.drains) == (0, 0, 1)
 
 
 def test_tick_with_nothing_pending_publishes_nothing(client: TestClient, relay: FakeRelay) -> None:

@@ -14,7 +14,7 @@ from todo_cqrs.domain.clock import format_time, parse_time
 from todo_cqrs.domain.todo import Status, Todo
 
 FUNCTION = "update_todo"
-pytestmark = pytest.mark.usefixtures("store", "published")  # every test on the fakes
+DEPS = "commands"  # every test on the fakes, passed in
 
 
 @pytest.fixture
@@ -262,7 +262,7 @@ def test_write_store_unreachable_answers_503_with_retry_after(
 def test_failure_after_the_save_rolls_the_change_back(
     client: TestClient, store: FakeWriteStore, published: PublishRecorder, todo: Todo
 ) -> None:
-    store.fail_in = "append_event"
+    store.fail_in = "append_events"
 
     assert_error(patch(client, "/7", {"status": "FINISHED"}), 503, "dependency_unavailable")
 
