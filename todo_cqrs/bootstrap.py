@@ -63,6 +63,7 @@ from todo_cqrs.adapters.read_store import ReadStore  # noqa: E402
 from todo_cqrs.dead_letter import DeadLetters, store_from  # noqa: E402
 from todo_cqrs.projection.handlers import Projection  # noqa: E402
 from todo_cqrs.query.handlers import Cursors, Queries, ReadSlots, Waiters  # noqa: E402
+from todo_cqrs.reconcile.service import ReconcileTick, batch_database  # noqa: E402
 
 
 def queries(s: Settings) -> Queries:
@@ -93,6 +94,18 @@ def projection(s: Settings) -> Projection:
 def dead_letters(s: Settings) -> DeadLetters:
     """dead_letter: the store DEAD_LETTER_STORE names (a directory, or S3-compatible object storage)."""
     return DeadLetters(store_from(s))
+
+
+def reconcile(s: Settings) -> ReconcileTick:
+    """reconcile: both databases through small pools without the requests' time limits, and the cache
+    its repairs invalidate."""
+    return ReconcileTick(
+        batch_database("write", s.write_db_url),
+        batch_database("read", s.read_db_url),
+        todo_cache(s),
+        grace_s=s.reconcile_grace_s,
+        outbox_retention_h=s.outbox_retention_h,
+    )
 
 
 def sender_check(s: Settings) -> Callable[[], SenderCheck]:

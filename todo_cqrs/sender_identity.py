@@ -47,7 +47,7 @@ from starlette.requests import Request
 from todo_cqrs import logs
 from todo_cqrs.domain import errors
 from todo_cqrs.http import SenderCheck
-from todo_cqrs.settings import Settings, settings
+from todo_cqrs.settings import Settings
 
 MODES = ("off", "on", "required")
 ALGORITHMS = ("RS256", "ES256")  # asymmetric only: what Kubernetes issues; never none, never HMAC
@@ -257,6 +257,7 @@ class Policy:
     audience: str
     subjects: frozenset[str]
     leeway_s: float = LEEWAY_S
+    receiver: str = "todo"  # the function's name, in the log line of a token for another audience
 
 
 class SenderIdentity:
@@ -386,7 +387,7 @@ class SenderIdentity:
         # OIDC_AUDIENCE differ. Every event will be dead-lettered: say so loudly, with both values.
         logs.write(
             {
-                "function": settings().function_name,
+                "function": self.policy.receiver,
                 "level": "error",
                 "msg": "sender identity: the token is for another audience; every delivery is refused "
                 "(401) and the KafkaSource dead-letters it without retrying. Make the source's "
@@ -407,9 +408,8 @@ class SenderIdentity:
         raise errors.Unauthenticated(message, challenge)
 
 
-def from_settings(config: Settings | None = None) -> SenderCheck:
+def from_settings(config: Settings) -> SenderCheck:
     """The check SENDER_IDENTITY and the OIDC_* settings describe; ValueError when they contradict."""
-    config = config or settings()
     mode = config.sender_identity
     if mode not in MODES:
         raise ValueError(f"SENDER_IDENTITY must be one of {', '.join(MODES)}, not {mode!r}")
@@ -421,6 +421,7 @@ def from_settings(config: Settings | None = None) -> SenderCheck:
         )
     if not config.oidc_allowed_subjects:
         raise ValueError(f"SENDER_IDENTITY={mode} needs OIDC_ALLOWED_SUBJECTS: who may deliver")
-    policy = Policy(mode, config.oidc_issuer, config.oidc_audience, frozenset(config.oidc_allowed_subjects))
+    subjects = frozenset(config.oidc_allowed_subjects)
+    policy = Policy(mode, config.oidc_issuer, config.oidc_audience, subjects, receiver=config.function_name)
     source = IssuerKeys(config.oidc_issuer, ca_file=config.oidc_ca_file, token_file=config.oidc_token_file)
     return SenderIdentity(policy, KeyCache(source))

@@ -5,15 +5,16 @@ event's attributes are read: its data is kept as the bytes that arrived, even da
 Only the KafkaSource may deliver (SENDER_IDENTITY, todo_cqrs/sender_identity.py).
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import functions_framework.aio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from todo_cqrs import sender_identity
-from todo_cqrs.dead_letter import DeadLetter, keep_dead_letter
-from todo_cqrs.http import CloudEventSink
+from todo_cqrs import bootstrap
+from todo_cqrs.dead_letter import DeadLetter, DeadLetters, keep_dead_letter
+from todo_cqrs.http import CloudEventSink, SenderCheck
+from todo_cqrs.settings import settings
 
 REQUIRED = ("specversion", "id", "source", "type")
 
@@ -26,12 +27,18 @@ def attributes(headers: Mapping[str, str], body: bytes) -> Mapping[str, str]:
     return found
 
 
-async def keep(event: Mapping[str, str], request: Request, body: bytes) -> str:
-    await keep_dead_letter(request.headers, body)
-    return "stored"
+def build(letters: DeadLetters, identity: Callable[[], SenderCheck] | None = None) -> CloudEventSink:
+    """The sink, keeping each event in `letters`' store; `identity` makes the sender check (None: anyone)."""
+
+    async def keep(event: Mapping[str, str], request: Request, body: bytes) -> str:
+        await keep_dead_letter(letters, request.headers, body)
+        return "stored"
+
+    return CloudEventSink(keep, read=attributes, identity=identity)
 
 
-sink = CloudEventSink(keep, read=attributes, identity=sender_identity.from_settings)
+deps = bootstrap.dead_letters(settings())
+sink = build(deps, bootstrap.sender_check(settings()))
 
 
 @functions_framework.aio.http

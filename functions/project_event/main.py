@@ -2,21 +2,33 @@
 
 Only the KafkaSource may deliver (SENDER_IDENTITY, todo_cqrs/sender_identity.py)."""
 
+from collections.abc import Callable
+
 import functions_framework.aio
 from cloudevents.http import CloudEvent
 from starlette.requests import Request
 from starlette.responses import Response
 
-from todo_cqrs import sender_identity
-from todo_cqrs.http import CloudEventSink
-from todo_cqrs.projection.handlers import project_event as apply_to_read_model
+from todo_cqrs import bootstrap
+from todo_cqrs.http import CloudEventSink, SenderCheck
+from todo_cqrs.projection import handlers
+from todo_cqrs.projection.handlers import Projection
+from todo_cqrs.settings import settings
 
 
-async def apply(event: CloudEvent, request: Request, body: bytes) -> str:
-    return await apply_to_read_model(event["type"], event.get_data(), event.get("time"), event.get("subject"))
+def build(p: Projection, identity: Callable[[], SenderCheck] | None = None) -> CloudEventSink:
+    """The sink, applying each event through `p`; `identity` makes the sender check (None: anyone)."""
+
+    async def apply(event: CloudEvent, request: Request, body: bytes) -> str:
+        return await handlers.project_event(
+            p, event["type"], event.get_data(), event.get("time"), event.get("subject")
+        )
+
+    return CloudEventSink(apply, identity=identity)
 
 
-sink = CloudEventSink(apply, identity=sender_identity.from_settings)
+deps = bootstrap.projection(settings())
+sink = build(deps, bootstrap.sender_check(settings()))
 
 
 @functions_framework.aio.http

@@ -73,7 +73,7 @@ def test_rebuild_copies_the_write_model_into_a_read_model_equal_to_it(run: Run[A
     generation = int(run(cached(LIST_GENERATION_KEY)) or 0)
     progress: list[str] = []
 
-    copied = run(rebuild_read_model(progress.append))
+    copied = run(rebuild_read_model(settings(), progress.append))
 
     assert copied >= 1
     assert any("swapped in" in line for line in progress)

@@ -62,7 +62,7 @@ def test_a_rebuild_under_live_writes_loses_no_acknowledged_change(
         thread.start()
     rebuilding.set()
     try:
-        run(rebuild_read_model(progress=lambda _line: None))
+        run(rebuild_read_model(settings(), progress=lambda _line: None))
     finally:
         done.set()
         for thread in threads:

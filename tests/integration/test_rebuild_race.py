@@ -54,7 +54,7 @@ def test_readers_racing_a_rebuild_are_served_throughout_and_never_see_an_older_v
         todo_id = orjson.loads(created.body)["id"]
         await _project_latest(todo_id)
         seen: list[int] = []
-        rebuilding = asyncio.get_running_loop().create_task(rebuild_read_model(progress=lambda _line: None))
+        rebuilding = asyncio.get_running_loop().create_task(rebuild_read_model(settings(), progress=lambda _line: None))
 
         async def read_until_done() -> None:
             while not rebuilding.done():
@@ -90,7 +90,7 @@ def test_readers_racing_a_rebuild_are_served_throughout_and_never_see_an_older_v
 
 
 def test_the_rebuilt_read_model_equals_the_write_model_row_for_row(loop: asyncio.Runner) -> None:
-    loop.run(rebuild_read_model(progress=lambda _line: None))
+    loop.run(rebuild_read_model(settings(), progress=lambda _line: None))
     columns = ("id", "title", "description", "status", "version", "created_at", "updated_at")
     with write_db().connect() as conn:
         written = {tuple(r) for r in conn.execute(sa.select(*(todos.c[c] for c in columns)))}

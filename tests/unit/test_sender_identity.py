@@ -31,15 +31,15 @@ from starlette.responses import Response
 from local import issuer as local_issuer
 from tests.unit.fakes import (
     CREATED,
-    FakeCache,
-    FakeReadModel,
     assert_error,
     binary_event,
-    function_client,
+    client_of,
+    load_main,
     log_lines,
     todo_data,
 )
-from todo_cqrs import sender_identity
+from tests.unit.fakes_read import FakeReadStore, fake_projection
+from todo_cqrs import bootstrap, sender_identity
 from todo_cqrs.domain.errors import InvalidEvent
 from todo_cqrs.domain.events import check_subject
 from todo_cqrs.http import CloudEventSink, HttpFunction, json_response
@@ -466,7 +466,7 @@ def test_keys_the_issuer_lists_for_hmac_are_never_used(rsa_key: rsa.RSAPrivateKe
 def test_from_settings_is_no_check_when_off_and_refuses_contradictions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert isinstance(sender_identity.from_settings(), sender_identity.NoCheck)
+    assert isinstance(sender_identity.from_settings(settings()), sender_identity.NoCheck)
     for env, complaint in (
         ({"SENDER_IDENTITY": "yes"}, "SENDER_IDENTITY must be one of"),
         ({"SENDER_IDENTITY": "required", "OIDC_AUDIENCE": "x"}, "OIDC_ALLOWED_SUBJECTS"),
@@ -476,7 +476,7 @@ def test_from_settings_is_no_check_when_off_and_refuses_contradictions(
                 patch.setenv(name, value)
             settings.cache_clear()
             with pytest.raises(ValueError, match=complaint):
-                sender_identity.from_settings()
+                sender_identity.from_settings(settings())
     settings.cache_clear()
 
 
@@ -518,22 +518,23 @@ def test_the_private_key_is_made_once_readable_by_its_owner_only(tmp_path: Path)
 @pytest.fixture
 def project_event_required(
     monkeypatch: pytest.MonkeyPatch, served_issuer: str
-) -> Iterator[tuple[Any, FakeReadModel]]:
-    """functions/project_event/main.py with SENDER_IDENTITY=required against the served local issuer."""
+) -> Iterator[tuple[Any, FakeReadStore]]:
+    """functions/project_event/main.py built with SENDER_IDENTITY=required (the check bootstrap makes of
+    the settings) against the served local issuer, and fakes of the read store and the cache."""
     for name, value in {
         **local_issuer.receiver_env("project-event"),
         "OIDC_ISSUER": served_issuer,
     }.items():
         monkeypatch.setenv(name, value)
     settings.cache_clear()
-    read_model = FakeReadModel().install(monkeypatch)
-    FakeCache().install(monkeypatch)
-    with function_client("project_event") as client:
+    read_model = FakeReadStore()
+    sink = load_main("project_event").build(fake_projection(read_model), bootstrap.sender_check(settings()))
+    with client_of(sink) as client:
         yield client, read_model
 
 
 def test_project_event_refuses_an_unauthenticated_event_and_applies_the_sources(
-    project_event_required: tuple[Any, FakeReadModel], served_issuer: str, tmp_path: Path
+    project_event_required: tuple[Any, FakeReadStore], served_issuer: str, tmp_path: Path
 ) -> None:
     client, read_model = project_event_required
 
@@ -564,13 +565,10 @@ def test_an_event_whose_subject_is_not_its_data_id_can_never_apply() -> None:
         check_subject("07", b'{"id": 7}')
 
 
-def test_project_event_answers_400_to_an_event_about_another_todo_than_its_subject(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    read_model = FakeReadModel().install(monkeypatch)
-    FakeCache().install(monkeypatch)
+def test_project_event_answers_400_to_an_event_about_another_todo_than_its_subject() -> None:
+    read_model = FakeReadStore()
     headers, body = binary_event(CREATED, todo_data(7, 1), **{"ce-subject": "8"})
-    with function_client("project_event") as client:
+    with client_of(load_main("project_event").build(fake_projection(read_model))) as client:
         answer = client.post("/", content=body, headers=headers)
 
     assert_error(answer, 400, "invalid_event")

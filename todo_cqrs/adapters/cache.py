@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +39,7 @@ from redis.retry import Retry
 
 from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.logs import log_event
-from todo_cqrs.loop_local import loop_local
-from todo_cqrs.settings import settings
+from todo_cqrs.loop_local import LoopLocal
 
 LIST_GENERATION_KEY = "todos:list:gen"
 FLOOR_BUCKET = 100  # ids per floor hash: small enough for Redis's compact (listpack) encoding
@@ -100,10 +100,12 @@ def floor_key(todo_id: int) -> str:
     return f"todos:floor:{todo_id // FLOOR_BUCKET}"
 
 
-def _invalidation(todo_id: int, version: int, traceparent: str | None) -> tuple[list[Any], list[Any]]:
+def _invalidation(
+    todo_id: int, version: int, traceparent: str | None, ttl_s: int
+) -> tuple[list[Any], list[Any]]:
     """The invalidation script's keys and arguments for one change."""
     keys = [todo_key(todo_id), LIST_GENERATION_KEY, floor_key(todo_id)]
-    return keys, [version, settings().cache_ttl_s, VERSIONS_CHANNEL, todo_id, traceparent or ""]
+    return keys, [version, ttl_s, VERSIONS_CHANNEL, todo_id, traceparent or ""]
 
 
 def list_key(generation: bytes | str, page: str) -> str:
@@ -158,17 +160,42 @@ class _Batched:
                     future.set_result(value)
 
 
-class TodoCache:
+class _Connection:
+    """One event loop's Redis client, its batched GETs and its scripts."""
+
     def __init__(self, client: aredis.Redis) -> None:
         self.client = client
-        self._batched = _Batched(client)
-        self._store_todo = client.register_script(_STORE_TODO)
-        self._invalidate = client.register_script(_INVALIDATE)
-        self._read_list = client.register_script(_READ_LIST)
-        self._skip_reads_until = 0.0
+        self.batched = _Batched(client)
+        self.store_todo = client.register_script(_STORE_TODO)
+        self.invalidate = client.register_script(_INVALIDATE)
+        self.read_list = client.register_script(_READ_LIST)
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class TodoCache:
+    """The query side's cache in Redis. `connect` makes a client: once per event loop, on first use (an
+    asyncio client never outlives its loop), so nothing connects at construction. tests/contract holds
+    the in-memory fake to this class's behaviour."""
+
+    def __init__(self, connect: Callable[[], aredis.Redis], ttl_s: int, list_ttl_s: int) -> None:
+        self.ttl_s = ttl_s
+        self.list_ttl_s = list_ttl_s
+        self._connection = LoopLocal(lambda: _Connection(connect()))
+        self._skip_reads_until = 0.0
+
+    @property
+    def client(self) -> aredis.Redis:
+        """This event loop's Redis client."""
+        return self._connection().client
+
+    async def aclose(self) -> None:
+        """Close this loop's client, if one was made."""
+        connection = self._connection.peek()
+        if connection is not None:
+            self._connection.forget()
+            await connection.aclose()
 
     def _check_breaker(self) -> None:
         if time.monotonic() < self._skip_reads_until:
@@ -181,7 +208,7 @@ class TodoCache:
         """The cached todo; None when absent or invalidated. Raises CacheUnavailable."""
         self._check_breaker()
         try:
-            value = await self._batched.get(todo_key(todo_id))
+            value = await self._connection().batched.get(todo_key(todo_id))
         except REDIS_DOWN as exc:
             self._read_failed()
             raise CacheUnavailable(str(exc)) from exc
@@ -193,9 +220,8 @@ class TodoCache:
     async def store_todo(self, todo_id: int, version: int, body: bytes) -> None:
         """Store a row read from the DB unless a newer version was cached or invalidated meanwhile."""
         try:
-            await self._store_todo(
-                keys=[todo_key(todo_id)],
-                args=[version, body, settings().cache_ttl_s, todo_id, floor_key(todo_id)],
+            await self._connection().store_todo(
+                keys=[todo_key(todo_id)], args=[version, body, self.ttl_s, todo_id, floor_key(todo_id)]
             )
         except REDIS_DOWN:
             self._read_failed()  # the answer is already known; a failed store only costs a later miss
@@ -204,7 +230,7 @@ class TodoCache:
         """(generation, cached page or None). Raises CacheUnavailable."""
         self._check_breaker()
         try:
-            generation, body = await self._read_list(args=[page, LIST_GENERATION_KEY])
+            generation, body = await self._connection().read_list(args=[page, LIST_GENERATION_KEY])
         except REDIS_DOWN as exc:
             self._read_failed()
             raise CacheUnavailable(str(exc)) from exc
@@ -212,7 +238,7 @@ class TodoCache:
 
     async def store_list(self, generation: bytes, page: str, body: bytes) -> None:
         try:
-            await self.client.set(list_key(generation, page), body, ex=settings().list_cache_ttl_s)
+            await self.client.set(list_key(generation, page), body, ex=self.list_ttl_s)
         except REDIS_DOWN:
             self._read_failed()
 
@@ -220,8 +246,8 @@ class TodoCache:
         """After a read-DB commit: mark the todo's entry stale up to `version`, retire every cached
         list, and tell the waiting readers."""
         try:
-            keys, args = _invalidation(todo_id, version, traceparent)
-            await self._invalidate(keys=keys, args=args)
+            keys, args = _invalidation(todo_id, version, traceparent, self.ttl_s)
+            await self._connection().invalidate(keys=keys, args=args)
         except REDIS_DOWN as exc:
             raise DependencyUnavailable("redis is unreachable", cause=exc) from exc
 
@@ -231,10 +257,11 @@ class TodoCache:
             await self.invalidate(*changes[0])
             return
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
+            connection = self._connection()
+            async with connection.client.pipeline(transaction=False) as pipe:
                 for change in changes:
-                    keys, args = _invalidation(*change)
-                    await self._invalidate(keys=keys, args=args, client=pipe)
+                    keys, args = _invalidation(*change, self.ttl_s)
+                    await connection.invalidate(keys=keys, args=args, client=pipe)
                 await pipe.execute()
         except REDIS_DOWN as exc:
             raise DependencyUnavailable("redis is unreachable", cause=exc) from exc
@@ -264,12 +291,6 @@ def redis_client(url: str, timeout_s: float | None) -> aredis.Redis:
     )
 
 
-@loop_local
-def todo_cache() -> TodoCache:
-    s = settings()
-    return TodoCache(redis_client(s.redis_url, s.redis_timeout_s))
-
-
 # --- waking ?min_version readers --------------------------------------------------------------------
 
 
@@ -287,12 +308,15 @@ class VersionWatch:
     IDLE_S = 10.0
     SUBSCRIBE_WAIT_S = 0.05
 
-    def __init__(self) -> None:
+    def __init__(self, connect: Callable[[], aredis.Redis]) -> None:
+        """connect: a Redis client without a read timeout (a subscription waits for notices)."""
+        self._connect = connect
         self._waiters: dict[int, list[tuple[int, asyncio.Future[str]]]] = {}
         self._last_heard = 0.0
         self._last_waiter = 0.0
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def healthy(self) -> bool:
@@ -346,20 +370,23 @@ class VersionWatch:
             del self._waiters[todo_id]
 
     async def aclose(self) -> None:
-        if self._task is not None:
+        if self._task is not None and self._loop is asyncio.get_running_loop():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     def _ensure_running(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # its subscription, waiters and event belong to one loop
+            self._loop, self._task, self._waiters = loop, None, {}
+            self._subscribed = asyncio.Event()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._listen(), name="version-watch")
+            self._task = loop.create_task(self._listen(), name="version-watch")
 
     async def _listen(self) -> None:
-        s = settings()
         backoff = 0.1
         while not self._idle():
-            client = redis_client(s.redis_url, None)
+            client = self._connect()
             pubsub = client.pubsub()
             try:
                 await asyncio.wait_for(pubsub.subscribe(VERSIONS_CHANNEL), 1.0)
@@ -394,8 +421,3 @@ class VersionWatch:
 
     def _idle(self) -> bool:
         return not self._waiters and time.monotonic() - self._last_waiter > self.IDLE_S
-
-
-@loop_local
-def version_watch() -> VersionWatch:
-    return VersionWatch()

@@ -1,8 +1,7 @@
-"""The read database: projected todos, with tombstones for deleted ones."""
+"""The read database: projected todos, with tombstones for deleted ones (`ReadStore`)."""
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -11,8 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import DATETIME
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from todo_cqrs import db
 from todo_cqrs.adapters.rows import todo_from_row
+from todo_cqrs.db import Database
 from todo_cqrs.domain.clock import naive_utc
 from todo_cqrs.domain.events import Change
 from todo_cqrs.domain.todo import Status, Todo
@@ -66,12 +65,6 @@ _PAGE = (
     .limit(sa.bindparam("limit", type_=sa.Integer, literal_execute=True))
 )
 _PAGE_OF_STATUS = _PAGE.where(todos_view.c.status == sa.bindparam("status"))
-
-
-def read_connection() -> AbstractAsyncContextManager[AsyncConnection]:
-    """A read-DB connection, each statement autocommitted; an unreachable database becomes
-    DependencyUnavailable."""
-    return db.autocommitted(db.read_engine(), "read")
 
 
 def change_row(change: Change, event_time: datetime) -> dict[str, Any]:
@@ -149,3 +142,35 @@ async def list_rows(conn: AsyncConnection, status: Status | None, after_id: int,
             _PAGE_OF_STATUS, {"after_id": after_id, "limit": limit, "status": status.value}
         )
     return [todo_from_row(row) for row in result.all()]
+
+
+class ReadStore:
+    """The read model in the read database: each call one autocommitted statement under the database's
+    deadline; an unreachable database raises DependencyUnavailable. tests/contract holds the in-memory
+    fake to this class's behaviour."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def get(self, todo_id: int) -> tuple[Todo | None, int | None]:
+        """(todo, version): the live todo, or (None, tombstone version), or (None, None) when never seen."""
+        async with self.database.autocommitted() as conn:
+            return await get_row(conn, todo_id)
+
+    async def page(self, status: Status | None, after_id: int, limit: int) -> list[Todo]:
+        """Live todos with id > after_id in id order, at most `limit`."""
+        async with self.database.autocommitted() as conn:
+            return await list_rows(conn, status, after_id, limit)
+
+    async def apply(self, change: Change, event_time: datetime) -> bool:
+        """The change unless the read model holds its version or a newer one; True when it changed it."""
+        async with self.database.autocommitted() as conn:
+            return await apply_change(conn, change, event_time)
+
+    async def apply_all(self, changes: list[tuple[Change, datetime]]) -> list[bool]:
+        """Many changes in one statement, each version-gated as `apply` does, in list order."""
+        async with self.database.autocommitted() as conn:
+            return await apply_changes(conn, changes)
+
+    async def aclose(self) -> None:
+        await self.database.aclose()

@@ -7,6 +7,7 @@ imported here, so the sink function needs no HTTP client.
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 
@@ -16,6 +17,7 @@ from todo_cqrs.dead_letter.store import (
     DirectoryDeadLetterStore,
     S3DeadLetterStore,
     from_settings,
+    store_from,
 )
 from todo_cqrs.domain.errors import InvalidEvent
 from todo_cqrs.logs import annotate
@@ -25,14 +27,27 @@ dead_letters_stored = Counter("todo_dead_letters_stored", "Dead letters kept by 
 __all__ = [
     "DeadLetter",
     "DeadLetterStore",
+    "DeadLetters",
     "DirectoryDeadLetterStore",
     "S3DeadLetterStore",
     "from_settings",
     "keep_dead_letter",
+    "store_from",
 ]
 
 
-async def keep_dead_letter(headers: Mapping[str, str], body: bytes) -> str:
+@dataclass
+class DeadLetters:
+    """What the dead_letter sink uses: the store that keeps the letters (tests/contract holds the
+    in-memory fake to the directory and S3 stores' behaviour)."""
+
+    store: DeadLetterStore
+
+    async def aclose(self) -> None:
+        """Nothing to close: the stores are blocking clients, with no connection of an event loop."""
+
+
+async def keep_dead_letter(d: DeadLetters, headers: Mapping[str, str], body: bytes) -> str:
     """Store the event exactly as it arrived; returns its key. Raises DependencyUnavailable (retry).
     The stores are blocking clients (boto3, files): they run in a worker thread."""
     try:
@@ -40,7 +55,7 @@ async def keep_dead_letter(headers: Mapping[str, str], body: bytes) -> str:
     except ValueError as exc:
         raise InvalidEvent(str(exc)) from exc
     annotate(error_code=letter.error_code, error_dest=letter.error_dest)
-    key = await asyncio.to_thread(from_settings().put, letter)
+    key = await asyncio.to_thread(d.store.put, letter)
     dead_letters_stored.inc()
     annotate(key=key)
     return key

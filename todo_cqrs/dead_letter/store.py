@@ -26,7 +26,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from todo_cqrs.domain.errors import DependencyUnavailable
-from todo_cqrs.settings import settings
+from todo_cqrs.settings import Settings, settings
 
 # Extensions Knative adds when it dead-letters an event; they describe the failure, not the event.
 ERROR_EXTENSIONS = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")
@@ -300,8 +300,13 @@ def _unavailable_on_boto_error(message: str, missing_key: str | None = None) -> 
 
 @cache
 def from_settings() -> DeadLetterStore:
-    """The process's dead-letter store, as DEAD_LETTER_STORE ("dir" or "s3") and its settings choose."""
-    s = settings()
+    """The store this process's settings name (the command-line tools': a function is given its own,
+    built by todo_cqrs/bootstrap.py)."""
+    return store_from(settings())
+
+
+def store_from(s: Settings) -> DeadLetterStore:
+    """The dead-letter store DEAD_LETTER_STORE ("dir" or "s3") and its settings choose."""
     if s.dead_letter_store == "s3":
         return S3DeadLetterStore(s.dead_letter_bucket, s.dead_letter_prefix, s.dead_letter_s3_endpoint)
     if s.dead_letter_store == "dir":

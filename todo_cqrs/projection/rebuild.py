@@ -42,7 +42,7 @@ from todo_cqrs.adapters.read_store import TABLE, upsert_statement
 from todo_cqrs.domain.todo import Status
 from todo_cqrs.reconcile.passes import Reconciler
 from todo_cqrs.reconcile.service import batch_engine
-from todo_cqrs.settings import settings
+from todo_cqrs.settings import Settings, settings
 
 SHADOW = f"{TABLE}_rebuild"
 RETIRED = f"{TABLE}_old"
@@ -162,11 +162,12 @@ async def _execute(engine: AsyncEngine, *statements: str) -> None:
             await conn.exec_driver_sql(statement)
 
 
-async def rebuild_read_model(progress: Progress = lambda line: print(line, file=sys.stderr)) -> int:
-    """Returns the number of live todos copied."""
-    s = settings()
+async def rebuild_read_model(
+    s: Settings, progress: Progress = lambda line: print(line, file=sys.stderr)
+) -> int:
+    """Rebuild the read model of the databases and Redis `s` names; returns the live todos copied."""
     write, read = _engine(s.write_db_url), _engine(s.read_db_url)
-    cache = TodoCache(redis_client(s.redis_url, s.redis_timeout_s))
+    cache = TodoCache(lambda: redis_client(s.redis_url, s.redis_timeout_s), s.cache_ttl_s, s.list_cache_ttl_s)
     copy = _Copy(write, read, progress)
     drop_triggers = [f"DROP TRIGGER IF EXISTS {name}" for name in TRIGGERS]
     try:
@@ -208,5 +209,5 @@ async def rebuild_read_model(progress: Progress = lambda line: print(line, file=
 
 if __name__ == "__main__":
     began = time.monotonic()
-    count = asyncio.run(rebuild_read_model())
+    count = asyncio.run(rebuild_read_model(settings()))
     print(f"copied {count} todos into the read model in {time.monotonic() - began:.1f} s", file=sys.stderr)

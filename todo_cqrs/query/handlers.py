@@ -1,4 +1,9 @@
-"""The query side: todos from Redis, falling back to the read DB; plain dicts and JSON bytes out."""
+"""The query side: todos from Redis, falling back to the read DB; plain dicts and JSON bytes out.
+
+Every handler takes the query side's dependencies (`Queries`, built by todo_cqrs/bootstrap.py, or fakes
+in the unit tests) and the request's values, already read; it returns a `Read` or raises a domain error,
+wrapped in `ReadRefused` when the web layer must say how the cache was consulted (X-Cache).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,13 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import Counter, Histogram
 
 from todo_cqrs import metrics, tracing
-from todo_cqrs.adapters.cache import CacheUnavailable, todo_cache, version_watch
-from todo_cqrs.adapters.read_store import get_row, list_rows, read_connection
+from todo_cqrs.adapters.cache import CachedTodo, CacheUnavailable
 from todo_cqrs.domain.errors import (
     NotFound,
     NotYetConsistent,
@@ -30,8 +34,6 @@ from todo_cqrs.domain.errors import (
 from todo_cqrs.domain.numbers import MAX_VERSION, ascii_positive_int
 from todo_cqrs.domain.todo import Status, Todo
 from todo_cqrs.logs import annotate
-from todo_cqrs.loop_local import loop_local
-from todo_cqrs.settings import settings
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -53,6 +55,42 @@ _CACHE_READS = {
 }
 
 
+# --- what the handlers need (the adapters' shapes; tests/contract holds the fakes to them) ---------
+
+
+class ReadModel(Protocol):
+    """The read model as the queries use it (todo_cqrs.adapters.read_store.ReadStore)."""
+
+    async def get(self, todo_id: int) -> tuple[Todo | None, int | None]: ...
+
+    async def page(self, status: Status | None, after_id: int, limit: int) -> list[Todo]: ...
+
+
+class Cache(Protocol):
+    """The todo and page cache (todo_cqrs.adapters.cache.TodoCache); reads raise CacheUnavailable."""
+
+    async def get_todo(self, todo_id: int) -> CachedTodo | None: ...
+
+    async def store_todo(self, todo_id: int, version: int, body: bytes) -> None: ...
+
+    async def get_list(self, page: str) -> tuple[bytes, bytes | None]: ...
+
+    async def store_list(self, generation: bytes, page: str, body: bytes) -> None: ...
+
+
+class Watch(Protocol):
+    """The projection's version notices (todo_cqrs.adapters.cache.VersionWatch)."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    async def ready(self) -> bool: ...
+
+    def wait_for(self, todo_id: int, version: int) -> asyncio.Future[str]: ...
+
+    def forget(self, todo_id: int, future: asyncio.Future[str]) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Read:
     """A query's answer: the JSON body, the version for the ETag (None for lists), and X-Cache."""
@@ -60,6 +98,15 @@ class Read:
     body: bytes
     version: int | None
     cache: str  # hit | miss | bypass
+
+
+class ReadRefused(Exception):
+    """A query's domain error, and how the cache was consulted before it (hit, miss or bypass)."""
+
+    def __init__(self, error: TodoError, cache: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.cache = cache
 
 
 def _positive_int(value: str, field: str, maximum: int) -> int:
@@ -72,9 +119,9 @@ def _positive_int(value: str, field: str, maximum: int) -> int:
     return number
 
 
-def _with_cache_state(error: TodoError, state: str) -> TodoError:
-    error.headers["X-Cache"] = state
-    return error
+def parse_min_version(text: str | None) -> int | None:
+    """?min_version: absent, or a version (422 otherwise)."""
+    return None if text is None else _positive_int(text, "min_version", MAX_VERSION)
 
 
 class ReadSlots:
@@ -90,7 +137,7 @@ class ReadSlots:
     @contextlib.asynccontextmanager
     async def slot(self, state: str) -> AsyncIterator[None]:
         if self._busy.locked() and self._waiting >= self._capacity:
-            raise _with_cache_state(Overloaded("the read database is busy; retry shortly"), state)
+            raise ReadRefused(Overloaded("the read database is busy; retry shortly"), state)
         self._waiting += 1
         try:
             await self._busy.acquire()
@@ -102,22 +149,90 @@ class ReadSlots:
             self._busy.release()
 
 
-@loop_local
-def read_slots() -> ReadSlots:
-    return ReadSlots(2 * settings().db_pool_size)
+class Waiters:
+    """The ?min_version reads of this process that the cache could not answer. Past
+    MIN_VERSION_MAX_WAITERS, a new one answers 503 at once (no read of the read DB, no wait): a flood of
+    reads for versions that never come cannot take every connection and request slot for seconds."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.active = 0
+
+    @contextlib.contextmanager
+    def slot(self, state: str) -> Iterator[None]:
+        if self.active >= self.capacity:
+            min_version_wait.labels("refused").observe(0.0)
+            message = "too many reads wait for a version in this process; retry shortly"
+            raise ReadRefused(TooManyWaiters(message), state)
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
 
-async def _from_read_model(todo_id: int, state: str = "miss") -> tuple[Todo | None, int | None]:
-    async with read_slots().slot(state), read_connection() as conn:
-        return await get_row(conn, todo_id)
+class Cursors:
+    """next_cursor: `<payload>.<tag>`, both base64url. The payload says where the next page starts, the
+    tag (an HMAC with CURSOR_SECRET's key) that this API gave it out."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _tag(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()[:_CURSOR_TAG_BYTES]
+
+    def encode(self, last_id: int) -> str:
+        payload = f"after:{last_id}".encode()
+        return f"{_b64(payload)}.{_b64(self._tag(payload))}"
+
+    def decode(self, cursor: str) -> int:
+        """The id a cursor continues after; 422 for one this API did not give out (forged or altered),
+        before it could reach the database or name a cache entry."""
+        try:
+            encoded, _, tag = cursor.partition(".")
+            payload = _unb64(encoded)
+            if hmac.compare_digest(_unb64(tag), self._tag(payload)):
+                prefix, _, value = payload.decode().partition(":")
+                after = ascii_positive_int(value)
+                if prefix == "after" and after is not None:
+                    return after
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            pass
+        raise ValidationFailed(
+            "cursor is not one this API gave out",
+            [{"field": "cursor", "message": "use next_cursor from a previous page"}],
+        )
 
 
-async def get_todo(todo_id: int, min_version_text: str | None = None) -> Read:
+@dataclass
+class Queries:
+    """What the query handlers use: the read model (behind this process's read slots), the cache, the
+    projection's version notices, the bound of a ?min_version wait and the cursors' key."""
+
+    store: ReadModel
+    cache: Cache
+    watch: Watch
+    slots: ReadSlots
+    waiters: Waiters
+    cursors: Cursors
+    min_version_wait_s: float
+
+    async def aclose(self) -> None:
+        """Close what the adapters made in this event loop (the engine, the Redis clients)."""
+        for adapter in (self.watch, self.cache, self.store):
+            closer = getattr(adapter, "aclose", None)
+            if closer is not None:
+                await closer()
+
+
+async def _from_read_model(q: Queries, todo_id: int, state: str = "miss") -> tuple[Todo | None, int | None]:
+    async with q.slots.slot(state):
+        return await q.store.get(todo_id)
+
+
+async def get_todo(q: Queries, todo_id: int, min_version: int | None = None) -> Read:
     """One todo. With min_version, wait (bounded) until the read model holds that version or later."""
-    min_version = (
-        None if min_version_text is None else _positive_int(min_version_text, "min_version", MAX_VERSION)
-    )
-    cache = todo_cache()
+    cache = q.cache
     state = "miss"
     try:
         cached = await cache.get_todo(todo_id)
@@ -129,53 +244,34 @@ async def get_todo(todo_id: int, min_version_text: str | None = None) -> Read:
     _CACHE_READS["item", state].inc()
     annotate(todo_id=todo_id)
     if min_version is None:
-        todo, version = await _from_read_model(todo_id, state)
+        todo, version = await _from_read_model(q, todo_id, state)
     else:
-        with _Waiters.slot(state):
-            todo, version = await _wait_for_version(todo_id, min_version, state)
+        with q.waiters.slot(state):
+            todo, version = await _wait_for_version(q, todo_id, min_version, state)
     if todo is None:
         gone = "was deleted" if version is not None else "does not exist"
-        raise _with_cache_state(NotFound(f"todo {todo_id} {gone}"), state)
+        raise ReadRefused(NotFound(f"todo {todo_id} {gone}"), state)
     body = orjson.dumps(todo.to_dict())
     if state == "miss":
         await cache.store_todo(todo_id, todo.version, body)
     return Read(body, todo.version, state)
 
 
-class _Waiters:
-    """The ?min_version reads of this process that the cache could not answer. Past
-    MIN_VERSION_MAX_WAITERS, a new one answers 503 at once (no read of the read DB, no wait): a flood of
-    reads for versions that never come cannot take every connection and request slot for seconds."""
-
-    active = 0
-
-    @classmethod
-    @contextlib.contextmanager
-    def slot(cls, state: str) -> Iterator[None]:
-        if cls.active >= settings().min_version_max_waiters:
-            min_version_wait.labels("refused").observe(0.0)
-            message = "too many reads wait for a version in this process; retry shortly"
-            raise _with_cache_state(TooManyWaiters(message), state)
-        cls.active += 1
-        try:
-            yield
-        finally:
-            cls.active -= 1
-
-
-async def _wait_for_version(todo_id: int, min_version: int, state: str) -> tuple[Todo | None, int]:
+async def _wait_for_version(
+    q: Queries, todo_id: int, min_version: int, state: str
+) -> tuple[Todo | None, int]:
     """Read-your-writes: the read model's row once it holds min_version or later. Woken by the
     projection's notice through Redis; polling the read DB only while Redis is unreachable."""
     started = time.monotonic()
-    deadline = started + settings().min_version_wait_s
-    watch = version_watch()
+    deadline = started + q.min_version_wait_s
+    watch = q.watch
     pause = _POLL_FIRST_S
     woken_by = ""
     await watch.ready()
     while True:
         notified = watch.wait_for(todo_id, min_version) if watch.healthy else None
         try:
-            todo, version = await _from_read_model(todo_id)
+            todo, version = await _from_read_model(q, todo_id)
             if version is not None and version >= min_version:
                 min_version_wait.labels("ready").observe(time.monotonic() - started)
                 if woken_by:
@@ -185,7 +281,7 @@ async def _wait_for_version(todo_id: int, min_version: int, state: str) -> tuple
             if left <= 0:
                 min_version_wait.labels("timeout").observe(time.monotonic() - started)
                 message = f"the read model does not hold version {min_version} of todo {todo_id} yet"
-                raise _with_cache_state(NotYetConsistent(f"{message}; retry shortly"), state)
+                raise ReadRefused(NotYetConsistent(f"{message}; retry shortly"), state)
             if notified is not None:
                 attributes = {"todo.id": todo_id, "todo.version": min_version}
                 # On a timeout: one last look at the read model, above.
@@ -207,37 +303,8 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _cursor_tag(payload: bytes) -> bytes:
-    return hmac.new(settings().cursor_key, payload, hashlib.sha256).digest()[:_CURSOR_TAG_BYTES]
-
-
-def encode_cursor(last_id: int) -> str:
-    """`<payload>.<tag>`, both base64url: the payload says where the next page starts, the tag (an
-    HMAC with CURSOR_SECRET's key) that this API gave it out."""
-    payload = f"after:{last_id}".encode()
-    return f"{_b64(payload)}.{_b64(_cursor_tag(payload))}"
-
-
-def decode_cursor(cursor: str) -> int:
-    """The id a cursor continues after; 422 for one this API did not give out (forged or altered), before
-    it could reach the database or name a cache entry."""
-    try:
-        encoded, _, tag = cursor.partition(".")
-        payload = _unb64(encoded)
-        if hmac.compare_digest(_unb64(tag), _cursor_tag(payload)):
-            prefix, _, value = payload.decode().partition(":")
-            after = ascii_positive_int(value)
-            if prefix == "after" and after is not None:
-                return after
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
-    raise ValidationFailed(
-        "cursor is not one this API gave out",
-        [{"field": "cursor", "message": "use next_cursor from a previous page"}],
-    )
-
-
-def _list_params(args: Mapping[str, str]) -> tuple[Status | None, int, int]:
+def page_params(args: Mapping[str, str], cursors: Cursors) -> tuple[Status | None, int, int]:
+    """(status, limit, after_id) of a list query's parameters; 422 for one that is not valid."""
     status = None
     if "status" in args:
         if args["status"] not in Status.__members__:
@@ -246,15 +313,14 @@ def _list_params(args: Mapping[str, str]) -> tuple[Status | None, int, int]:
             )
         status = Status(args["status"])
     limit = _positive_int(args["limit"], "limit", MAX_LIMIT) if "limit" in args else DEFAULT_LIMIT
-    after_id = decode_cursor(args["cursor"]) if args.get("cursor") else 0
+    after_id = cursors.decode(args["cursor"]) if args.get("cursor") else 0
     return status, limit, after_id
 
 
-async def list_todos(args: Mapping[str, str]) -> Read:
+async def list_todos(q: Queries, status: Status | None, limit: int, after_id: int) -> Read:
     """A page of live todos in ascending id, by key (no OFFSET): {"items": [...], "next_cursor": ...}."""
-    status, limit, after_id = _list_params(args)
     page = f"{status or '*'}:{after_id}:{limit}"
-    cache = todo_cache()
+    cache = q.cache
     state, generation = "miss", b""
     try:
         generation, cached = await cache.get_list(page)
@@ -264,13 +330,13 @@ async def list_todos(args: Mapping[str, str]) -> Read:
     except CacheUnavailable:
         state = "bypass"
     _CACHE_READS["list", state].inc()
-    async with read_slots().slot(state), read_connection() as conn:
-        todos: list[Todo] = await list_rows(conn, status, after_id, limit + 1)
+    async with q.slots.slot(state):
+        todos = await q.store.page(status, after_id, limit + 1)
     more = len(todos) > limit
     todos = todos[:limit]
     body: Any = {
         "items": [t.to_dict() for t in todos],
-        "next_cursor": encode_cursor(todos[-1].id) if more else None,
+        "next_cursor": q.cursors.encode(todos[-1].id) if more else None,
     }
     encoded = orjson.dumps(body)
     if state == "miss":

@@ -7,13 +7,12 @@ import json
 import sys
 from typing import Any
 
-from todo_cqrs import logs
-from todo_cqrs.reconcile.service import ReconcileTick
+from todo_cqrs import bootstrap, logs
 from todo_cqrs.settings import settings
 
 
 async def _once() -> dict[str, Any]:
-    tick = ReconcileTick.from_settings(settings())
+    tick = bootstrap.reconcile(settings())
     try:
         return await tick.run()
     finally:

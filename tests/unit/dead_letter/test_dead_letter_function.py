@@ -1,17 +1,23 @@
 """The dead_letter function, loaded by functions-framework's own create_asgi_app and driven by its test
-client; its store is the directory backend on tmp_path (or an in-memory fake, or an S3 nobody serves)."""
+client; its store is the directory backend on tmp_path. Built by its `build` instead, with the store other
+settings name (a file where the directory should be, an S3 nobody serves) or an in-memory fake."""
 
 from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
-from tests.unit.fakes import FakeDeadLetterStore, assert_error, log_lines
-from todo_cqrs.dead_letter.store import DirectoryDeadLetterStore, from_settings
+from tests.unit.fakes import assert_error, client_of, load_main, log_lines
+from tests.unit.fakes_read import FakeDeadLetterStore
+from todo_cqrs import bootstrap
+from todo_cqrs.dead_letter import DeadLetters
+from todo_cqrs.dead_letter.store import DirectoryDeadLetterStore
 from todo_cqrs.settings import settings
 
 FUNCTION = "dead_letter"
@@ -38,11 +44,14 @@ def letters_dir(tmp_path: Path) -> Path:
     return tmp_path / "dead-letters"
 
 
-def use_store(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+@contextmanager
+def served_with(monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[TestClient]:
+    """dead_letter with the store these settings name, built as its main.py builds it."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings.cache_clear()
-    from_settings.cache_clear()
+    with client_of(load_main(FUNCTION).build(bootstrap.dead_letters(settings()))) as client:
+        yield client
 
 
 def stored(letters_dir: Path) -> list:
@@ -188,23 +197,23 @@ def test_body_larger_than_64_kib_is_413(client: TestClient, letters_dir: Path) -
 
 
 def test_unwritable_store_answers_503_so_the_event_is_retried(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("")
-    use_store(monkeypatch, DEAD_LETTER_STORE="dir", DEAD_LETTER_DIR=str(not_a_directory))
 
-    response = client.post("/", headers=DEAD_LETTERED, content=BODY)
+    with served_with(monkeypatch, DEAD_LETTER_STORE="dir", DEAD_LETTER_DIR=str(not_a_directory)) as client:
+        response = client.post("/", headers=DEAD_LETTERED, content=BODY)
 
     assert_error(response, 503, "dependency_unavailable")
     assert response.headers["Retry-After"]
 
 
-def test_unreachable_object_store_answers_503(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_object_store_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
-    use_store(
+    unreachable = served_with(
         monkeypatch,
         DEAD_LETTER_STORE="s3",
         DEAD_LETTER_S3_ENDPOINT=f"http://127.0.0.1:{closed_port}",
@@ -213,15 +222,17 @@ def test_unreachable_object_store_answers_503(client: TestClient, monkeypatch: p
         AWS_DEFAULT_REGION="us-east-1",
     )
 
-    response = client.post("/", headers=DEAD_LETTERED, content=BODY)
+    with unreachable as client:
+        response = client.post("/", headers=DEAD_LETTERED, content=BODY)
 
     assert_error(response, 503, "dependency_unavailable")
 
 
-def test_store_is_looked_up_per_request(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeDeadLetterStore().install(monkeypatch)
+def test_the_letter_goes_to_the_store_the_function_is_given() -> None:
+    fake = FakeDeadLetterStore()
 
-    assert client.post("/", headers=DEAD_LETTERED, content=BODY).status_code == 200
+    with client_of(load_main(FUNCTION).build(DeadLetters(fake))) as client:
+        assert client.post("/", headers=DEAD_LETTERED, content=BODY).status_code == 200
 
     [letter] = fake.letters.values()
     assert letter.id == DEAD_LETTERED["ce-id"]

@@ -1,5 +1,6 @@
 """get_todos' bounds (issue 17): a cap on the ?min_version reads that wait in one process, and signed
-cursors. With the fake cache, read model and watch of the projection's notices (tests/unit/fakes.py)."""
+cursors. With the fake cache, read store and watch of the projection's notices passed in
+(tests/unit/fakes_read.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from tests.unit.fakes import FakeCache, FakeReadModel, FakeVersionWatch, a_todo, assert_error
-from todo_cqrs.domain.errors import Overloaded, TooManyWaiters
+from tests.unit.fakes import a_todo, assert_error
+from tests.unit.fakes_read import FakeCache, FakeReadStore, FakeVersionWatch
+from todo_cqrs import bootstrap
+from todo_cqrs.domain.errors import Overloaded, TooManyWaiters, ValidationFailed
 from todo_cqrs.domain.todo import Todo
-from todo_cqrs.query import handlers
-from todo_cqrs.query.handlers import ReadSlots
+from todo_cqrs.query.handlers import Cursors, Queries, ReadRefused, ReadSlots, Waiters, get_todo
 from todo_cqrs.settings import settings
 
 FUNCTION = "get_todos"
+DEPS = "queries"
 
 
 @pytest.fixture
@@ -43,20 +46,21 @@ def body_of(response: Any) -> Any:
 
 
 def test_waiters_past_the_cap_answer_503_at_once_and_those_below_it_are_served(
-    read_model: FakeReadModel, cache: FakeCache, watch: FakeVersionWatch, env: Callable[..., None]
+    queries: Queries, read_model: FakeReadStore, cache: FakeCache, watch: FakeVersionWatch
 ) -> None:
-    env(MIN_VERSION_MAX_WAITERS="2", MIN_VERSION_WAIT_SECONDS="30")
+    queries.waiters, queries.min_version_wait_s = Waiters(2), 30
     read_model.put(a_todo(7, version=3))
 
     async def scenario() -> None:
-        waiting = [asyncio.create_task(handlers.get_todo(7, "4")) for _ in range(2)]
+        waiting = [asyncio.create_task(get_todo(queries, 7, 4)) for _ in range(2)]
         while len(watch.waits) < 2:  # both registered with the watch: they wait for the projection
             await asyncio.sleep(0)
         lookups = len(read_model.row_lookups)
 
-        with pytest.raises(TooManyWaiters) as refused:
-            await handlers.get_todo(8, "1")
-        assert refused.value.retry_after_s >= 1
+        with pytest.raises(ReadRefused) as refused:
+            await get_todo(queries, 8, 1)
+        assert isinstance(refused.value.error, TooManyWaiters) and refused.value.cache == "miss"
+        assert refused.value.error.retry_after_s >= 1
         assert len(read_model.row_lookups) == lookups  # refused before any read of the read DB
 
         # The projection lands version 4: both waiters are answered with it.
@@ -65,16 +69,20 @@ def test_waiters_past_the_cap_answer_503_at_once_and_those_below_it_are_served(
         assert [read.version for read in await asyncio.gather(*waiting)] == [4, 4]
 
         # Their slots are free again: the next read that must wait is served too.
-        read_model.arrive_after(read_model.reads + 1, lambda: read_model.put(a_todo(8, version=1)))
-        assert (await handlers.get_todo(8, "1")).version == 1
+        async def projected() -> None:
+            read_model.put(a_todo(8, version=1))
+            await cache.invalidate(8, 1)
+
+        watch.land_when_waited(8, projected)
+        assert (await get_todo(queries, 8, 1)).version == 1
 
     asyncio.run(scenario())
 
 
 def test_a_read_past_the_cap_answers_503_too_many_waiters_with_retry_after(
-    client: TestClient, read_model: FakeReadModel, env: Callable[..., None]
+    client: TestClient, queries: Queries, read_model: FakeReadStore
 ) -> None:
-    env(MIN_VERSION_MAX_WAITERS="0")
+    queries.waiters = Waiters(0)
     read_model.put(a_todo(7, version=3))
 
     response = client.get("/7?min_version=4")
@@ -86,9 +94,9 @@ def test_a_read_past_the_cap_answers_503_too_many_waiters_with_retry_after(
 
 
 def test_the_cap_leaves_reads_the_cache_answers_alone(
-    client: TestClient, read_model: FakeReadModel, env: Callable[..., None]
+    client: TestClient, queries: Queries, read_model: FakeReadStore
 ) -> None:
-    env(MIN_VERSION_MAX_WAITERS="0")
+    queries.waiters = Waiters(0)
     read_model.put(a_todo(7, version=3))
     assert client.get("/7").status_code == 200  # now cached
 
@@ -102,7 +110,7 @@ def test_the_cap_leaves_reads_the_cache_answers_alone(
 
 
 @pytest.fixture
-def five(read_model: FakeReadModel) -> list[Todo]:
+def five(read_model: FakeReadStore) -> list[Todo]:
     return [read_model.put(a_todo(i)) for i in (2, 4, 5, 9, 11)]
 
 
@@ -111,16 +119,27 @@ def first_cursor(client: TestClient) -> str:
     return cursor
 
 
+def cursors_of_a_process() -> Cursors:
+    """The cursors of a get_todos process started now, built from its settings as bootstrap builds them."""
+    return bootstrap.queries(settings()).cursors
+
+
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
 def test_an_issued_cursor_is_accepted_by_another_process_with_the_same_secret(
-    client: TestClient, read_model: FakeReadModel, five: list[Todo], env: Callable[..., None]
+    client: TestClient,
+    queries: Queries,
+    read_model: FakeReadStore,
+    five: list[Todo],
+    env: Callable[..., None],
 ) -> None:
     env(CURSOR_SECRET="shared by every get-todos pod")
+    queries.cursors = cursors_of_a_process()
     cursor = first_cursor(client)
     settings.cache_clear()  # as another pod would: its own settings, the same Secret
+    queries.cursors = cursors_of_a_process()
 
     response = client.get("/todo", params={"limit": 2, "cursor": cursor})
 
@@ -142,7 +161,7 @@ def forged_cursors(issued: str) -> list[str]:
 
 
 def test_a_forged_or_altered_cursor_answers_422_and_reaches_neither_db_nor_cache(
-    client: TestClient, read_model: FakeReadModel, cache: FakeCache, five: list[Todo]
+    client: TestClient, read_model: FakeReadStore, cache: FakeCache, five: list[Todo]
 ) -> None:
     issued = first_cursor(client)
     queries, stored = list(read_model.list_queries), list(cache.stored_pages)
@@ -156,11 +175,17 @@ def test_a_forged_or_altered_cursor_answers_422_and_reaches_neither_db_nor_cache
 
 
 def test_a_cursor_signed_with_another_secret_answers_422(
-    client: TestClient, read_model: FakeReadModel, five: list[Todo], env: Callable[..., None]
+    client: TestClient,
+    queries: Queries,
+    read_model: FakeReadStore,
+    five: list[Todo],
+    env: Callable[..., None],
 ) -> None:
     env(CURSOR_SECRET="one deployment")
+    queries.cursors = cursors_of_a_process()
     cursor = first_cursor(client)
     env(CURSOR_SECRET="another deployment")
+    queries.cursors = cursors_of_a_process()
 
     assert_error(client.get("/todo", params={"cursor": cursor}), 422, "validation_failed")
 
@@ -170,13 +195,13 @@ def test_without_cursor_secret_the_key_is_derived_from_the_db_password_the_pods_
 ) -> None:
     monkeypatch.delenv("CURSOR_SECRET", raising=False)
     env(DB_PASSWORD="the todo_query secret")
-    cursor = handlers.encode_cursor(41)
+    cursor = cursors_of_a_process().encode(41)
     settings.cache_clear()
-    assert handlers.decode_cursor(cursor) == 41
+    assert cursors_of_a_process().decode(cursor) == 41
 
     env(DB_PASSWORD="another password")
-    with pytest.raises(handlers.ValidationFailed):
-        handlers.decode_cursor(cursor)
+    with pytest.raises(ValidationFailed):
+        cursors_of_a_process().decode(cursor)
 
 
 def test_reads_past_the_read_db_slots_and_as_many_waiting_answer_503_at_once() -> None:
@@ -192,8 +217,9 @@ def test_reads_past_the_read_db_slots_and_as_many_waiting_answer_503_at_once() -
                 async with slots.slot("miss"):
                     outcomes.append(f"{name} read")
                     await release.wait()
-            except Overloaded as refused:
-                outcomes.append(f"{name} refused {refused.headers['X-Cache']}")
+            except ReadRefused as refused:
+                assert isinstance(refused.error, Overloaded)
+                outcomes.append(f"{name} refused {refused.cache}")
 
         tasks = [asyncio.create_task(read(f"r{i}")) for i in range(5)]
         await asyncio.sleep(0)  # two hold the slots, two wait, the fifth is refused at once

@@ -1,56 +1,53 @@
-"""get_todos through functions-framework's ASGI app, with a fake in-memory cache, read model and watch of
-the projection's version notices."""
+"""get_todos built with fakes of the cache, the read store and the watch of the projection's version
+notices passed in (tests/unit/fakes_read.py), served as functions-framework routes it."""
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
 from starlette.testclient import TestClient
 
-from tests.unit.fakes import (
-    UPDATED,
+from tests.unit.fakes import UPDATED, a_todo, assert_error, log_lines, todo_data
+from tests.unit.fakes_read import (
     FakeCache,
-    FakeReadModel,
+    FakeReadStore,
     FakeVersionWatch,
     UnreachableCache,
-    a_todo,
-    assert_error,
-    log_lines,
-    todo_data,
+    fake_projection,
 )
 from todo_cqrs.adapters.cache import CachedTodo
 from todo_cqrs.domain.todo import Status, Todo
-from todo_cqrs.projection import handlers as projection_handlers
-from todo_cqrs.settings import settings
+from todo_cqrs.projection.handlers import project_event
+from todo_cqrs.query.handlers import Queries
 
 FUNCTION = "get_todos"
+DEPS = "queries"
 
 
 @pytest.fixture
-def redis_down(monkeypatch: pytest.MonkeyPatch) -> UnreachableCache:
-    return UnreachableCache().install(monkeypatch)  # type: ignore[return-value]
+def redis_down(queries: Queries) -> UnreachableCache:
+    queries.cache = UnreachableCache()
+    return queries.cache
 
 
 @pytest.fixture
-def todo(read_model: FakeReadModel) -> Todo:
+def todo(read_model: FakeReadStore) -> Todo:
     return read_model.put(a_todo(7, title="buy milk", version=3))
 
 
 @pytest.fixture
-def wait_bound(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[float], None]]:
-    """Set MIN_VERSION_WAIT_SECONDS for one test (settings are cached per process)."""
+def wait_bound(queries: Queries) -> Callable[[float], None]:
+    """Set the bound of a ?min_version wait (MIN_VERSION_WAIT_SECONDS) for one test."""
 
     def set_bound(seconds: float) -> None:
-        monkeypatch.setenv("MIN_VERSION_WAIT_SECONDS", str(seconds))
-        settings.cache_clear()
+        queries.min_version_wait_s = seconds
 
-    yield set_bound
-    settings.cache_clear()
+    return set_bound
 
 
 def body_of(response: Any) -> Any:
@@ -84,7 +81,7 @@ def test_second_read_is_a_cache_hit_with_the_same_body(client: TestClient, todo:
 
 
 def test_cache_hit_answers_from_the_cache_without_reading_the_db(
-    client: TestClient, cache: FakeCache, read_model: FakeReadModel, todo: Todo
+    client: TestClient, cache: FakeCache, read_model: FakeReadStore, todo: Todo
 ) -> None:
     cached = a_todo(7, title="cached copy", version=3)
     cache.todos[7] = CachedTodo(3, json.dumps(cached.to_dict()).encode())
@@ -110,10 +107,10 @@ def test_unreachable_redis_is_bypassed_and_nothing_is_stored(
 
 @pytest.mark.parametrize("redis_is_down", [False, True])
 def test_unreachable_read_db_answers_503_with_retry_after(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, read_model: FakeReadModel, redis_is_down: bool
+    client: TestClient, queries: Queries, read_model: FakeReadStore, redis_is_down: bool
 ) -> None:
     if redis_is_down:
-        UnreachableCache().install(monkeypatch)
+        queries.cache = UnreachableCache()
     read_model.unreachable = True
 
     response = client.get("/7")
@@ -124,10 +121,10 @@ def test_unreachable_read_db_answers_503_with_retry_after(
 
 @pytest.mark.parametrize("redis_is_down", [False, True])
 def test_unknown_todo_answers_404_with_x_cache(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, cache: FakeCache, todo: Todo, redis_is_down: bool
+    client: TestClient, queries: Queries, cache: FakeCache, todo: Todo, redis_is_down: bool
 ) -> None:
     if redis_is_down:
-        UnreachableCache().install(monkeypatch)
+        queries.cache = UnreachableCache()
 
     response = client.get("/8")
 
@@ -136,7 +133,7 @@ def test_unknown_todo_answers_404_with_x_cache(
     assert cache.stored_todos == []
 
 
-def test_deleted_todo_answers_404(client: TestClient, read_model: FakeReadModel) -> None:
+def test_deleted_todo_answers_404(client: TestClient, read_model: FakeReadStore) -> None:
     read_model.tombstone(7, 4)
 
     response = client.get("/todo/7")
@@ -193,7 +190,7 @@ def test_head_answers_the_headers_without_a_body(client: TestClient, todo: Todo)
 )
 @pytest.mark.parametrize("prefix", ["", "/todo"])
 def test_id_that_is_not_a_positive_integer_in_ascii_digits_answers_400(
-    client: TestClient, read_model: FakeReadModel, prefix: str, segment: str
+    client: TestClient, read_model: FakeReadStore, prefix: str, segment: str
 ) -> None:
     assert_error(client.get(f"{prefix}/{segment}"), 400, "bad_request")
     assert read_model.reads == 0
@@ -226,7 +223,7 @@ def test_other_methods_answer_405_with_allow(client: TestClient, todo: Todo, met
 
 
 def test_min_version_already_cached_answers_the_hit(
-    client: TestClient, read_model: FakeReadModel, todo: Todo
+    client: TestClient, read_model: FakeReadStore, todo: Todo
 ) -> None:
     client.get("/7")
 
@@ -237,7 +234,7 @@ def test_min_version_already_cached_answers_the_hit(
 
 
 def test_min_version_newer_than_the_cache_reads_the_db(
-    client: TestClient, cache: FakeCache, read_model: FakeReadModel, watch: FakeVersionWatch
+    client: TestClient, cache: FakeCache, read_model: FakeReadStore, watch: FakeVersionWatch
 ) -> None:
     cache.todos[7] = CachedTodo(3, json.dumps(a_todo(7, version=3).to_dict()).encode())
     read_model.put(a_todo(7, title="newer", version=4))
@@ -253,7 +250,7 @@ def test_min_version_newer_than_the_cache_reads_the_db(
 
 def test_min_version_is_woken_by_the_projections_notice(
     client: TestClient,
-    read_model: FakeReadModel,
+    read_model: FakeReadStore,
     cache: FakeCache,
     watch: FakeVersionWatch,
     todo: Todo,
@@ -262,9 +259,8 @@ def test_min_version_is_woken_by_the_projections_notice(
     """The reader waits on the watch, not on a poll: the real projection handler, on the fakes, applies
     version 4 while it waits, and its invalidation's notice wakes the reader (which logs whose notice
     woke it; a reader that only saw the row at the end of its bound would not)."""
-    watch.land_when_waited(
-        7, lambda: projection_handlers.project_event(UPDATED, todo_data(7, 4, title="landed"))
-    )
+    projection = fake_projection(read_model, cache)
+    watch.land_when_waited(7, lambda: project_event(projection, UPDATED, todo_data(7, 4, title="landed")))
 
     response = client.get("/todo/7?min_version=4")
 
@@ -281,7 +277,7 @@ def test_min_version_is_woken_by_the_projections_notice(
 
 def test_min_version_polls_the_read_model_while_the_watch_is_down(
     client: TestClient,
-    read_model: FakeReadModel,
+    read_model: FakeReadStore,
     watch: FakeVersionWatch,
     todo: Todo,
     wait_bound: Callable[[float], None],
@@ -299,7 +295,7 @@ def test_min_version_polls_the_read_model_while_the_watch_is_down(
 
 
 def test_min_version_reached_by_the_deletion_answers_404(
-    client: TestClient, read_model: FakeReadModel, wait_bound: Callable[[float], None]
+    client: TestClient, read_model: FakeReadStore, wait_bound: Callable[[float], None]
 ) -> None:
     wait_bound(0)
     read_model.tombstone(7, 4)
@@ -311,7 +307,7 @@ def test_min_version_reached_by_the_deletion_answers_404(
 @pytest.mark.parametrize("seed", ["older version", "never seen"])
 def test_min_version_not_reached_in_time_answers_503_not_yet_consistent(
     client: TestClient,
-    read_model: FakeReadModel,
+    read_model: FakeReadStore,
     watch: FakeVersionWatch,
     wait_bound: Callable[[float], None],
     seed: str,
@@ -334,7 +330,7 @@ def test_min_version_not_reached_in_time_answers_503_not_yet_consistent(
     "value", ["0", "x", "-1", "", "1.5", "١٠", "²", "１", "4 ", "+4", "0x4", "4_0", "9" * 5000, str(2**31)]
 )
 def test_min_version_that_is_not_a_positive_integer_in_ascii_digits_answers_422(
-    client: TestClient, read_model: FakeReadModel, todo: Todo, value: str
+    client: TestClient, read_model: FakeReadStore, todo: Todo, value: str
 ) -> None:
     error = assert_error(client.get("/7", params={"min_version": value}), 422, "validation_failed")
 
@@ -343,7 +339,7 @@ def test_min_version_that_is_not_a_positive_integer_in_ascii_digits_answers_422(
 
 
 def test_min_version_at_the_version_columns_limit_is_accepted(
-    client: TestClient, read_model: FakeReadModel, wait_bound: Callable[[float], None]
+    client: TestClient, read_model: FakeReadStore, wait_bound: Callable[[float], None]
 ) -> None:
     wait_bound(0)
     read_model.put(a_todo(7, version=2**31 - 1))
@@ -355,7 +351,7 @@ def test_min_version_at_the_version_columns_limit_is_accepted(
 
 
 @pytest.fixture
-def five(read_model: FakeReadModel) -> list[Todo]:
+def five(read_model: FakeReadStore) -> list[Todo]:
     statuses = [Status.CREATED, Status.FINISHED, Status.CREATED, Status.FINISHED, Status.FINISHED]
     return [read_model.put(a_todo(i, status=s)) for i, s in zip([2, 4, 5, 9, 11], statuses, strict=True)]
 
@@ -366,7 +362,7 @@ def ids(response: Any) -> list[int]:
 
 @pytest.mark.parametrize("path", ["/", "/todo", "/todo/"])
 def test_list_answers_items_in_ascending_id_and_no_cursor_when_all_fit(
-    client: TestClient, read_model: FakeReadModel, five: list[Todo], path: str
+    client: TestClient, read_model: FakeReadStore, five: list[Todo], path: str
 ) -> None:
     response = client.get(path)
 
@@ -377,7 +373,7 @@ def test_list_answers_items_in_ascending_id_and_no_cursor_when_all_fit(
 
 
 def test_list_pages_by_key_until_the_cursor_is_null(
-    client: TestClient, read_model: FakeReadModel, five: list[Todo]
+    client: TestClient, read_model: FakeReadStore, five: list[Todo]
 ) -> None:
     pages, cursor = [], ""
     for _ in range(5):
@@ -397,7 +393,7 @@ def test_list_with_exactly_a_page_of_todos_has_no_next_cursor(client: TestClient
 
 
 def test_list_filters_by_status_across_pages(
-    client: TestClient, read_model: FakeReadModel, five: list[Todo]
+    client: TestClient, read_model: FakeReadStore, five: list[Todo]
 ) -> None:
     first = client.get("/?status=FINISHED&limit=2")
     second = client.get(
@@ -414,7 +410,7 @@ def test_list_of_an_empty_read_model_is_empty(client: TestClient) -> None:
 
 
 def test_same_page_again_is_a_cache_hit(
-    client: TestClient, read_model: FakeReadModel, five: list[Todo]
+    client: TestClient, read_model: FakeReadStore, five: list[Todo]
 ) -> None:
     first = client.get("/?limit=2&status=FINISHED")
     second = client.get("/?limit=2&status=FINISHED")
@@ -444,7 +440,7 @@ def test_list_bypasses_unreachable_redis(
 
 @pytest.mark.parametrize("failure", ["unreachable", "operational_error"])
 def test_list_with_the_read_db_unreachable_answers_503(
-    client: TestClient, read_model: FakeReadModel, failure: str
+    client: TestClient, read_model: FakeReadStore, failure: str
 ) -> None:
     if failure == "unreachable":
         read_model.unreachable = True
@@ -460,7 +456,7 @@ def test_list_with_the_read_db_unreachable_answers_503(
 
 
 @pytest.mark.parametrize("limit", ["1", "100"])
-def test_limit_bounds_are_accepted(client: TestClient, read_model: FakeReadModel, limit: str) -> None:
+def test_limit_bounds_are_accepted(client: TestClient, read_model: FakeReadStore, limit: str) -> None:
     assert client.get(f"/?limit={limit}").status_code == 200
     assert read_model.list_queries[-1][2] == int(limit) + 1
 
@@ -495,7 +491,7 @@ def cursor_of(text: str) -> str:
     ],
 )
 def test_bad_list_parameter_answers_422_naming_it(
-    client: TestClient, read_model: FakeReadModel, query: dict[str, str], field: str
+    client: TestClient, read_model: FakeReadStore, query: dict[str, str], field: str
 ) -> None:
     error = assert_error(client.get("/todo", params=query), 422, "validation_failed")
 
@@ -505,7 +501,7 @@ def test_bad_list_parameter_answers_422_naming_it(
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_health_path_answers_200_without_the_stores(
-    client: TestClient, read_model: FakeReadModel, redis_down: UnreachableCache, path: str
+    client: TestClient, read_model: FakeReadStore, redis_down: UnreachableCache, path: str
 ) -> None:
     read_model.unreachable = True
 

@@ -1,4 +1,4 @@
-"""project_event through functions-framework's ASGI app, with a fake in-memory read model and cache.
+"""project_event built with fakes of the read store and the cache passed in (tests/unit/fakes_read.py).
 
 Events are posted the way a KafkaSource delivers them: binary-mode CloudEvents over HTTP (a few in
 structured mode). The statuses are what the KafkaSource acts on: 2xx done, 400 dead-lettered without
@@ -20,9 +20,6 @@ from tests.unit.fakes import (
     CREATED,
     DELETED,
     UPDATED,
-    FakeCache,
-    FakeReadModel,
-    UnreachableCache,
     a_todo,
     assert_error,
     binary_event,
@@ -30,22 +27,15 @@ from tests.unit.fakes import (
     structured_event,
     todo_data,
 )
+from tests.unit.fakes_read import FakeCache, FakeReadStore
 from todo_cqrs import db
 from todo_cqrs.domain.clock import parse_time
 
-FUNCTION = "project_event"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
-
-@pytest.fixture(autouse=True)
-def read_model(monkeypatch: pytest.MonkeyPatch) -> FakeReadModel:
-    return FakeReadModel().install(monkeypatch)
-
-
-@pytest.fixture(autouse=True)
-def cache(monkeypatch: pytest.MonkeyPatch) -> FakeCache:
-    return FakeCache().install(monkeypatch)
+FUNCTION = "project_event"
+DEPS = "projection"
 
 
 def event_data(event_type: str, todo_id: int, version: int, **fields: Any) -> dict[str, Any]:
@@ -67,7 +57,7 @@ def send(client: TestClient, event_type: str, todo_id: int, version: int, **fiel
     return response
 
 
-def live(read_model: FakeReadModel, todo_id: int) -> tuple[int, str] | None:
+def live(read_model: FakeReadStore, todo_id: int) -> tuple[int, str] | None:
     """(version, title) of a live row; None when absent or a tombstone."""
     todo, version = read_model.rows.get(todo_id, (None, None))
     return (version, todo.title) if todo is not None and version is not None else None
@@ -76,7 +66,7 @@ def live(read_model: FakeReadModel, todo_id: int) -> tuple[int, str] | None:
 # --- applying -----------------------------------------------------------------------------------
 
 
-def test_created_event_is_applied_and_answers_200(client: TestClient, read_model: FakeReadModel) -> None:
+def test_created_event_is_applied_and_answers_200(client: TestClient, read_model: FakeReadStore) -> None:
     response = post(client, CREATED, todo_data(7, 1, title="buy milk", description="two litres"))
 
     assert (response.status_code, response.json()) == (200, {"outcome": "applied"})
@@ -86,14 +76,14 @@ def test_created_event_is_applied_and_answers_200(client: TestClient, read_model
 
 
 @pytest.mark.parametrize("path", ["/", "/todo-events", "/any/path"])
-def test_event_on_any_path_is_applied(client: TestClient, read_model: FakeReadModel, path: str) -> None:
+def test_event_on_any_path_is_applied(client: TestClient, read_model: FakeReadStore, path: str) -> None:
     headers, body = binary_event(CREATED, todo_data(7, 1))
 
     assert client.post(path, content=body, headers=headers).status_code == 200
     assert live(read_model, 7) == (1, "v1")
 
 
-def test_structured_mode_event_is_applied(client: TestClient, read_model: FakeReadModel) -> None:
+def test_structured_mode_event_is_applied(client: TestClient, read_model: FakeReadStore) -> None:
     headers, body = structured_event(CREATED, todo_data(7, 1), subject="7")
 
     response = client.post("/", content=body, headers=headers)
@@ -103,7 +93,7 @@ def test_structured_mode_event_is_applied(client: TestClient, read_model: FakeRe
 
 
 def test_structured_mode_event_with_base64_data_is_applied(
-    client: TestClient, read_model: FakeReadModel
+    client: TestClient, read_model: FakeReadStore
 ) -> None:
     envelope = {
         "specversion": "1.0",
@@ -122,7 +112,7 @@ def test_structured_mode_event_with_base64_data_is_applied(
     assert live(read_model, 7) == (1, "v1")
 
 
-def test_update_is_applied(client: TestClient, read_model: FakeReadModel) -> None:
+def test_update_is_applied(client: TestClient, read_model: FakeReadStore) -> None:
     send(client, CREATED, 7, 1)
     send(client, UPDATED, 7, 2, title="renamed", status="FINISHED")
 
@@ -131,7 +121,7 @@ def test_update_is_applied(client: TestClient, read_model: FakeReadModel) -> Non
 
 
 def test_duplicate_event_answers_2xx_skipped_and_changes_nothing(
-    client: TestClient, read_model: FakeReadModel
+    client: TestClient, read_model: FakeReadStore
 ) -> None:
     send(client, CREATED, 7, 1)
     send(client, UPDATED, 7, 2, title="second")
@@ -145,7 +135,7 @@ def test_duplicate_event_answers_2xx_skipped_and_changes_nothing(
     assert live(read_model, 7) == (2, "second")
 
 
-def test_older_version_answers_2xx_and_changes_nothing(client: TestClient, read_model: FakeReadModel) -> None:
+def test_older_version_answers_2xx_and_changes_nothing(client: TestClient, read_model: FakeReadStore) -> None:
     send(client, CREATED, 7, 1)
     send(client, UPDATED, 7, 3, title="newest")
 
@@ -155,7 +145,7 @@ def test_older_version_answers_2xx_and_changes_nothing(client: TestClient, read_
     assert live(read_model, 7) == (3, "newest")
 
 
-def test_out_of_order_events_keep_the_newest(client: TestClient, read_model: FakeReadModel) -> None:
+def test_out_of_order_events_keep_the_newest(client: TestClient, read_model: FakeReadStore) -> None:
     send(client, UPDATED, 7, 3, title="third")
     send(client, UPDATED, 7, 2, title="second")
     send(client, CREATED, 7, 1, title="first")
@@ -163,7 +153,7 @@ def test_out_of_order_events_keep_the_newest(client: TestClient, read_model: Fak
     assert live(read_model, 7) == (3, "third")
 
 
-def test_stale_event_does_not_resurrect_deleted_todo(client: TestClient, read_model: FakeReadModel) -> None:
+def test_stale_event_does_not_resurrect_deleted_todo(client: TestClient, read_model: FakeReadStore) -> None:
     send(client, CREATED, 7, 1)
     send(client, DELETED, 7, 3)
 
@@ -172,14 +162,14 @@ def test_stale_event_does_not_resurrect_deleted_todo(client: TestClient, read_mo
     assert read_model.rows[7] == (None, 3)
 
 
-def test_created_arriving_after_deleted_stays_deleted(client: TestClient, read_model: FakeReadModel) -> None:
+def test_created_arriving_after_deleted_stays_deleted(client: TestClient, read_model: FakeReadStore) -> None:
     send(client, DELETED, 7, 2)
     send(client, CREATED, 7, 1)
 
     assert read_model.rows[7] == (None, 2)
 
 
-def test_tombstone_is_stamped_with_the_events_time(client: TestClient, read_model: FakeReadModel) -> None:
+def test_tombstone_is_stamped_with_the_events_time(client: TestClient, read_model: FakeReadStore) -> None:
     send(client, DELETED, 7, 2)
 
     [(change, moment)] = read_model.applied
@@ -188,7 +178,7 @@ def test_tombstone_is_stamped_with_the_events_time(client: TestClient, read_mode
 
 @pytest.mark.parametrize(("field", "value"), [("id", 2**63 - 1), ("version", 2**31 - 1)])
 def test_id_and_version_at_their_columns_limits_are_applied(
-    client: TestClient, read_model: FakeReadModel, field: str, value: int
+    client: TestClient, read_model: FakeReadStore, field: str, value: int
 ) -> None:
     data = {"id": 7, "version": 2, field: value}
 
@@ -203,7 +193,7 @@ def test_id_and_version_at_their_columns_limits_are_applied(
     ("held_version", "event_version"), [(1, 2), (2, 2), (3, 2)], ids=["newer", "duplicate", "older"]
 )
 def test_every_accepted_event_invalidates_the_todo_and_the_lists(
-    client: TestClient, read_model: FakeReadModel, cache: FakeCache, held_version: int, event_version: int
+    client: TestClient, read_model: FakeReadStore, cache: FakeCache, held_version: int, event_version: int
 ) -> None:
     read_model.put(a_todo(7, version=held_version))
 
@@ -220,9 +210,9 @@ def test_rejected_event_invalidates_nothing(client: TestClient, cache: FakeCache
 
 
 def test_redis_down_answers_503_after_applying_and_the_retry_invalidates(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, read_model: FakeReadModel
+    client: TestClient, cache: FakeCache, read_model: FakeReadStore
 ) -> None:
-    UnreachableCache().install(monkeypatch)
+    cache.unreachable = True
     data = event_data(UPDATED, 7, 2, title="while redis was down")
 
     response = post(client, UPDATED, data)
@@ -230,9 +220,9 @@ def test_redis_down_answers_503_after_applying_and_the_retry_invalidates(
     assert_error(response, 503, "dependency_unavailable")
     assert response.headers["Retry-After"] == "1"
     assert live(read_model, 7) == (2, "while redis was down")  # committed before the invalidation failed
-    back = FakeCache().install(monkeypatch)
+    cache.unreachable = False  # Redis is back
     assert post(client, UPDATED, data).json() == {"outcome": "skipped"}  # the KafkaSource's retry
-    assert [(i, v) for i, v, _ in back.invalidations] == [(7, 2)]
+    assert [(i, v) for i, v, _ in cache.invalidations] == [(7, 2)]
 
 
 # --- events that can never be applied -----------------------------------------------------------
@@ -260,7 +250,7 @@ def test_redis_down_answers_503_after_applying_and_the_retry_invalidates(
     ],
 )
 def test_request_that_is_not_a_cloud_event_is_400_invalid_event(
-    client: TestClient, read_model: FakeReadModel, headers: dict[str, str], body: bytes
+    client: TestClient, read_model: FakeReadStore, headers: dict[str, str], body: bytes
 ) -> None:
     assert_error(client.post("/", content=body, headers=headers), 400, "invalid_event")
     assert read_model.rows == {}
@@ -293,7 +283,7 @@ NEVER_APPLICABLE: dict[str, tuple[str, Callable[[], Any]]] = {
 
 @pytest.mark.parametrize("case", list(NEVER_APPLICABLE))
 def test_event_that_can_never_be_applied_is_400_for_the_dead_letter_sink(
-    client: TestClient, read_model: FakeReadModel, cache: FakeCache, case: str
+    client: TestClient, read_model: FakeReadStore, cache: FakeCache, case: str
 ) -> None:
     event_type, make_data = NEVER_APPLICABLE[case]
 
@@ -312,7 +302,7 @@ def test_event_that_can_never_be_applied_is_400_for_the_dead_letter_sink(
     ids=["data-error", "integrity-error"],
 )
 def test_event_the_read_db_refuses_is_400_not_retried(
-    client: TestClient, read_model: FakeReadModel, cache: FakeCache, refusal: Exception
+    client: TestClient, read_model: FakeReadStore, cache: FakeCache, refusal: Exception
 ) -> None:
     read_model.fail_with = refusal
 
@@ -326,7 +316,7 @@ def test_event_the_read_db_refuses_is_400_not_retried(
 # --- dependencies down --------------------------------------------------------------------------
 
 
-def test_read_db_down_is_503_and_the_retry_applies(client: TestClient, read_model: FakeReadModel) -> None:
+def test_read_db_down_is_503_and_the_retry_applies(client: TestClient, read_model: FakeReadStore) -> None:
     read_model.unreachable = True
     data = todo_data(7, 1)
 
@@ -339,7 +329,7 @@ def test_read_db_down_is_503_and_the_retry_applies(client: TestClient, read_mode
     assert live(read_model, 7) == (1, "v1")
 
 
-def test_read_db_lost_mid_statement_is_503(client: TestClient, read_model: FakeReadModel) -> None:
+def test_read_db_lost_mid_statement_is_503(client: TestClient, read_model: FakeReadStore) -> None:
     read_model.fail_with = db.unavailable("read", OperationalError("INSERT", {}, ConnectionError("lost")))
 
     assert_error(post(client, CREATED, todo_data(7, 1)), 503, "dependency_unavailable")
@@ -383,14 +373,14 @@ def test_each_event_is_logged_as_one_json_line_with_its_outcome(
 # --- the HTTP edge of the sink ------------------------------------------------------------------
 
 
-def test_body_larger_than_64_kib_is_413(client: TestClient, read_model: FakeReadModel) -> None:
+def test_body_larger_than_64_kib_is_413(client: TestClient, read_model: FakeReadStore) -> None:
     headers, body = binary_event(CREATED, todo_data(7, 1, description="d" * (64 * 1024)))
 
     assert_error(client.post("/", content=body, headers=headers), 413, "payload_too_large")
     assert read_model.rows == {}
 
 
-def test_chunked_body_larger_than_64_kib_is_413(client: TestClient, read_model: FakeReadModel) -> None:
+def test_chunked_body_larger_than_64_kib_is_413(client: TestClient, read_model: FakeReadStore) -> None:
     headers, body = binary_event(CREATED, todo_data(7, 1, description="d" * (64 * 1024)))
 
     response = client.post("/", content=iter([body[:1000], body[1000:]]), headers=headers)
@@ -402,10 +392,10 @@ def test_chunked_body_larger_than_64_kib_is_413(client: TestClient, read_model: 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_health_path_answers_200_without_the_read_db_or_redis(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, read_model: FakeReadModel, path: str
+    client: TestClient, cache: FakeCache, read_model: FakeReadStore, path: str
 ) -> None:
     read_model.unreachable = True
-    UnreachableCache().install(monkeypatch)
+    cache.unreachable = True
 
     response = client.get(path)
 

@@ -11,8 +11,9 @@ from starlette.testclient import TestClient
 from tests.unit.fakes import assert_error, function_client
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client() -> Iterator[TestClient]:
+    """Per test: its main.py builds the pass's databases from the unit tests' settings (closed ports)."""
     with function_client("reconcile") as loaded:
         yield loaded
 
