@@ -9,9 +9,16 @@ so what a unit test proves through a fake holds for the real thing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import base64
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
+
+import boto3
+from moto import mock_aws
 
 from todo_cqrs.adapters.cache import CachedTodo, CacheUnavailable
 from todo_cqrs.dead_letter.store import DeadLetter
@@ -210,6 +217,54 @@ class UnreachableCache(FakeCache):
     """A fake cache whose Redis does not answer (see FakeCache.unreachable)."""
 
     unreachable: bool = True
+
+
+# Not UTF-8, with NUL and high bytes: only a lossless store gives these back.
+BINARY_DATA = b"\x00\xff\xfe binary \x80 payload"
+
+
+def a_dead_letter(
+    event_id: str = "partition:0/offset:7", data: bytes | None = BINARY_DATA, **kw: Any
+) -> DeadLetter:
+    """A letter as the KafkaSource dead-letters an event: its attributes and the error extensions."""
+    attributes = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": "/apis/v1/namespaces/todo/kafkasources/todo-events#todo-events",
+        "type": "todo.updated.v1",
+        "subject": "7",
+        "time": "2026-11-27T09:59:59.5Z",
+        "datacontenttype": "application/octet-stream",
+        "partitionkey": "7",
+        "knativeerrordest": "http://project-event.todo.svc.cluster.local",
+        "knativeerrorcode": "400",
+        "knativeerrordata": base64.b64encode(b'{"error":{"code":"invalid_event"}}').decode(),
+    }
+    return DeadLetter(attributes, data, **kw)
+
+
+@contextmanager
+def moto_s3(bucket: str) -> Iterator[None]:
+    """moto's mock_aws: an in-memory fake of S3 holding `bucket`, with fake credentials so nothing
+    reaches AWS (the environment is restored afterwards)."""
+    fake_credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {name: os.environ.get(name) for name in fake_credentials}
+    os.environ.update(fake_credentials)
+    try:
+        with mock_aws():
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass

@@ -1,17 +1,16 @@
-"""The dead-letter store: the directory backend on tmp_path and the S3 backend on moto's in-memory fake
-of S3 (`mock_aws`), through the same interface."""
+"""The dead-letter store: what each backend does of its own (the directory on tmp_path, S3 on moto's
+in-memory fake), and reading letters from requests. What every backend and the fake share is in
+tests/contract/test_dead_letter_store_contract.py."""
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 
 import boto3
 import pytest
-from moto import mock_aws
 
+from tests.unit.fakes_read import a_dead_letter, moto_s3
 from todo_cqrs.dead_letter.store import (
     DeadLetter,
     DeadLetterStore,
@@ -24,117 +23,17 @@ from todo_cqrs.settings import settings
 
 BUCKET = "test-dead-letters"
 PREFIX = "dead-letters/"
-T0 = datetime(2026, 11, 27, 10, 0, 0, 123456, tzinfo=UTC)
-
-# Not UTF-8, with NUL and high bytes: only a lossless store gives these back.
-BINARY_DATA = b"\x00\xff\xfe binary \x80 payload"
-
-
-def dead_letter(event_id: str = "partition:0/offset:7", data: bytes | None = BINARY_DATA, **kw) -> DeadLetter:
-    attributes = {
-        "specversion": "1.0",
-        "id": event_id,
-        "source": "/apis/v1/namespaces/todo/kafkasources/todo-events#todo-events",
-        "type": "todo.updated.v1",
-        "subject": "7",
-        "time": "2026-11-27T09:59:59.5Z",
-        "datacontenttype": "application/octet-stream",
-        "partitionkey": "7",
-        "knativeerrordest": "http://project-event.todo.svc.cluster.local",
-        "knativeerrorcode": "400",
-        "knativeerrordata": base64.b64encode(b'{"error":{"code":"invalid_event"}}').decode(),
-    }
-    return DeadLetter(attributes, data, **kw)
 
 
 @pytest.fixture
-def fake_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """moto's mock_aws: an in-memory fake of S3, with fake credentials so nothing reaches AWS."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
+def fake_aws() -> Iterator[None]:
+    with moto_s3(BUCKET):
         yield
-
-
-@pytest.fixture(params=["directory", "s3_on_moto_fake"])
-def store(request: pytest.FixtureRequest, tmp_path) -> DeadLetterStore:
-    """Each shared behaviour runs on both backends; the S3 one talks to moto's fake, not to AWS."""
-    if request.param == "directory":
-        return DirectoryDeadLetterStore(tmp_path / "dead-letters")
-    request.getfixturevalue("fake_aws")
-    return S3DeadLetterStore(BUCKET, PREFIX)
-
-
-def test_put_then_get_gives_back_every_attribute_and_the_exact_bytes(store: DeadLetterStore) -> None:
-    letter = dead_letter(received_at=T0)
-
-    key = store.put(letter)
-
-    assert store.get(key) == letter
-    assert store.get(key).data == BINARY_DATA
-    assert store.get(key).attributes["knativeerrorcode"] == "400"
-
-
-@pytest.mark.parametrize(
-    "data",
-    [b'{"id": 7, "version":3,"title":"caf\xc3\xa9 \\u00e9"}', b"", None],
-    ids=["utf8_json_kept_byte_for_byte", "empty_body", "no_data"],
-)
-def test_round_trip_is_lossless_for_text_and_empty_data(store: DeadLetterStore, data: bytes | None) -> None:
-    key = store.put(dead_letter(data=data))
-
-    assert store.get(key).data == data
-
-
-def test_keys_sort_by_arrival_time_and_are_unique(store: DeadLetterStore) -> None:
-    arrivals = [T0 + timedelta(seconds=s) for s in (30, 0, 10)]
-    keys = {at: store.put(dead_letter(received_at=at)) for at in arrivals}
-    same_event_again = store.put(dead_letter(received_at=T0))
-
-    listed = store.list()
-
-    assert len(set(listed)) == 4
-    assert same_event_again != keys[T0]
-    assert [store.get(k).received_at for k in listed] == sorted([*arrivals, T0])
-
-
-def test_event_ids_with_slashes_make_safe_keys(store: DeadLetterStore) -> None:
-    key = store.put(dead_letter(event_id="partition:2/offset:41/../../etc"))
-
-    assert "/" not in key.removeprefix(PREFIX)
-    assert store.get(key).id == "partition:2/offset:41/../../etc"
-
-
-def test_delete_removes_the_letter_and_is_idempotent(store: DeadLetterStore) -> None:
-    kept = store.put(dead_letter(event_id="a"))
-    gone = store.put(dead_letter(event_id="b"))
-
-    store.delete(gone)
-    store.delete(gone)
-
-    assert store.list() == [kept]
-    with pytest.raises(KeyError):
-        store.get(gone)
-
-
-def test_get_of_an_unknown_key_raises_key_error(store: DeadLetterStore) -> None:
-    with pytest.raises(KeyError):
-        store.get(PREFIX + "20260101T000000.000000Z-nothing-00000000.json")
-
-
-def test_empty_store_lists_nothing(store: DeadLetterStore) -> None:
-    assert store.list() == []
 
 
 def test_directory_store_is_created_on_first_put_and_writes_readable_json(tmp_path) -> None:
     store = DirectoryDeadLetterStore(tmp_path / "not" / "yet")
-    text_letter = dead_letter(data=b'{"id":7}')
+    text_letter = a_dead_letter(data=b'{"id":7}')
 
     key = store.put(text_letter)
 
@@ -147,7 +46,7 @@ def test_directory_store_is_created_on_first_put_and_writes_readable_json(tmp_pa
 def test_directory_store_refuses_keys_that_leave_its_directory(tmp_path) -> None:
     (tmp_path / "secret.json").write_text("{}")
     store = DirectoryDeadLetterStore(tmp_path / "dead-letters")
-    store.put(dead_letter())
+    store.put(a_dead_letter())
 
     for key in ("../secret.json", str(tmp_path / "secret.json"), ".hidden.json", ""):
         with pytest.raises(KeyError):
@@ -162,7 +61,7 @@ def test_directory_store_that_cannot_be_written_is_unavailable(tmp_path) -> None
     not_a_directory.write_text("")
 
     with pytest.raises(DependencyUnavailable):
-        DirectoryDeadLetterStore(not_a_directory).put(dead_letter())
+        DirectoryDeadLetterStore(not_a_directory).put(a_dead_letter())
 
 
 def test_s3_store_on_moto_fake_keeps_letters_under_its_prefix_only(fake_aws: None) -> None:
@@ -170,7 +69,7 @@ def test_s3_store_on_moto_fake_keeps_letters_under_its_prefix_only(fake_aws: Non
     s3.put_object(Bucket=BUCKET, Key="elsewhere/x.json", Body=b"{}")
     store = S3DeadLetterStore(BUCKET, PREFIX)
 
-    key = store.put(dead_letter())
+    key = store.put(a_dead_letter())
 
     assert key.startswith(PREFIX) and key.endswith(".json")
     assert store.list() == [key]
@@ -181,7 +80,7 @@ def test_s3_store_on_moto_fake_keeps_letters_under_its_prefix_only(fake_aws: Non
 
 def test_s3_store_on_moto_fake_creates_its_client_once(fake_aws: None) -> None:
     store = S3DeadLetterStore(BUCKET, PREFIX)
-    store.put(dead_letter())
+    store.put(a_dead_letter())
     client = store.client
 
     store.list()
@@ -193,7 +92,7 @@ def test_s3_store_on_moto_fake_without_its_bucket_is_unavailable(fake_aws: None)
     store = S3DeadLetterStore("no-such-bucket", PREFIX)
 
     with pytest.raises(DependencyUnavailable):
-        store.put(dead_letter())
+        store.put(a_dead_letter())
     with pytest.raises(DependencyUnavailable):
         store.list()
 
@@ -271,7 +170,7 @@ def test_a_request_that_is_no_cloud_event_is_refused() -> None:
 
 
 def test_original_attributes_drop_only_the_knative_error_extensions() -> None:
-    letter = dead_letter()
+    letter = a_dead_letter()
 
     original = letter.original_attributes()
 
