@@ -27,7 +27,7 @@ from tests.integration.read_model_ids import DELETED, FINAL_VERSION, HIGH_IDS
 from tests.integration.settings_override import InLoop, Run
 from todo_cqrs import bootstrap
 from todo_cqrs.command.handlers import Commands
-from todo_cqrs.projection.handlers import project_event
+from todo_cqrs.projection.handlers import Projection, project_event
 from todo_cqrs.settings import settings
 
 
@@ -58,6 +58,14 @@ def commands(run: Run[Any]) -> Iterator[Commands]:
     run(close_deps(deps))
 
 
+@pytest.fixture(scope="session")
+def projection(run: Run[Any]) -> Iterator[Projection]:
+    """The projection's real dependencies, for the tests' direct calls on the session's loop."""
+    deps = bootstrap.projection(settings())
+    yield deps
+    run(deps.aclose())
+
+
 @pytest.fixture(scope="module")
 def function_client() -> Iterator[Callable[[str], TestClient]]:
     """Starts a function in-process for the rest of the module: `function_client("create_todo")`."""
@@ -81,7 +89,7 @@ def delete(function_client: Callable[[str], TestClient]) -> TestClient:
 
 
 @pytest.fixture
-def new_ids(run: Run[Any]) -> Iterator[Callable[[int], list[int]]]:
+def new_ids(run: Run[Any], projection: Projection) -> Iterator[Callable[[int], list[int]]]:
     """n fresh consecutive read-model-only ids; each is tombstoned at the end of the test."""
     used: list[int] = []
 
@@ -93,7 +101,8 @@ def new_ids(run: Run[Any]) -> Iterator[Callable[[int], list[int]]]:
     yield make
 
     async def tombstone_all() -> None:
-        await asyncio.gather(*(project_event(DELETED, {"id": i, "version": FINAL_VERSION}) for i in used))
+        deletions = (project_event(projection, DELETED, {"id": i, "version": FINAL_VERSION}) for i in used)
+        await asyncio.gather(*deletions)
 
     run(tombstone_all())
 
