@@ -13,6 +13,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,12 +24,14 @@ import redis
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
+from tests.integration.databases import read_db
+from tests.integration.in_process import running_with
 from tests.integration.read_model_ids import CREATED, DELETED, UPDATED, todo_data
-from tests.integration.settings_override import InLoop, Run, overridden_setting
-from todo_cqrs import db
-from todo_cqrs.adapters import cache as cache_module
+from tests.integration.settings_override import Run
+from todo_cqrs import bootstrap
 from todo_cqrs.adapters.cache import LIST_GENERATION_KEY, VERSIONS_CHANNEL, todo_key
 from todo_cqrs.adapters.read_store import todos_view
+from todo_cqrs.projection.handlers import Projection
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
@@ -95,7 +99,7 @@ def outcome(response: httpx.Response) -> tuple[int, str]:
 
 async def read_row(todo_id: int) -> dict[str, Any] | None:
     """The read model's row of a todo (a tombstone too); None when it never saw the todo."""
-    async with db.read_engine().connect() as conn:
+    async with read_db().autocommitted() as conn:
         row = (await conn.execute(sa.select(todos_view).where(todos_view.c.id == todo_id))).first()
     return dict(row._mapping) if row else None
 
@@ -110,25 +114,29 @@ def list_generation(raw_redis: redis.Redis) -> int:
     return int(raw_redis.get(LIST_GENERATION_KEY) or 0)
 
 
-async def cache_todo(todo_id: int, version: int, body: bytes) -> None:
+async def cache_todo(projection: Projection, todo_id: int, version: int, body: bytes) -> None:
     """A reader's entry in the cache, as get_todos stores it."""
-    await cache_module.todo_cache().store_todo(todo_id, version, body)
+    await projection.cache.store_todo(todo_id, version, body)
+
+
+@contextmanager
+def project_event_with(**changed: Any) -> Iterator[TestClient]:
+    """Another project_event process, built from the settings with these changed (a dependency on a
+    closed port), for a block: the KafkaSource's retry then reaches the module's `client`."""
+    with running_with("project_event", bootstrap.projection(replace(settings(), **changed))) as other:
+        yield other
 
 
 @pytest.fixture
-def read_db_down(client: TestClient, in_runner: InLoop) -> Callable[[], Any]:
-    """project_event's read DB on a closed port for a block (its engine made again on the way in and out)."""
-    closed = on_a_closed_port(settings().read_db_url)
-    loops = [client.portal.call, in_runner]
-    return lambda: overridden_setting("READ_DB_URL", closed, db.read_engine, loops=loops)
+def read_db_down() -> Callable[[], AbstractContextManager[TestClient]]:
+    """project_event with its read DB on a closed port."""
+    return lambda: project_event_with(read_db_url=on_a_closed_port(settings().read_db_url))
 
 
 @pytest.fixture
-def redis_down(client: TestClient, in_runner: InLoop) -> Callable[[], Any]:
-    """project_event's Redis on a closed port for a block (its client made again on the way in and out)."""
-    closed = on_a_closed_port(settings().redis_url)
-    loops = [client.portal.call, in_runner]
-    return lambda: overridden_setting("REDIS_URL", closed, cache_module.todo_cache, loops=loops)
+def redis_down() -> Callable[[], AbstractContextManager[TestClient]]:
+    """project_event with its Redis on a closed port."""
+    return lambda: project_event_with(redis_url=on_a_closed_port(settings().redis_url))
 
 
 # --- applying -----------------------------------------------------------------------------------------
@@ -334,13 +342,16 @@ def test_event_that_can_never_be_applied_is_400(
 
 
 def test_read_db_down_is_5xx_and_the_retry_applies(
-    run: Run[Any], client: TestClient, new_id: Callable[[], int], read_db_down: Callable[[], Any]
+    run: Run[Any],
+    client: TestClient,
+    new_id: Callable[[], int],
+    read_db_down: Callable[[], AbstractContextManager[TestClient]],
 ) -> None:
     todo_id = new_id()
     data = todo_data(todo_id, 1)
-    with read_db_down():
+    with read_db_down() as down:
         started = time.monotonic()
-        response = post(client, CREATED, data)
+        response = post(down, CREATED, data)
         elapsed = time.monotonic() - started
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "dependency_unavailable"
@@ -357,14 +368,15 @@ def test_redis_down_is_5xx_after_applying_and_the_retry_invalidates(
     client: TestClient,
     new_id: Callable[[], int],
     raw_redis: redis.Redis,
-    redis_down: Callable[[], Any],
+    redis_down: Callable[[], AbstractContextManager[TestClient]],
+    projection: Projection,
 ) -> None:
     todo_id = new_id()
     send(client, CREATED, todo_id, 1)
-    run(cache_todo(todo_id, 1, b'{"cached":1}'))
+    run(cache_todo(projection, todo_id, 1, b'{"cached":1}'))
     data = todo_data(todo_id, 2, title="while redis was down")
-    with redis_down():
-        response = post(client, UPDATED, data)
+    with redis_down() as down:
+        response = post(down, UPDATED, data)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "dependency_unavailable"
     assert run(live(todo_id)) == (2, "while redis was down")  # committed before the invalidation failed
@@ -393,10 +405,11 @@ def test_every_accepted_event_invalidates_the_todo_and_the_lists(
     cached_version: int,
     event_version: int,
     marker: bytes,
+    projection: Projection,
 ) -> None:
     todo_id = new_id()
     send(client, UPDATED, todo_id, cached_version)
-    run(cache_todo(todo_id, cached_version, b"{}"))
+    run(cache_todo(projection, todo_id, cached_version, b"{}"))
     assert raw_redis.get(todo_key(todo_id)) == f"{cached_version}:t:{{}}".encode()
     generation = list_generation(raw_redis)
 
@@ -436,11 +449,15 @@ def test_accepted_event_tells_waiting_readers_its_version_and_trace(
 
 
 def test_rejected_event_invalidates_nothing(
-    run: Run[Any], client: TestClient, new_id: Callable[[], int], raw_redis: redis.Redis
+    run: Run[Any],
+    client: TestClient,
+    new_id: Callable[[], int],
+    raw_redis: redis.Redis,
+    projection: Projection,
 ) -> None:
     todo_id = new_id()
     send(client, CREATED, todo_id, 1)
-    run(cache_todo(todo_id, 1, b"{}"))
+    run(cache_todo(projection, todo_id, 1, b"{}"))
     generation = list_generation(raw_redis)
     assert post(client, CREATED, {"id": todo_id}).status_code == 400
     assert raw_redis.get(todo_key(todo_id)) == b"1:t:{}"

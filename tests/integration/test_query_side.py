@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,15 +28,15 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
+from tests.integration.in_process import running_with
 from tests.integration.read_model_ids import CREATED, DELETED, UPDATED, todo_data
-from tests.integration.settings_override import InLoop, Run, overridden_setting
-from todo_cqrs import logs, tracing
-from todo_cqrs.adapters import cache as cache_module
-from todo_cqrs.adapters.cache import todo_key, version_watch
-from todo_cqrs.adapters.read_store import get_row, read_connection
+from tests.integration.settings_override import Run
+from todo_cqrs import bootstrap, logs, tracing
+from todo_cqrs.adapters.cache import CachedTodo, VersionWatch, todo_key
 from todo_cqrs.domain.errors import DependencyUnavailable
-from todo_cqrs.projection.handlers import project_event
-from todo_cqrs.query import handlers as query_handlers
+from todo_cqrs.domain.todo import Todo
+from todo_cqrs.projection.handlers import Projection, project_event
+from todo_cqrs.query.handlers import Queries
 from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
@@ -105,18 +106,16 @@ def redis_relay() -> Iterator[FreezableRelay]:
     relay.close()
 
 
-async def version_watch_ready() -> None:
-    """Until this loop's subscription to the projection's notices answers."""
-    watch = version_watch()
+async def version_watch_ready(watch: VersionWatch) -> None:
+    """Until the subscription to the projection's notices answers."""
     deadline = time.monotonic() + DEADLINE_S
     while not await watch.ready():
         assert time.monotonic() < deadline, "the version watch did not subscribe"
         await asyncio.sleep(0.01)
 
 
-async def version_watch_down() -> None:
-    """Until this loop's subscription is known to be unreachable (readers then poll the read DB)."""
-    watch = version_watch()
+async def version_watch_down(watch: VersionWatch) -> None:
+    """Until the subscription is known to be unreachable (readers then poll the read DB)."""
     deadline = time.monotonic() + watch.HEALTHY_WITHIN_S + DEADLINE_S
     while watch.healthy:
         assert time.monotonic() < deadline, "the version watch still claims to be healthy"
@@ -124,15 +123,44 @@ async def version_watch_down() -> None:
 
 
 @pytest.fixture(scope="module")
-def client(
-    redis_relay: FreezableRelay, function_client: Callable[[str], TestClient], in_runner: InLoop
-) -> Iterator[TestClient]:
-    """get_todos, whose Redis connections go through the relay (set up first, so it closes last)."""
-    get_todos = function_client("get_todos")
-    loops = [get_todos.portal.call, in_runner]
-    with overridden_setting("REDIS_URL", redis_relay.url, cache_module.todo_cache, loops=loops):
-        get_todos.portal.call(version_watch_ready)
+def queries(redis_relay: FreezableRelay) -> Queries:
+    """get_todos' dependencies, as bootstrap builds them, its Redis reached through the relay."""
+    return bootstrap.queries(replace(settings(), redis_url=redis_relay.url))
+
+
+@pytest.fixture(scope="module")
+def client(queries: Queries) -> Iterator[TestClient]:
+    """get_todos built with `queries` (after the relay, so it closes first)."""
+    with running_with("get_todos", queries) as get_todos:
+        get_todos.portal.call(version_watch_ready, queries.watch)
         yield get_todos
+
+
+AfterRead = Callable[[Projection, tuple[Todo | None, int | None]], Any]
+
+
+@contextmanager
+def reading_through(client: TestClient, queries: Queries, after_read: AfterRead) -> Iterator[None]:
+    """get_todos' reads of one todo go through `after_read(projection, row)` for a block: a step of the
+    test's own between the read and what the reader does with it, with a projection of its own (another
+    process's) on get_todos' loop."""
+    store, elsewhere = queries.store, bootstrap.projection(settings())
+
+    class ReadThenStep:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def get(self, todo_id: int) -> tuple[Todo | None, int | None]:
+            row = await store.get(todo_id)
+            await after_read(elsewhere, row)
+            return row
+
+    queries.store = ReadThenStep()
+    try:
+        yield
+    finally:
+        queries.store = store
+        client.portal.call(elsewhere.aclose)
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +170,10 @@ def raw_redis() -> Iterator[redis.Redis]:
     client.close()
 
 
-async def project(todo_id: int, version: int, **fields: Any) -> dict[str, Any]:
+async def project(projection: Projection, todo_id: int, version: int, **fields: Any) -> dict[str, Any]:
     """Apply a created (version 1) or updated event through the projection; returns the todo."""
     data = todo_data(todo_id, version, **fields)
-    await project_event(CREATED if version == 1 else UPDATED, data)
+    await project_event(projection, CREATED if version == 1 else UPDATED, data)
     return data
 
 
@@ -166,10 +194,10 @@ def get_until(client: TestClient, path: str, cache_state: str, **params: Any) ->
 
 
 def test_first_read_misses_then_hits(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]]
+    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], projection: Projection
 ) -> None:
     [todo_id] = new_ids(1)
-    todo = run(project(todo_id, 1, title="buy milk"))
+    todo = run(project(projection, todo_id, 1, title="buy milk"))
 
     first, second = get(client, todo_id), client.get(f"/{todo_id}")
 
@@ -182,12 +210,12 @@ def test_first_read_misses_then_hits(
 
 
 def test_unknown_and_deleted_todos_are_404(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]]
+    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], projection: Projection
 ) -> None:
     never_seen, deleted = new_ids(2)
-    run(project(deleted, 1))
+    run(project(projection, deleted, 1))
     assert get(client, deleted).status_code == 200
-    run(project_event(DELETED, {"id": deleted, "version": 2}))
+    run(project_event(projection, DELETED, {"id": deleted, "version": 2}))
     unknown, gone = get(client, never_seen), get(client, deleted)
     assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "not_found")
     assert (gone.status_code, gone.json()["error"]["code"]) == (404, "not_found")
@@ -195,14 +223,14 @@ def test_unknown_and_deleted_todos_are_404(
 
 
 def test_projection_invalidates_the_cached_todo(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]]
+    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], projection: Projection
 ) -> None:
     [todo_id] = new_ids(1)
-    run(project(todo_id, 1))
+    run(project(projection, todo_id, 1))
     get(client, todo_id)
     assert get(client, todo_id).headers["X-Cache"] == "hit"
 
-    updated = run(project(todo_id, 2, title="second"))
+    updated = run(project(projection, todo_id, 2, title="second"))
 
     after = get(client, todo_id)
     assert (after.headers["X-Cache"], after.json()) == ("miss", updated)
@@ -214,20 +242,19 @@ def test_projection_invalidates_the_cached_todo(
 
 
 def test_reader_that_loaded_an_old_version_cannot_store_it_after_a_newer_invalidation(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]]
+    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], projection: Projection
 ) -> None:
     [todo_id] = new_ids(1)
-    run(project(todo_id, 1))
+    run(project(projection, todo_id, 1))
 
     async def race() -> dict[str, Any]:
-        cache = cache_module.todo_cache()
+        cache = projection.cache
         # The reader misses and loads version 1 from the read DB...
         assert await cache.get_todo(todo_id) is None
-        async with read_connection() as conn:
-            loaded, _ = await get_row(conn, todo_id)
+        loaded, _ = await projection.store.get(todo_id)
         assert loaded is not None and loaded.version == 1
         # ...version 2 is projected and invalidated meanwhile...
-        newer = await project(todo_id, 2, title="second")
+        newer = await project(projection, todo_id, 2, title="second")
         # ...and only then does the reader store what it loaded.
         await cache.store_todo(todo_id, 1, orjson.dumps(loaded.to_dict()))
         assert await cache.get_todo(todo_id) is None
@@ -241,14 +268,14 @@ def test_reader_that_loaded_an_old_version_cannot_store_it_after_a_newer_invalid
 
 
 def test_store_invalidate_stale_store_keeps_the_marker(
-    run: Run[Any], new_ids: Callable[[int], list[int]], raw_redis: redis.Redis
+    run: Run[Any], new_ids: Callable[[int], list[int]], raw_redis: redis.Redis, projection: Projection
 ) -> None:
     [todo_id] = new_ids(1)  # only the cache is used here: the ids keep it apart from everyone's
 
     async def sequence() -> None:
-        cache = cache_module.todo_cache()
+        cache = projection.cache
         await cache.store_todo(todo_id, 1, b'{"version":1}')
-        assert await cache.get_todo(todo_id) == cache_module.CachedTodo(1, b'{"version":1}')
+        assert await cache.get_todo(todo_id) == CachedTodo(1, b'{"version":1}')
 
         await cache.invalidate(todo_id, 2)
         await cache.store_todo(todo_id, 1, b'{"version":1}')
@@ -261,27 +288,28 @@ def test_store_invalidate_stale_store_keeps_the_marker(
         await cache.store_todo(todo_id, 1, b'{"version":1}')
         assert raw_redis.get(todo_key(todo_id)) == b"2:i:"
         await cache.store_todo(todo_id, 2, b'{"version":2}')
-        assert await cache.get_todo(todo_id) == cache_module.CachedTodo(2, b'{"version":2}')
+        assert await cache.get_todo(todo_id) == CachedTodo(2, b'{"version":2}')
 
     run(sequence())
 
 
 def test_the_race_through_the_handler_leaves_no_stale_entry(
-    client: TestClient, new_ids: Callable[[int], list[int]], run: Run[Any], monkeypatch: pytest.MonkeyPatch
+    client: TestClient,
+    queries: Queries,
+    new_ids: Callable[[int], list[int]],
+    run: Run[Any],
+    projection: Projection,
 ) -> None:
     [todo_id] = new_ids(1)
-    run(project(todo_id, 1))
+    run(project(projection, todo_id, 1))
     newer: dict[str, Any] = {}
 
-    async def get_row_then_projection_lands(conn: Any, wanted: int) -> Any:
-        row = await get_row(conn, wanted)
+    async def projection_lands(elsewhere: Projection, row: Any) -> None:
         if not newer:  # the projection commits and invalidates between this read and the reader's store
-            newer.update(await project(todo_id, 2, title="second"))
-        return row
+            newer.update(await project(elsewhere, todo_id, 2, title="second"))
 
-    monkeypatch.setattr(query_handlers, "get_row", get_row_then_projection_lands)
-    racing = get(client, todo_id)
-    monkeypatch.undo()
+    with reading_through(client, queries, projection_lands):
+        racing = get(client, todo_id)
 
     assert (racing.headers["X-Cache"], racing.json()["version"]) == ("miss", 1)  # current when read
     after = get(client, todo_id)
@@ -292,21 +320,25 @@ def test_the_race_through_the_handler_leaves_no_stale_entry(
 
 
 def test_list_pages_by_cursor_with_a_status_filter(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]]
+    run: Run[Any],
+    client: TestClient,
+    new_ids: Callable[[int], list[int]],
+    projection: Projection,
+    queries: Queries,
 ) -> None:
     ids = new_ids(9)
 
     async def seed() -> None:
         for n, todo_id in enumerate(ids):
-            await project(todo_id, 1)
+            await project(projection, todo_id, 1)
             if n % 3 != 1:
-                await project(todo_id, 2, status="IN_PROGRESS")
+                await project(projection, todo_id, 2, status="IN_PROGRESS")
 
     run(seed())
     in_progress = [todo_id for n, todo_id in enumerate(ids) if n % 3 != 1]
 
     seen: list[int] = []
-    cursor: str | None = query_handlers.encode_cursor(ids[0] - 1)
+    cursor: str | None = queries.cursors.encode(ids[0] - 1)
     pages = 0
     while cursor is not None and (not seen or seen[-1] < ids[-1]):
         response = client.get("/todo", params={"status": "IN_PROGRESS", "limit": 2, "cursor": cursor})
@@ -325,22 +357,26 @@ def test_list_pages_by_cursor_with_a_status_filter(
 
 
 def test_list_cache_is_invalidated_by_a_projection(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]]
+    run: Run[Any],
+    client: TestClient,
+    new_ids: Callable[[int], list[int]],
+    projection: Projection,
+    queries: Queries,
 ) -> None:
     ids = new_ids(3)
 
     async def seed() -> None:
         for todo_id in ids:
-            await project(todo_id, 1)
+            await project(projection, todo_id, 1)
 
     run(seed())
-    page = {"cursor": query_handlers.encode_cursor(ids[0] - 1), "limit": 3}
+    page = {"cursor": queries.cursors.encode(ids[0] - 1), "limit": 3}
     get(client, ids[0])
     cached = get_until(client, "/todo", "hit", **page)
     assert cached.headers["X-Cache"] == "hit"
     assert [item["id"] for item in cached.json()["items"]] == ids
 
-    run(project(ids[1], 2, title="renamed"))
+    run(project(projection, ids[1], 2, title="renamed"))
 
     after = client.get("/todo", params=page)
     assert after.headers["X-Cache"] == "miss"
@@ -351,13 +387,18 @@ def test_list_cache_is_invalidated_by_a_projection(
 
 
 def test_redis_frozen_mid_test_is_bypassed_and_used_again_once_back(
-    run: Run[Any], client: TestClient, redis_relay: FreezableRelay, new_ids: Callable[[int], list[int]]
+    run: Run[Any],
+    client: TestClient,
+    redis_relay: FreezableRelay,
+    new_ids: Callable[[int], list[int]],
+    projection: Projection,
+    queries: Queries,
 ) -> None:
     [todo_id] = new_ids(1)
-    todo = run(project(todo_id, 1))
+    todo = run(project(projection, todo_id, 1))
     get(client, todo_id)
     assert get(client, todo_id).headers["X-Cache"] == "hit"
-    page = {"cursor": query_handlers.encode_cursor(todo_id - 1), "limit": 1}
+    page = {"cursor": queries.cursors.encode(todo_id - 1), "limit": 1}
 
     with redis_relay.frozen():
         one, listed = get(client, todo_id), client.get("/todo", params=page)
@@ -377,24 +418,31 @@ def test_redis_frozen_mid_test_is_bypassed_and_used_again_once_back(
 
 
 def test_min_version_already_projected_answers_at_once(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]]
+    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], projection: Projection
 ) -> None:
     [todo_id] = new_ids(1)
-    run(project(todo_id, 1))
-    updated = run(project(todo_id, 2, title="second"))
+    run(project(projection, todo_id, 1))
+    updated = run(project(projection, todo_id, 2, title="second"))
     for wanted in (1, 2):
         response = get(client, todo_id, min_version=wanted)
         assert (response.status_code, response.json()) == (200, updated)
 
 
 def test_min_version_that_never_arrives_is_503_not_yet_consistent(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]]
+    run: Run[Any],
+    client: TestClient,
+    queries: Queries,
+    projection: Projection,
+    new_ids: Callable[[int], list[int]],
 ) -> None:
     [todo_id] = new_ids(1)
-    run(project(todo_id, 1))
+    run(project(projection, todo_id, 1))
     started = time.monotonic()
-    with overridden_setting("MIN_VERSION_WAIT_SECONDS", "0.3"):
+    bound, queries.min_version_wait_s = queries.min_version_wait_s, 0.3  # MIN_VERSION_WAIT_SECONDS
+    try:
         response = get(client, todo_id, min_version=2)
+    finally:
+        queries.min_version_wait_s = bound
     assert 0.3 <= time.monotonic() - started < 0.3 + DEADLINE_S
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "not_yet_consistent"
@@ -402,17 +450,18 @@ def test_min_version_that_never_arrives_is_503_not_yet_consistent(
 
 
 def test_min_version_of_a_deletion_is_404(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]]
+    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], projection: Projection
 ) -> None:
     [todo_id] = new_ids(1)
-    run(project(todo_id, 1))
-    run(project_event(DELETED, {"id": todo_id, "version": 2}))
+    run(project(projection, todo_id, 1))
+    run(project_event(projection, DELETED, {"id": todo_id, "version": 2}))
     assert get(client, todo_id, min_version=2).status_code == 404
 
 
 class ProjectionDuringTheRead:
-    """Stands in for get_row in get_todos: records the versions the reader saw, and after its first read
-    projects the awaited version from elsewhere (a task of its own, as another process would)."""
+    """A step after each of get_todos' reads (`reading_through`): records the versions the reader saw, and
+    after its first read projects the awaited version from elsewhere (a task of its own, as another
+    process would)."""
 
     def __init__(self, todo_id: int, title: str) -> None:
         self.todo_id, self.title = todo_id, title
@@ -421,13 +470,11 @@ class ProjectionDuringTheRead:
         self.projection: asyncio.Task[dict[str, Any]] | None = None
         self.projection_trace = tracing.TraceContext(uuid.uuid4().hex, uuid.uuid4().hex[:16])
 
-    async def __call__(self, conn: Any, wanted: int) -> Any:
-        row = await get_row(conn, wanted)
+    async def __call__(self, elsewhere: Projection, row: tuple[Todo | None, int | None]) -> None:
         self.reads.append(row[1])
         self.record = logs.current_record()
         if self.projection is None:
-            self.projection = asyncio.get_running_loop().create_task(self._project())
-        return row
+            self.projection = asyncio.get_running_loop().create_task(self._project(elsewhere))
 
     async def settled(self) -> asyncio.Task[dict[str, Any]]:
         """The projection, once it has finished (on the loop it runs on)."""
@@ -436,28 +483,30 @@ class ProjectionDuringTheRead:
         assert self.projection.done()
         return self.projection
 
-    async def _project(self) -> dict[str, Any]:
+    async def _project(self, elsewhere: Projection) -> dict[str, Any]:
         with tracing.start_span("projection elsewhere", self.projection_trace) as span:
             self.projection_trace = span.context
-            return await project(self.todo_id, 2, title=self.title)
+            return await project(elsewhere, self.todo_id, 2, title=self.title)
 
 
 def test_min_version_is_woken_by_the_projections_notice(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], monkeypatch: pytest.MonkeyPatch
+    run: Run[Any],
+    client: TestClient,
+    queries: Queries,
+    projection: Projection,
+    new_ids: Callable[[int], list[int]],
 ) -> None:
     [todo_id] = new_ids(1)
-    run(project(todo_id, 1))
+    run(project(projection, todo_id, 1))
     get(client, todo_id)
     # Version 1 is cached: not enough for min_version 2.
     assert get(client, todo_id).headers["X-Cache"] == "hit"
-    client.portal.call(version_watch_ready)
+    client.portal.call(version_watch_ready, queries.watch)
     reader = ProjectionDuringTheRead(todo_id, f"landed {uuid.uuid4()}")
 
-    monkeypatch.setattr(query_handlers, "get_row", reader)
-    response = get(client, todo_id, min_version=2)
-    monkeypatch.undo()
-
-    newer = client.portal.call(reader.settled).result()
+    with reading_through(client, queries, reader):
+        response = get(client, todo_id, min_version=2)
+        newer = client.portal.call(reader.settled).result()
     assert (response.status_code, response.json()) == (200, newer)
     assert reader.reads == [1, 2]  # one look before the notice, one after: no polling
     assert reader.record is not None
@@ -468,37 +517,42 @@ def test_min_version_is_woken_by_the_projections_notice(
 def test_min_version_polls_the_read_model_while_redis_is_unreachable(
     run: Run[Any],
     client: TestClient,
+    queries: Queries,
+    projection: Projection,
     redis_relay: FreezableRelay,
     new_ids: Callable[[int], list[int]],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     [todo_id] = new_ids(1)
-    run(project(todo_id, 1))
+    run(project(projection, todo_id, 1))
     reader = ProjectionDuringTheRead(todo_id, f"landed {uuid.uuid4()}")
+    # The projection elsewhere reaches Redis through the relay too: frozen, it cannot invalidate.
+    relayed = bootstrap.projection(replace(settings(), redis_url=redis_relay.url))
+
+    async def through_the_relay(elsewhere: Projection, row: tuple[Todo | None, int | None]) -> None:
+        await reader(relayed, row)
 
     with redis_relay.frozen():
-        client.portal.call(version_watch_down)
-        monkeypatch.setattr(query_handlers, "get_row", reader)
-        response = get(client, todo_id, min_version=2)
-        monkeypatch.undo()
-
-        projection = client.portal.call(reader.settled)
+        client.portal.call(version_watch_down, queries.watch)
+        with reading_through(client, queries, through_the_relay):
+            response = get(client, todo_id, min_version=2)
+            landed = client.portal.call(reader.settled)
+    client.portal.call(relayed.aclose)
     # The projection committed to the read DB, then could not invalidate (it answers 5xx and is retried).
-    assert isinstance(projection.exception(), DependencyUnavailable)
+    assert isinstance(landed.exception(), DependencyUnavailable)
     assert (response.status_code, response.headers["X-Cache"]) == (200, "bypass")
     assert response.json() == todo_data(todo_id, 2, title=reader.title)
     assert reader.reads[0] == 1 and reader.reads[-1] == 2
     assert reader.record is not None and "woken_by_trace" not in reader.record
-    run(project(todo_id, 2, title=reader.title))  # the projection's retry, now that Redis answers
-    client.portal.call(version_watch_ready)
+    run(project(projection, todo_id, 2, title=reader.title))  # the projection's retry, now that Redis answers
+    client.portal.call(version_watch_ready, queries.watch)
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "two", "1.5", "+2", "٢", ""])
 def test_bad_min_version_is_422(
-    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], bad: str
+    run: Run[Any], client: TestClient, new_ids: Callable[[int], list[int]], bad: str, projection: Projection
 ) -> None:
     [todo_id] = new_ids(1)
-    run(project(todo_id, 1))
+    run(project(projection, todo_id, 1))
     response = get(client, todo_id, min_version=bad)
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "validation_failed"

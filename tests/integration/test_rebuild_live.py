@@ -15,6 +15,7 @@ from local.sync_db import read_db, write_db
 from tests.integration.projecting import project_latest
 from tests.integration.settings_override import Run
 from todo_cqrs.projection.rebuild import rebuild_read_model
+from todo_cqrs.settings import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 
