@@ -14,7 +14,6 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 
@@ -25,13 +24,12 @@ from sqlalchemy.engine import make_url
 
 from local import credentials, services
 from tests.integration.read_model_ids import CREATED, HIGH_IDS, UPDATED, todo_data
-from tests.integration.settings_override import InLoop, Run, overridden_setting
-from todo_cqrs import db, roles
-from todo_cqrs.adapters import cache as cache_module
+from tests.integration.settings_override import Run
+from todo_cqrs import bootstrap, roles
 from todo_cqrs.adapters.cache import LIST_GENERATION_KEY, VERSIONS_CHANNEL, floor_key, todo_key
-from todo_cqrs.projection.handlers import project_event
+from todo_cqrs.projection.handlers import Projection, project_event
 from todo_cqrs.query import handlers as query_handlers
-from todo_cqrs.reconcile.service import ReconcileTick
+from todo_cqrs.query.handlers import Queries
 from todo_cqrs.settings import Settings, settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
@@ -197,41 +195,6 @@ def test_re_applying_the_roles_takes_back_a_privilege_granted_by_hand() -> None:
 # --- the roles at work: what the projection and get_todos run, with their own credentials -------------
 
 
-@pytest.fixture
-def as_role(in_runner: InLoop) -> Iterator[Any]:
-    """A block in which this process's core uses one role's read-DB and Redis credentials."""
-
-    def use(role: str) -> Any:
-        read_url = make_url(settings().read_db_url).set(username=role, password=credentials.db_password(role))
-        redis_url = credentials.with_user(settings().redis_url, role, credentials.redis_password(role))
-        stack = ExitStack()
-        factories = (db.read_engine, cache_module.todo_cache)
-        stack.enter_context(
-            overridden_setting(
-                "READ_DB_URL", read_url.render_as_string(hide_password=False), *factories, loops=[in_runner]
-            )
-        )
-        stack.enter_context(overridden_setting("REDIS_URL", redis_url, *factories, loops=[in_runner]))
-        return stack
-
-    yield use
-
-
-def test_the_projection_and_the_query_work_with_their_own_credentials(
-    run: Run[Any], new_id: Any, as_role: Any
-) -> None:
-    todo_id = new_id()
-    with as_role(roles.PROJECTION):
-        assert run(project_event(CREATED, todo_data(todo_id, 1))) == "applied"
-    with as_role(roles.QUERY):
-        read = run(query_handlers.get_todo(todo_id))
-        assert (read.version, read.cache) == (1, "miss")  # read from the DB, then stored in the cache
-        assert run(query_handlers.get_todo(todo_id)).cache == "hit"
-        cursor = query_handlers.encode_cursor(todo_id - 1)
-        page = run(query_handlers.list_todos({"cursor": cursor, "limit": "1"}))
-        assert b'"id":%d' % todo_id in page.body
-
-
 def role_settings(role: str) -> Settings:
     """This process's settings with the role's credentials for both databases and Redis."""
     s, password = settings(), credentials.db_password(role)
@@ -243,10 +206,46 @@ def role_settings(role: str) -> Settings:
     return replace(s, write_db_url=url(s.write_db_url), read_db_url=url(s.read_db_url), redis_url=redis_url)
 
 
-def test_a_reconcile_pass_repairs_and_prunes_with_its_own_credentials(run: Run[Any], new_id: Any) -> None:
+@pytest.fixture
+def as_role(run: Run[Any]) -> Iterator[Any]:
+    """The projection's and get_todos' dependencies, built by bootstrap as their functions build them,
+    with one role's credentials; closed at the end."""
+    built: list[Projection | Queries] = []
+
+    def deps(build: Any, role: str) -> Any:
+        built.append(build(role_settings(role)))
+        return built[-1]
+
+    yield deps
+    for made in built:
+        run(made.aclose())
+
+
+def test_the_projection_and_the_query_work_with_their_own_credentials(
+    run: Run[Any], new_id: Any, as_role: Any
+) -> None:
+    todo_id = new_id()
+    projection: Projection = as_role(bootstrap.projection, roles.PROJECTION)
+    assert run(project_event(projection, CREATED, todo_data(todo_id, 1))) == "applied"
+    queries: Queries = as_role(bootstrap.queries, roles.QUERY)
+    read = run(query_handlers.get_todo(queries, todo_id))
+    assert (read.version, read.cache) == (1, "miss")  # read from the DB, then stored in the cache
+    assert run(query_handlers.get_todo(queries, todo_id)).cache == "hit"
+    cursor = queries.cursors.encode(todo_id - 1)
+    page = run(
+        query_handlers.list_todos(
+            queries, *query_handlers.page_params({"cursor": cursor, "limit": "1"}, queries.cursors)
+        )
+    )
+    assert b'"id":%d' % todo_id in page.body
+
+
+def test_a_reconcile_pass_repairs_and_prunes_with_its_own_credentials(
+    run: Run[Any], new_id: Any, projection: Projection
+) -> None:
     todo_id = new_id()  # a live read row the write DB never assigned: drift the pass removes
-    run(project_event(CREATED, todo_data(todo_id, 1)))
-    tick = ReconcileTick.from_settings(replace(role_settings(roles.RECONCILE), reconcile_grace_s=0.0))
+    run(project_event(projection, CREATED, todo_data(todo_id, 1)))
+    tick = bootstrap.reconcile(replace(role_settings(roles.RECONCILE), reconcile_grace_s=0.0))
 
     async def one_pass() -> dict[str, Any]:
         try:
@@ -318,19 +317,15 @@ def test_the_projection_user_may_run_its_scripts_in_a_pipeline(run: Run[Any], ro
     )
 
     async def invalidate_two() -> None:
-        cache = cache_module.TodoCache(cache_module.redis_client(url, 2.0))
+        cache = bootstrap.todo_cache(replace(settings(), redis_url=url))
         try:
-            async with cache.client.pipeline(transaction=False) as pipe:
-                for todo_id in (row_id, row_id + 1):
-                    keys = [todo_key(todo_id), LIST_GENERATION_KEY, floor_key(todo_id)]
-                    args = [3, 60, VERSIONS_CHANNEL, todo_id, ""]
-                    await cache._invalidate(keys=keys, args=args, client=pipe)
-                assert await pipe.execute() == [3, 3]
+            await cache.invalidate_many([(row_id, 3, None), (row_id + 1, 3, None)])  # one pipeline
         finally:
             await cache.aclose()
 
     run(invalidate_two())
     with redis_admin() as admin:
+        assert admin.hget(floor_key(row_id), str(row_id)) == b"3"
         assert admin.hget(floor_key(row_id + 1), str(row_id + 1)) == b"3"
         for todo_id in (row_id, row_id + 1):
             admin.delete(todo_key(todo_id))
@@ -364,11 +359,21 @@ def test_redis_is_bounded_and_evicts_only_keys_with_a_ttl() -> None:
     assert config["maxmemory-policy"] == "volatile-lru"
 
 
-def test_what_may_be_evicted_has_a_ttl_and_what_may_not_has_none(run: Run[Any], new_id: Any) -> None:
+@pytest.fixture
+def queries(run: Run[Any]) -> Iterator[Queries]:
+    """get_todos' dependencies, as its function builds them."""
+    deps = bootstrap.queries(settings())
+    yield deps
+    run(deps.aclose())
+
+
+def test_what_may_be_evicted_has_a_ttl_and_what_may_not_has_none(
+    run: Run[Any], new_id: Any, projection: Projection, queries: Queries
+) -> None:
     todo_id = new_id()
-    run(project_event(CREATED, todo_data(todo_id, 1)))
-    run(query_handlers.get_todo(todo_id))  # a cached entry
-    page = run(query_handlers.list_todos({"cursor": query_handlers.encode_cursor(todo_id - 1), "limit": "1"}))
+    run(project_event(projection, CREATED, todo_data(todo_id, 1)))
+    run(query_handlers.get_todo(queries, todo_id))  # a cached entry
+    page = run(query_handlers.list_todos(queries, None, 1, todo_id - 1))
     assert page.cache == "miss"  # stored now
     with redis_admin() as admin:
         assert admin.ttl(todo_key(todo_id)) > 0
@@ -378,14 +383,16 @@ def test_what_may_be_evicted_has_a_ttl_and_what_may_not_has_none(run: Run[Any], 
         assert admin.ttl(LIST_GENERATION_KEY) == -1
 
 
-async def store(todo_id: int, version: int, body: bytes) -> None:
-    await cache_module.todo_cache().store_todo(todo_id, version, body)
-
-
-def test_an_evicted_entry_does_not_let_an_older_version_be_cached(run: Run[Any], new_id: Any) -> None:
+def test_an_evicted_entry_does_not_let_an_older_version_be_cached(
+    run: Run[Any], new_id: Any, projection: Projection
+) -> None:
     todo_id = new_id()
-    run(project_event(CREATED, todo_data(todo_id, 1)))
-    run(project_event(UPDATED, todo_data(todo_id, 2)))
+    run(project_event(projection, CREATED, todo_data(todo_id, 1)))
+    run(project_event(projection, UPDATED, todo_data(todo_id, 2)))
+
+    async def store(todo_id: int, version: int, body: bytes) -> None:
+        await projection.cache.store_todo(todo_id, version, body)
+
     with redis_admin() as admin:
         admin.delete(todo_key(todo_id))  # as volatile-lru would: the marker of version 2 is gone
         # A reader that read version 1 before the projection applied version 2 stores it late:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -22,7 +23,8 @@ from starlette.testclient import TestClient
 from local.sync_db import read_db, write_db
 from tests.integration.projecting import project_latest
 from tests.integration.settings_override import Run
-from todo_cqrs.adapters.cache import TodoCache, redis_client, todo_key
+from todo_cqrs import bootstrap
+from todo_cqrs.adapters.cache import todo_key
 from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.reconcile.passes import PassReport, Reconciler
 from todo_cqrs.reconcile.service import batch_engine
@@ -38,7 +40,7 @@ async def reconcile_once(grace_s: float = 0.0) -> PassReport:
     """One pass over every todo, as the reconcile function runs it."""
     s = settings()
     write, read = batch_engine(s.write_db_url), batch_engine(s.read_db_url)
-    cache = TodoCache(redis_client(s.redis_url, s.redis_timeout_s))
+    cache = bootstrap.todo_cache(s)
     try:
         return await Reconciler(write, read, cache, grace_s=grace_s).run_pass()
     finally:
@@ -354,7 +356,7 @@ def test_a_read_row_the_projection_changes_during_a_repair_is_not_taken_back(
     async def interleaved_pass() -> PassReport:
         s = settings()
         write, read = batch_engine(s.write_db_url), batch_engine(s.read_db_url)
-        cache = TodoCache(redis_client(s.redis_url, s.redis_timeout_s))
+        cache = bootstrap.todo_cache(s)
         try:
             reconciler = Reconciler(write, read, cache, grace_s=0)
             reconciler.write = CommandRightAfterTheRead(write)
@@ -383,8 +385,8 @@ def test_a_repair_made_while_redis_is_down_answers_503_and_is_invalidated_by_the
     async def two_passes() -> tuple[BaseException | None, PassReport]:
         s = settings()
         write, read = batch_engine(s.write_db_url), batch_engine(s.read_db_url)
-        down = TodoCache(redis_client("redis://127.0.0.1:1/0", 0.25))  # nothing listens there
-        up = TodoCache(redis_client(s.redis_url, s.redis_timeout_s))
+        down = bootstrap.todo_cache(replace(s, redis_url="redis://127.0.0.1:1/0"))  # nothing listens there
+        up = bootstrap.todo_cache(s)
         reconciler = Reconciler(write, read, down, grace_s=0)
         try:
             try:
