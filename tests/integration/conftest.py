@@ -46,7 +46,7 @@ def run(runner: asyncio.Runner) -> Run[Any]:
 
 @pytest.fixture(scope="session")
 def in_runner(runner: asyncio.Runner) -> InLoop:
-    """Calls an async function on the session's event loop (for overridden_setting's `loops`)."""
+    """Calls an async function on the session's event loop."""
     return lambda function: runner.run(function())
 
 
