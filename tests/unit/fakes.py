@@ -2,9 +2,9 @@
 
 Only the adapters are faked (the write store and its idempotency keys, the outbox publisher, the read
 store, the cache and its version notices, the dead-letter store); the functions, the HTTP edge, the
-handlers and the domain under test are always the real ones. Each fake is installed with monkeypatch
-on the module attribute the handler looks up at call time, so it serves whichever event loop the test
-client runs (the real adapters cache their connections per loop: todo_cqrs/loop_local.py).
+handlers and the domain under test are always the real ones. A test passes the fakes in: a function is
+built by its main.py's `build` with them (`load_main(name).build(...)`), nothing is patched. The read
+side's fakes are in tests/unit/fakes_read.py; tests/contract holds every fake to its adapter's behaviour.
 """
 
 from __future__ import annotations
@@ -33,16 +33,26 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from tests.unit.fakes_read import FakeCache, FakeDeadLetterStore, FakeReadStore, FakeVersionWatch
+from tests.unit.fakes_read import (
+    FakeCache,
+    FakeDeadLetterStore,
+    FakeReadStore,
+    FakeVersionWatch,
+    fake_projection,
+    fake_queries,
+)
 from todo_cqrs import logs
 from todo_cqrs.adapters.publisher import OutboxRecord
+from todo_cqrs.bootstrap import RelayTick
 from todo_cqrs.command import idempotency
 from todo_cqrs.command.handlers import Commands
 from todo_cqrs.command.idempotency import IdempotencyKey
 from todo_cqrs.command.unit_of_work import Locked, Outcome, Stored, ToPublish
+from todo_cqrs.dead_letter import DeadLetters
 from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.domain.events import TodoEvent
 from todo_cqrs.domain.todo import NewTodo, Status, Todo
+from todo_cqrs.sender_identity import NoCheck
 from todo_cqrs.tracing import TraceContext
 
 T = TypeVar("T")
@@ -443,7 +453,7 @@ class NoGauges:
 
 @dataclass
 class Fakes:
-    """One fake of every dependency of every function."""
+    """One fake of every dependency of every function; `deps(name)` is a function's, over these fakes."""
 
     store: FakeWriteStore = field(default_factory=FakeWriteStore)
     published: PublishRecorder = field(default_factory=PublishRecorder)
@@ -453,11 +463,36 @@ class Fakes:
     letters: FakeDeadLetterStore = field(default_factory=FakeDeadLetterStore)
     relay: FakeRelay = field(default_factory=FakeRelay)
 
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> Fakes:
+    def __post_init__(self) -> None:
         self.cache.watch = self.watch
-        # The read side's fakes are passed in, never installed (tests/unit/fakes_read.py).
-        for fake in (self.store, self.published, self.relay):
-            fake.install(monkeypatch)
+
+    def deps(self, name: str) -> Any:
+        """What functions/<name>/main.py's `build` takes, made of these fakes."""
+        if name in ("create_todo", "update_todo", "delete_todo"):
+            return fake_commands(self.store, self.published)
+        if name == "relay_outbox":
+            return RelayTick(self.relay, self.store, NoGauges(), NoCheck)
+        if name == "get_todos":
+            return fake_queries(self.read_model, self.cache, self.watch)
+        if name == "project_event":
+            return fake_projection(self.read_model, self.cache)
+        if name == "dead_letter":
+            return DeadLetters(self.letters)
+        raise ValueError(f"no fakes for {name}")
+
+    def reset(self) -> Fakes:
+        """Every fake back to its fresh state, in place: a function built with them sees fresh fakes."""
+        for fake in (
+            self.store,
+            self.published,
+            self.read_model,
+            self.watch,
+            self.cache,
+            self.letters,
+            self.relay,
+        ):
+            fake.__init__()  # type: ignore[misc]
+        self.cache.watch = self.watch
         return self
 
     def seed(self, *todos: Todo) -> None:
@@ -473,14 +508,28 @@ class Fakes:
         self.watch.healthy = False
 
 
+def framework_app_of(name: str, function: Callable[[Request], Awaitable[Response]]) -> Starlette:
+    """functions-framework's own ASGI app (its public create_asgi_app_from_module) around a function built
+    with fakes: the framework's routes and answers, as functions/<name>/main.py is served."""
+    module = ModuleType(f"{name}_built")
+
+    async def entry(request: Request) -> Response:
+        return await function(request)
+
+    setattr(module, name, entry)
+    app: Starlette = functions_framework.aio.create_asgi_app_from_module(
+        name, f"functions/{name}/main.py", "http", module, None
+    )
+    return app
+
+
 @contextmanager
-def faked_function(name: str) -> Iterator[tuple[TestClient, Fakes]]:
-    """functions/<name>/main.py loaded with every dependency faked (fresh fakes: `Fakes().install`
-    again on a MonkeyPatch of a test replaces them for that test)."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        fakes = Fakes().install(monkeypatch)
-        with function_client(name) as client:
-            yield client, fakes
+def faked_function(name: str, fakes: Fakes | None = None) -> Iterator[tuple[TestClient, Fakes]]:
+    """functions/<name>/main.py built with fakes (these, or fresh ones) and served by functions-framework's
+    own app; `fakes.reset()` gives a test fresh ones."""
+    fakes = fakes or Fakes()
+    with TestClient(framework_app_of(name, load_main(name).build(fakes.deps(name)))) as client:
+        yield client, fakes
 
 
 # --- events -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -34,16 +34,14 @@ from hypothesis import strategies as st
 from tests.unit.fakes import (
     ALL_FUNCTIONS,
     EVENT_SINKS,
-    FakeRelay,
     Fakes,
-    UnreachableCache,
     a_todo,
     assert_error_body,
-    function_app,
+    framework_app_of,
+    load_main,
     todo_data,
 )
 from todo_cqrs.domain.events import EVENT_TYPES
-from todo_cqrs.settings import settings as app_settings
 
 settings.register_profile(
     "unit-fuzz",
@@ -304,17 +302,18 @@ def http_request(draw: st.DrawFn, function: str) -> Request:
 
 
 @pytest.fixture(scope="module", params=ALL_FUNCTIONS)
-def loaded(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any, FakeRelay]]:
-    relay = FakeRelay()  # relay_outbox's main.py imports the relay's names: faked before it loads
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        relay.install(monkeypatch)
-        with function_app(request.param) as app:
-            yield request.param, app, relay
+def loaded(request: pytest.FixtureRequest) -> tuple[str, Any, Fakes]:
+    """The function built with fakes, in functions-framework's own app (its answers are checked too)."""
+    fakes = Fakes()
+    deps = fakes.deps(request.param)
+    if request.param == "get_todos":
+        deps.min_version_wait_s = 0  # a min_version the fakes never reach: 503 at once
+    return request.param, framework_app_of(request.param, load_main(request.param).build(deps)), fakes
 
 
-def fresh_fakes(monkeypatch: pytest.MonkeyPatch, relay: FakeRelay, outage: str) -> Fakes:
-    """New fakes for one example: todos 1 and 7 written and projected, one dependency down (or none)."""
-    fakes = Fakes(relay=relay.reset()).install(monkeypatch)
+def fresh_fakes(fakes: Fakes, outage: str) -> Fakes:
+    """Fresh fakes for one example: todos 1 and 7 written and projected, one dependency down (or none)."""
+    fakes.reset()
     fakes.seed(a_todo(1), a_todo(7, version=3))
     if outage == "everything":
         fakes.outage()
@@ -323,7 +322,7 @@ def fresh_fakes(monkeypatch: pytest.MonkeyPatch, relay: FakeRelay, outage: str) 
     elif outage == "read_db":
         fakes.read_model.unreachable = True
     elif outage == "redis":
-        UnreachableCache().install(monkeypatch)
+        fakes.cache.unreachable = True
     elif outage == "watch":
         fakes.watch.healthy = False
     elif outage == "letters":
@@ -388,11 +387,9 @@ def check(response: httpx.Response, request: Request, outage: str) -> None:
 
 
 def test_no_request_gets_a_5xx_or_an_error_without_the_json_error_body_and_repeats_replay(
-    loaded: tuple[str, Any, FakeRelay], monkeypatch: pytest.MonkeyPatch
+    loaded: tuple[str, Any, Fakes],
 ) -> None:
-    function, app, relay = loaded
-    monkeypatch.setenv("MIN_VERSION_WAIT_SECONDS", "0")  # a min_version the fakes never reach: 503 at once
-    app_settings.cache_clear()
+    function, app, built_with = loaded
     loop = asyncio.new_event_loop()
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
     strategy = event_request() if function in EVENT_SINKS else http_request(function)
@@ -400,18 +397,17 @@ def test_no_request_gets_a_5xx_or_an_error_without_the_json_error_body_and_repea
     @settings(PROFILE)
     @given(request=strategy, outage=st.sampled_from(OUTAGES))
     def properties_hold(request: Request, outage: str) -> None:
-        with pytest.MonkeyPatch.context() as example:
-            fakes = fresh_fakes(example, relay, outage)
-            response = loop.run_until_complete(send(client, request))
-            check(response, request, outage)
-            keyed = COMMANDS.get(function) == request.method and "idempotency-key" in request.headers
-            if keyed and 200 <= response.status_code < 300:
-                writes = (dict(fakes.store.todos), len(fakes.store.outbox), fakes.published.calls)
-                repeat = loop.run_until_complete(send(client, request))
-                assert (repeat.status_code, repeat.content) == (response.status_code, response.content)
-                for header in ("etag", "location"):
-                    assert repeat.headers.get(header) == response.headers.get(header)
-                assert (dict(fakes.store.todos), len(fakes.store.outbox), fakes.published.calls) == writes
+        fakes = fresh_fakes(built_with, outage)
+        response = loop.run_until_complete(send(client, request))
+        check(response, request, outage)
+        keyed = COMMANDS.get(function) == request.method and "idempotency-key" in request.headers
+        if keyed and 200 <= response.status_code < 300:
+            writes = (dict(fakes.store.todos), len(fakes.store.outbox), fakes.published.calls)
+            repeat = loop.run_until_complete(send(client, request))
+            assert (repeat.status_code, repeat.content) == (response.status_code, response.content)
+            for header in ("etag", "location"):
+                assert repeat.headers.get(header) == response.headers.get(header)
+            assert (dict(fakes.store.todos), len(fakes.store.outbox), fakes.published.calls) == writes
 
     try:
         properties_hold()

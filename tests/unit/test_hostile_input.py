@@ -34,8 +34,13 @@ JSON_HEADERS = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def clients() -> Iterator[dict[str, TestClient]]:
-    """Every function, loaded once for the module (fresh fakes per test: `fakes`)."""
+def module_fakes() -> Fakes:
+    return Fakes()
+
+
+@pytest.fixture(scope="module")
+def clients(module_fakes: Fakes) -> Iterator[dict[str, TestClient]]:
+    """Every function, built once for the module with the same fakes (fresh per test: `fakes`)."""
     opened: dict[str, TestClient] = {}
     contexts = []
     try:
@@ -47,7 +52,7 @@ def clients() -> Iterator[dict[str, TestClient]]:
             "project_event",
             "dead_letter",
         ):
-            context = faked_function(name)
+            context = faked_function(name, module_fakes)
             opened[name] = context.__enter__()[0]
             contexts.append(context)
         yield opened
@@ -57,8 +62,8 @@ def clients() -> Iterator[dict[str, TestClient]]:
 
 
 @pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
-    fresh = Fakes().install(monkeypatch)
+def fakes(module_fakes: Fakes) -> Fakes:
+    fresh = module_fakes.reset()
     fresh.seed(a_todo(7))
     return fresh
 

@@ -50,9 +50,9 @@ def client(loaded: tuple[str, TestClient, Fakes]) -> TestClient:
 
 
 @pytest.fixture
-def fakes(loaded: tuple[str, TestClient, Fakes], monkeypatch: pytest.MonkeyPatch) -> Fakes:
-    """Fresh fakes for this test, every dependency down (relay_outbox keeps the fake it was loaded with)."""
-    fresh = Fakes(relay=loaded[2].relay.reset()).install(monkeypatch)
+def fakes(loaded: tuple[str, TestClient, Fakes]) -> Fakes:
+    """Fresh fakes for this test (those the function was built with, reset), every dependency down."""
+    fresh = loaded[2].reset()
     fresh.outage()
     return fresh
 

@@ -27,15 +27,21 @@ FAILING_REQUEST = {
 }
 
 
+@pytest.fixture(scope="module")
+def module_fakes() -> Fakes:
+    return Fakes()
+
+
 @pytest.fixture(scope="module", params=ALL_FUNCTIONS)
-def loaded(request: pytest.FixtureRequest) -> Iterator[tuple[str, TestClient]]:
-    with faked_function(request.param) as (client, _):
+def loaded(request: pytest.FixtureRequest, module_fakes: Fakes) -> Iterator[tuple[str, TestClient]]:
+    with faked_function(request.param, module_fakes) as (client, _):
         yield request.param, client
 
 
 @pytest.fixture
-def fakes(loaded: tuple[str, TestClient], monkeypatch: pytest.MonkeyPatch) -> Fakes:
-    return Fakes().install(monkeypatch)
+def fakes(loaded: tuple[str, TestClient], module_fakes: Fakes) -> Fakes:
+    """Fresh fakes for this test: those the functions were built with, reset."""
+    return module_fakes.reset()
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

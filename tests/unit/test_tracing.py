@@ -107,8 +107,9 @@ def create_todo() -> Iterator[tuple[TestClient, Fakes]]:
 
 
 @pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
-    return Fakes().install(monkeypatch)
+def fakes(create_todo: tuple[TestClient, Fakes]) -> Fakes:
+    """Fresh fakes for this test: those create_todo was built with, reset."""
+    return create_todo[1].reset()
 
 
 def post(client: TestClient, **headers: str) -> None:
