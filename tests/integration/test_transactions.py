@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from local import services
 from tests.integration.databases import write_db
 from tests.integration.settings_override import Run
 from todo_cqrs.adapters.write_store import todos
+from todo_cqrs.db import Statements
 from todo_cqrs.domain.errors import DependencyUnavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
@@ -32,14 +32,17 @@ async def titled(title: str) -> int:
         return int((await conn.execute(query)).scalar_one())
 
 
-async def insert_todo(conn: AsyncConnection, title: str) -> None:
-    now = sa.func.utc_timestamp(3)
-    values = {"title": title, "description": "", "status": "CREATED", "version": 1}
-    await conn.execute(sa.insert(todos).values(**values, created_at=now, updated_at=now))
+async def insert_todo(statements: Statements, title: str) -> None:
+    await statements.execute(
+        "INSERT INTO todos (title, description, status, version, created_at, updated_at) "
+        "VALUES (%s, '', 'CREATED', 1, UTC_TIMESTAMP(3), UTC_TIMESTAMP(3))",
+        (title,),
+    )
 
 
-async def in_a_transaction(work: Callable[[AsyncConnection], Awaitable[None]]) -> None:
-    await write_db().run_in_transaction(work)
+async def in_a_transaction(work: Callable[[Statements], Awaitable[None]]) -> None:
+    """As a command runs (todo_cqrs/adapters/write_store.WriteStore.run)."""
+    await write_db().run_statements(work)
 
 
 def test_a_commit_waiting_for_a_frozen_database_is_not_cut_off_by_the_deadline(run: Run[Any]) -> None:
@@ -47,8 +50,8 @@ def test_a_commit_waiting_for_a_frozen_database_is_not_cut_off_by_the_deadline(r
     frozen_s = write_db().deadline_s + 1.0
     thawed = threading.Event()
 
-    async def insert_then_freeze(conn: AsyncConnection) -> None:
-        await insert_todo(conn, title)
+    async def insert_then_freeze(statements: Statements) -> None:
+        await insert_todo(statements, title)
         services.pause("mariadb")  # the COMMIT that follows waits for it
         threading.Timer(frozen_s, lambda: (services.resume("mariadb"), thawed.set())).start()
 
@@ -64,9 +67,9 @@ def test_a_commit_waiting_for_a_frozen_database_is_not_cut_off_by_the_deadline(r
 def test_statements_that_outlast_the_deadline_answer_503_and_write_nothing(run: Run[Any]) -> None:
     title = f"never committed {uuid.uuid4()}"
 
-    async def insert_then_wait_too_long(conn: AsyncConnection) -> None:
-        await insert_todo(conn, title)
-        await conn.execute(sa.text("SELECT SLEEP(:s)"), {"s": write_db().deadline_s + 1})
+    async def insert_then_wait_too_long(statements: Statements) -> None:
+        await insert_todo(statements, title)
+        await statements.execute("SELECT SLEEP(%s)", (write_db().deadline_s + 1,))
 
     with pytest.raises(DependencyUnavailable):
         run(in_a_transaction(insert_then_wait_too_long))

@@ -13,14 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
+import pymysql
 import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import DATETIME, MEDIUMTEXT
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from todo_cqrs import db
 from todo_cqrs.adapters.publisher import OutboxRecord
-from todo_cqrs.adapters.rows import todo_from_row
 from todo_cqrs.command.idempotency import IdempotencyKey, in_flight, reused
 from todo_cqrs.command.unit_of_work import Locked, Outcome, Stored, ToPublish
 from todo_cqrs.domain.clock import as_utc, naive_utc
@@ -97,48 +95,53 @@ idempotency_keys = sa.Table(
     mysql_charset="utf8mb4",
 )
 
-# Built once: a statement object per call would be compiled (cache-keyed) again on every command.
-_INSERT_TODO = sa.text(
+# The hot statements, as SQL text for the driver (pyformat parameters): see db.Statements.
+_INSERT_TODO = (
     "INSERT INTO todos (title, description, status, version, created_at, updated_at) "
-    "VALUES (:title, :description, :status, 1, UTC_TIMESTAMP(3), UTC_TIMESTAMP(3)) "
+    "VALUES (%(title)s, %(description)s, %(status)s, 1, UTC_TIMESTAMP(3), UTC_TIMESTAMP(3)) "
     "RETURNING id, created_at"
 )
-_LOAD_FOR_UPDATE = sa.text(
-    "SELECT id, title, description, status, version, created_at, updated_at, UTC_TIMESTAMP(3) AS now "
-    "FROM todos WHERE id = :id FOR UPDATE"
+_LOAD_FOR_UPDATE = (
+    "SELECT id, title, description, status, version, created_at, updated_at, UTC_TIMESTAMP(3) "
+    "FROM todos WHERE id = %s FOR UPDATE"
 )
 # Its own statement, once the row lock is held: a subquery of the locking SELECT would read the outbox
 # as it was when that statement began, before the command it waited for had committed its row.
-_PENDING_EVENT = sa.text("SELECT MAX(id) FROM outbox WHERE todo_id = :id AND published_at IS NULL")
-_SAVE_TODO = sa.text(
-    "UPDATE todos SET title = :title, description = :description, status = :status, version = :version, "
-    "updated_at = :updated_at WHERE id = :id"
+_PENDING_EVENT = "SELECT MAX(id) FROM outbox WHERE todo_id = %s AND published_at IS NULL"
+_SAVE_TODO = (
+    "UPDATE todos SET title = %(title)s, description = %(description)s, status = %(status)s, "
+    "version = %(version)s, updated_at = %(updated_at)s WHERE id = %(id)s"
 )
-_DELETE_TODO = sa.text("DELETE FROM todos WHERE id = :id")
-_INSERT_EVENT = sa.insert(outbox)
+_DELETE_TODO = "DELETE FROM todos WHERE id = %s"
+_INSERT_EVENT = (
+    "INSERT INTO outbox (event_id, event_type, todo_id, version, occurred_at, payload, shard, traceparent, "
+    "tracestate) VALUES (%(event_id)s, %(event_type)s, %(todo_id)s, %(version)s, %(occurred_at)s, "
+    "%(payload)s, %(shard)s, %(traceparent)s, %(tracestate)s)"
+)
 
 # The key's row, taken without waiting: a row another transaction holds means that request is in flight.
-_CLAIM_KEY = sa.text(
+_CLAIM_KEY = (
     "SET STATEMENT innodb_lock_wait_timeout = 0 FOR "
     "INSERT INTO idempotency_keys (key_hash, fingerprint, created_at, expires_at) "
-    "VALUES (:key_hash, :fingerprint, UTC_TIMESTAMP(3), UTC_TIMESTAMP(3) + INTERVAL :ttl SECOND)"
+    "VALUES (%(key_hash)s, %(fingerprint)s, UTC_TIMESTAMP(3), UTC_TIMESTAMP(3) + INTERVAL %(ttl)s SECOND)"
 )
-_STORED_KEY = sa.text(
-    "SELECT fingerprint, outcome, todo, expires_at > UTC_TIMESTAMP(3) AS live "
-    "FROM idempotency_keys WHERE key_hash = :key_hash FOR UPDATE NOWAIT"
+_STORED_KEY = (
+    "SELECT fingerprint, outcome, todo, expires_at > UTC_TIMESTAMP(3) "
+    "FROM idempotency_keys WHERE key_hash = %s FOR UPDATE NOWAIT"
 )
-_RENEW_KEY = sa.text(
-    "UPDATE idempotency_keys SET fingerprint = :fingerprint, outcome = NULL, todo = NULL, "
-    "created_at = UTC_TIMESTAMP(3), expires_at = UTC_TIMESTAMP(3) + INTERVAL :ttl SECOND "
-    "WHERE key_hash = :key_hash"
+_RENEW_KEY = (
+    "UPDATE idempotency_keys SET fingerprint = %(fingerprint)s, outcome = NULL, todo = NULL, "
+    "created_at = UTC_TIMESTAMP(3), expires_at = UTC_TIMESTAMP(3) + INTERVAL %(ttl)s SECOND "
+    "WHERE key_hash = %(key_hash)s"
 )
-_KEEP_OUTCOME = sa.text(
-    "UPDATE idempotency_keys SET outcome = :outcome, todo = :todo WHERE key_hash = :key_hash"
+_KEEP_OUTCOME = (
+    "UPDATE idempotency_keys SET outcome = %(outcome)s, todo = %(todo)s WHERE key_hash = %(key_hash)s"
 )
 _PURGE_BATCH = 1000
 _PURGE_KEYS = sa.text(
     f"DELETE FROM idempotency_keys WHERE expires_at < UTC_TIMESTAMP(3) LIMIT {_PURGE_BATCH}"
 )
+_DUPLICATE_KEY = 1062
 _LOCK_WAIT_TIMEOUT = 1205
 
 
@@ -158,11 +161,16 @@ def shard_of(todo_id: int, shards: int) -> int:
     return todo_id % shards
 
 
+def _todo(row: tuple[Any, ...]) -> Todo:
+    todo_id, title, description, status, version, created_at, updated_at = row[:7]
+    return Todo(todo_id, title, description, Status(status), version, as_utc(created_at), as_utc(updated_at))
+
+
 class MariaDbUnitOfWork:
     """One command's write transaction on MariaDB (todo_cqrs/command/unit_of_work.UnitOfWork)."""
 
-    def __init__(self, conn: AsyncConnection, shards: int, key_ttl_s: int) -> None:
-        self._conn = conn
+    def __init__(self, statements: db.Statements, shards: int, key_ttl_s: int) -> None:
+        self._db = statements
         self._shards = shards
         self._key_ttl_s = key_ttl_s
         self._events: list[tuple[TodoEvent, int | None]] = []
@@ -171,28 +179,29 @@ class MariaDbUnitOfWork:
     async def claim(self, key: IdempotencyKey) -> Stored | None:
         params = {"key_hash": key.key_hash, "fingerprint": key.fingerprint, "ttl": self._key_ttl_s}
         try:
-            await self._conn.execute(_CLAIM_KEY, params)
+            await self._db.execute(_CLAIM_KEY, params)
             return None
-        except IntegrityError:
-            pass  # the key was used before (and committed): look at what it came to
-        except DBAPIError as exc:
+        except pymysql.err.IntegrityError as exc:
+            if db.error_code(exc) != _DUPLICATE_KEY:
+                raise  # the key was used before (and committed): look at what it came to
+        except pymysql.err.OperationalError as exc:
             if db.error_code(exc) == _LOCK_WAIT_TIMEOUT:
                 raise in_flight() from exc
             raise
         try:
-            row = (await self._conn.execute(_STORED_KEY, {"key_hash": key.key_hash})).one()
-        except DBAPIError as exc:
+            fingerprint, outcome, todo, live = await self._db.one(_STORED_KEY, (key.key_hash,))
+        except pymysql.err.OperationalError as exc:
             if db.error_code(exc) in db.LOCK_BUSY_CODES:
                 raise in_flight() from exc
             raise
-        if not row.live:  # expired: the key is free again
-            await self._conn.execute(_RENEW_KEY, params)
+        if not live:  # expired: the key is free again
+            await self._db.execute(_RENEW_KEY, params)
             return None
-        if row.fingerprint != key.fingerprint:
+        if fingerprint != key.fingerprint:
             raise reused()
-        if row.outcome is None:
+        if outcome is None:
             raise in_flight()
-        return Stored(Outcome(row.outcome), Todo.from_dict(orjson.loads(row.todo)))
+        return Stored(Outcome(outcome), Todo.from_dict(orjson.loads(todo)))
 
     async def keep(self, key: IdempotencyKey, outcome: Outcome, todo: Todo) -> None:
         params = {
@@ -200,27 +209,27 @@ class MariaDbUnitOfWork:
             "outcome": outcome.value,
             "todo": orjson.dumps(todo.to_dict()).decode(),
         }
-        await self._conn.execute(_KEEP_OUTCOME, params)
+        await self._db.execute(_KEEP_OUTCOME, params)
 
     async def insert(self, new: NewTodo) -> Todo:
         values = {"title": new.title, "description": new.description, "status": Status.CREATED.value}
-        row = (await self._conn.execute(_INSERT_TODO, values)).one()
-        return new.created(int(row.id), as_utc(row.created_at))
+        todo_id, created_at = await self._db.one(_INSERT_TODO, values)
+        return new.created(int(todo_id), as_utc(created_at))
 
     async def lock(self, todo_id: int) -> Locked | None:
-        row = (await self._conn.execute(_LOAD_FOR_UPDATE, {"id": todo_id})).first()
+        row = await self._db.one(_LOAD_FOR_UPDATE, (todo_id,))
         if row is None:
             return None
-        self._pending[todo_id] = (await self._conn.execute(_PENDING_EVENT, {"id": todo_id})).scalar()
-        return Locked(todo_from_row(row), as_utc(row.now))
+        (self._pending[todo_id],) = await self._db.one(_PENDING_EVENT, (todo_id,))
+        return Locked(_todo(row), as_utc(row[7]))
 
     async def save(self, todo: Todo) -> None:
         values = todo_values(todo)
         del values["created_at"]
-        await self._conn.execute(_SAVE_TODO, {**values, "id": todo.id})
+        await self._db.execute(_SAVE_TODO, {**values, "id": todo.id})
 
     async def delete(self, todo_id: int) -> None:
-        await self._conn.execute(_DELETE_TODO, {"id": todo_id})
+        await self._db.execute(_DELETE_TODO, (todo_id,))
 
     def add_event(self, event: TodoEvent) -> None:
         self._events.append((event, self._pending.get(event.todo_id)))
@@ -245,9 +254,9 @@ class MariaDbUnitOfWork:
                 "traceparent": traceparent,
                 "tracestate": tracestate,
             }
-            result = await self._conn.execute(_INSERT_EVENT, values)
+            cursor = await self._db.execute(_INSERT_EVENT, values)
             record = OutboxRecord(
-                int(result.lastrowid),
+                int(cursor.lastrowid),
                 event.event_id,
                 event.type,
                 event.todo_id,
@@ -272,12 +281,12 @@ class WriteStore:
     async def run(
         self, work: Callable[[MariaDbUnitOfWork], Awaitable[T]], trace: TraceContext | None
     ) -> tuple[T, list[ToPublish]]:
-        async def attempt(conn: AsyncConnection) -> tuple[T, list[ToPublish]]:
-            uow = MariaDbUnitOfWork(conn, self._shards, self._key_ttl_s)
+        async def attempt(statements: db.Statements) -> tuple[T, list[ToPublish]]:
+            uow = MariaDbUnitOfWork(statements, self._shards, self._key_ttl_s)
             result = await work(uow)
             return result, await uow.append_events(trace)
 
-        return await self.database.run_in_transaction(attempt)
+        return await self.database.run_statements(attempt)
 
     async def purge_expired_keys(self, budget_s: float = 2.0) -> int:
         """Delete expired idempotency keys batch after batch, until one comes back short or the time
