@@ -58,17 +58,26 @@ def relay(s: Settings) -> RelayTick:
 
 
 # --- queries and events: get_todos, project_event, dead_letter, reconcile -------------------------------
-from todo_cqrs.adapters.cache import TodoCache, VersionWatch, redis_client  # noqa: E402
-from todo_cqrs.adapters.read_store import ReadStore  # noqa: E402
-from todo_cqrs.dead_letter import DeadLetters, store_from  # noqa: E402
-from todo_cqrs.projection.handlers import Projection  # noqa: E402
-from todo_cqrs.query.handlers import Cursors, Queries, ReadSlots, Waiters  # noqa: E402
-from todo_cqrs.reconcile.service import ReconcileTick, batch_database  # noqa: E402
+# Each builder imports what it builds, so a function's process imports only what it uses: dead_letter needs
+# neither the database packages nor Redis, get_todos no Kafka client.
+import typing  # noqa: E402
+
+if typing.TYPE_CHECKING:
+    from todo_cqrs.adapters.cache import TodoCache
+    from todo_cqrs.dead_letter import DeadLetters
+    from todo_cqrs.projection.handlers import Projection
+    from todo_cqrs.query.handlers import Queries
+    from todo_cqrs.reconcile.service import ReconcileTick
 
 
 def queries(s: Settings) -> Queries:
     """get_todos: the read store behind this process's read slots (the pool's size, and as many waiting),
     the cache, the projection's version notices, and the bounds of a ?min_version wait."""
+    from todo_cqrs.adapters.cache import VersionWatch, redis_client
+    from todo_cqrs.adapters.read_store import ReadStore
+    from todo_cqrs.db import Database
+    from todo_cqrs.query.handlers import Cursors, Queries, ReadSlots, Waiters
+
     return Queries(
         store=ReadStore(Database.read(s)),
         cache=todo_cache(s),
@@ -83,22 +92,32 @@ def queries(s: Settings) -> Queries:
 
 def todo_cache(s: Settings) -> TodoCache:
     """The query side's Redis cache (and the projection's invalidations of it)."""
+    from todo_cqrs.adapters.cache import TodoCache, redis_client
+
     return TodoCache(lambda: redis_client(s.redis_url, s.redis_timeout_s), s.cache_ttl_s, s.list_cache_ttl_s)
 
 
 def projection(s: Settings) -> Projection:
     """project_event: the read store's version-gated upserts and the cache's invalidations."""
+    from todo_cqrs.adapters.read_store import ReadStore
+    from todo_cqrs.db import Database
+    from todo_cqrs.projection.handlers import Projection
+
     return Projection(store=ReadStore(Database.read(s)), cache=todo_cache(s))
 
 
 def dead_letters(s: Settings) -> DeadLetters:
     """dead_letter: the store DEAD_LETTER_STORE names (a directory, or S3-compatible object storage)."""
+    from todo_cqrs.dead_letter import DeadLetters, store_from
+
     return DeadLetters(store_from(s))
 
 
 def reconcile(s: Settings) -> ReconcileTick:
     """reconcile: both databases through small pools without the requests' time limits, and the cache
     its repairs invalidate."""
+    from todo_cqrs.reconcile.service import ReconcileTick, batch_database
+
     return ReconcileTick(
         batch_database("write", s.write_db_url),
         batch_database("read", s.read_db_url),
@@ -111,4 +130,6 @@ def reconcile(s: Settings) -> ReconcileTick:
 def sender_check(s: Settings) -> Callable[[], SenderCheck]:
     """The event receivers' check of who sent a request (SENDER_IDENTITY), made on the first request
     that needs it (a receiver whose settings contradict answers 500, it does not fail to start)."""
+    from todo_cqrs import sender_identity
+
     return lambda: sender_identity.from_settings(s)
