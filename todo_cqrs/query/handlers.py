@@ -93,7 +93,7 @@ class Watch(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Read:
-    """A query's answer: the JSON body, the version for the ETag (None for lists), and X-Cache."""
+    """A query's answer: the JSON body, the todo's version (None for lists), and how the cache answered."""
 
     body: bytes
     version: int | None
@@ -120,14 +120,14 @@ def _positive_int(value: str, field: str, maximum: int) -> int:
 
 
 def parse_min_version(text: str | None) -> int | None:
-    """?min_version: absent, or a version (422 otherwise)."""
+    """?min_version: absent, or a version (ValidationFailed otherwise)."""
     return None if text is None else _positive_int(text, "min_version", MAX_VERSION)
 
 
 class ReadSlots:
     """The read-DB queries of this process: as many at once as its pool holds (DB_POOL_SIZE and as
-    many overflow), and as many again waiting; past that a read answers 503 at once, instead of
-    queueing behind slow misses while the requests that the cache answers wait for a request slot."""
+    many overflow), and as many again waiting; past that a read is refused at once (Overloaded),
+    instead of queueing behind slow misses while the requests that the cache answers wait for a slot."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
@@ -151,8 +151,9 @@ class ReadSlots:
 
 class Waiters:
     """The ?min_version reads of this process that the cache could not answer. Past
-    MIN_VERSION_MAX_WAITERS, a new one answers 503 at once (no read of the read DB, no wait): a flood of
-    reads for versions that never come cannot take every connection and request slot for seconds."""
+    MIN_VERSION_MAX_WAITERS, a new one is refused at once (TooManyWaiters: no read of the read DB, no
+    wait): a flood of reads for versions that never come cannot take every connection and request slot
+    for seconds."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -186,8 +187,8 @@ class Cursors:
         return f"{_b64(payload)}.{_b64(self._tag(payload))}"
 
     def decode(self, cursor: str) -> int:
-        """The id a cursor continues after; 422 for one this API did not give out (forged or altered),
-        before it could reach the database or name a cache entry."""
+        """The id a cursor continues after; ValidationFailed for one this API did not give out (forged or
+        altered), before it could reach the database or name a cache entry."""
         try:
             encoded, _, tag = cursor.partition(".")
             payload = _unb64(encoded)
@@ -304,7 +305,7 @@ def _unb64(text: str) -> bytes:
 
 
 def page_params(args: Mapping[str, str], cursors: Cursors) -> tuple[Status | None, int, int]:
-    """(status, limit, after_id) of a list query's parameters; 422 for one that is not valid."""
+    """(status, limit, after_id) of a list query's parameters; ValidationFailed for one that is not valid."""
     status = None
     if "status" in args:
         if args["status"] not in Status.__members__:
