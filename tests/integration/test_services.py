@@ -12,11 +12,11 @@ import redis
 import sqlalchemy as sa
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from local import services
+from tests.integration.databases import read_db, write_db
 from tests.integration.settings_override import Run
-from todo_cqrs.db import read_engine, write_engine
+from todo_cqrs.db import Database
 from todo_cqrs.settings import settings
 
 pytestmark = pytest.mark.integration
@@ -28,19 +28,19 @@ def running_services() -> dict[str, int | None]:
 
 
 @pytest.mark.parametrize(
-    ("engine", "database_setting"),
-    [(write_engine, "write_db_url"), (read_engine, "read_db_url")],
+    ("db", "database_setting"),
+    [(write_db, "write_db_url"), (read_db, "read_db_url")],
     ids=["write", "read"],
 )
 def test_database_round_trips_a_utf8mb4_row(
-    run: Run[Any], engine: Callable[[], AsyncEngine], database_setting: str
+    run: Run[Any], db: Callable[[], Database], database_setting: str
 ) -> None:
     expected_database = sa.engine.make_url(getattr(settings(), database_setting)).database
     note = f"probe {uuid.uuid4()} ✓ 🚀"  # a 4-byte character fails under a 3-byte utf8 charset
     settings_query = sa.text("SELECT DATABASE(), @@character_set_database, @@collation_database")
 
     async def round_trip() -> tuple[Any, ...]:
-        async with engine().connect() as conn:
+        async with db().engine.connect() as conn:
             database, charset, collation = (await conn.execute(settings_query)).one()
             probe = "CREATE TEMPORARY TABLE services_probe (id INT PRIMARY KEY, note VARCHAR(100))"
             await conn.execute(sa.text(probe))
