@@ -9,18 +9,21 @@ client or a Kafka producer is made on first use, in the event loop that serves t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from todo_cqrs import sender_identity
-from todo_cqrs.adapters.publisher import Kafka
-from todo_cqrs.adapters.write_store import WriteStore
-from todo_cqrs.command.handlers import Commands
-from todo_cqrs.db import Database
-from todo_cqrs.http import SenderCheck
-from todo_cqrs.outbox.leases import outbox_database
-from todo_cqrs.outbox.publisher import ProcessPublisher
-from todo_cqrs.outbox.relay import GaugeRefresh, Relay
 from todo_cqrs.settings import Settings
+
+# Each builder imports what it builds, so a function's process imports only what it uses: dead_letter needs
+# neither the database packages nor Redis, get_todos no Kafka client.
+if TYPE_CHECKING:
+    from todo_cqrs.adapters.cache import TodoCache
+    from todo_cqrs.command.handlers import Commands
+    from todo_cqrs.dead_letter import DeadLetters
+    from todo_cqrs.http import SenderCheck
+    from todo_cqrs.outbox.relay import RelayTick
+    from todo_cqrs.projection.handlers import Projection
+    from todo_cqrs.query.handlers import Queries
+    from todo_cqrs.reconcile.service import ReconcileTick
 
 # --- commands: create_todo, update_todo, delete_todo, relay_outbox --------------------------------------
 
@@ -28,46 +31,36 @@ from todo_cqrs.settings import Settings
 def commands(s: Settings) -> Commands:
     """A command function's: the write store, and the publisher of the rows it commits (with a small pool
     of its own, so commands never wait behind publishing for a connection)."""
+    from todo_cqrs.adapters.publisher import Kafka
+    from todo_cqrs.adapters.write_store import WriteStore
+    from todo_cqrs.command.handlers import Commands
+    from todo_cqrs.db import Database
+    from todo_cqrs.outbox.leases import outbox_database
+    from todo_cqrs.outbox.publisher import ProcessPublisher
+
     store = WriteStore(Database.write(s), s.outbox_shards, s.idempotency_ttl_s)
     return Commands(store, ProcessPublisher(Kafka(s), outbox_database(s), s.publish_timeout_s))
 
 
-@dataclass(frozen=True)
-class RelayTick:
-    """relay_outbox's: the relay of orphaned rows, the store whose expired keys it purges, the outbox
-    gauges it refreshes at its scrapes, and who may call it."""
-
-    relay: Relay
-    store: WriteStore
-    gauges: GaugeRefresh
-    identity: Callable[[], SenderCheck]
-
-    async def aclose(self) -> None:
-        await self.relay.aclose()
-        await self.store.aclose()
-
-
 def relay(s: Settings) -> RelayTick:
+    """relay_outbox: the relay of orphaned rows (with a small pool of its own), the store whose expired
+    keys it purges, the outbox gauges it refreshes at its scrapes, and who may call it."""
+    from todo_cqrs.adapters.publisher import Kafka
+    from todo_cqrs.adapters.write_store import WriteStore
+    from todo_cqrs.db import Database
+    from todo_cqrs.outbox.leases import outbox_database
+    from todo_cqrs.outbox.relay import GaugeRefresh, Relay, RelayTick
+
     database = outbox_database(s)
     return RelayTick(
         relay=Relay(database, Kafka(s), s, min_age_s=s.outbox_orphan_s),
         store=WriteStore(Database.write(s), s.outbox_shards, s.idempotency_ttl_s),
         gauges=GaugeRefresh(database),
-        identity=lambda: sender_identity.from_settings(s),
+        identity=sender_check(s),
     )
 
 
 # --- queries and events: get_todos, project_event, dead_letter, reconcile -------------------------------
-# Each builder imports what it builds, so a function's process imports only what it uses: dead_letter needs
-# neither the database packages nor Redis, get_todos no Kafka client.
-import typing  # noqa: E402
-
-if typing.TYPE_CHECKING:
-    from todo_cqrs.adapters.cache import TodoCache
-    from todo_cqrs.dead_letter import DeadLetters
-    from todo_cqrs.projection.handlers import Projection
-    from todo_cqrs.query.handlers import Queries
-    from todo_cqrs.reconcile.service import ReconcileTick
 
 
 def queries(s: Settings) -> Queries:

@@ -8,8 +8,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from todo_cqrs import bootstrap, metrics
-from todo_cqrs.bootstrap import RelayTick
 from todo_cqrs.http import HttpFunction, json_response
+from todo_cqrs.outbox.relay import RelayTick
 from todo_cqrs.settings import settings
 
 

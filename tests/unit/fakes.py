@@ -43,7 +43,6 @@ from tests.unit.fakes_read import (
 )
 from todo_cqrs import logs
 from todo_cqrs.adapters.publisher import OutboxRecord
-from todo_cqrs.bootstrap import RelayTick
 from todo_cqrs.command import idempotency
 from todo_cqrs.command.handlers import Commands
 from todo_cqrs.command.idempotency import IdempotencyKey
@@ -52,6 +51,7 @@ from todo_cqrs.dead_letter import DeadLetters
 from todo_cqrs.domain.errors import DependencyUnavailable
 from todo_cqrs.domain.events import TodoEvent
 from todo_cqrs.domain.todo import NewTodo, Status, Todo
+from todo_cqrs.outbox.relay import RelayTick
 from todo_cqrs.sender_identity import NoCheck
 from todo_cqrs.tracing import TraceContext
 

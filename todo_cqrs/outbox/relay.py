@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import sqlalchemy as sa
 from prometheus_client import Gauge
@@ -32,6 +32,9 @@ from todo_cqrs.logs import log_event
 from todo_cqrs.outbox.leases import Lease, acquire, execute, outbox_database, release, renew
 from todo_cqrs.outbox.metrics import outbox_publish_failures, outbox_published
 from todo_cqrs.settings import Settings
+
+if TYPE_CHECKING:
+    from todo_cqrs.http import SenderCheck
 
 LEASE_MARGIN_S = 1.0
 GAUGE_REFRESH_S = 5.0
@@ -180,6 +183,34 @@ class GaugeRefresh:
             await refresh_outbox_gauges(self._database)
         except Exception as exc:  # noqa: BLE001 - the gauges keep their last values
             log_event("outbox_gauges_failed", error=repr(exc)[:200])
+
+
+class OrphanRelay(Protocol):
+    async def drain_all(self, wait_s: float = 0.0) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+class KeyPurge(Protocol):
+    async def purge_expired_keys(self, budget_s: float = 2.0) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RelayTick:
+    """What relay_outbox works with (todo_cqrs/bootstrap.relay): the relay of orphaned rows, the store
+    whose expired Idempotency-Keys it purges, the outbox gauges it refreshes at its scrapes, and the
+    check of who may call it."""
+
+    relay: OrphanRelay
+    store: KeyPurge
+    gauges: Callable[[], None]
+    identity: Callable[[], SenderCheck]
+
+    async def aclose(self) -> None:
+        await self.relay.aclose()
+        await self.store.aclose()
 
 
 async def relay_once(s: Settings, min_age_s: float, wait_s: float = 0.0) -> int:

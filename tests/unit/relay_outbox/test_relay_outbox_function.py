@@ -8,7 +8,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.unit.fakes import FakeRelay, FakeWriteStore, NoGauges, assert_error
-from todo_cqrs.bootstrap import RelayTick
+from todo_cqrs.outbox.relay import RelayTick
 from todo_cqrs.sender_identity import NoCheck
 
 FUNCTION = "relay_outbox"
