@@ -2,7 +2,9 @@
 
 The event loop never writes to stdout itself: a line is appended to a buffer, and every 50 ms the
 buffer goes, as one chunk, to a writer thread that may block on a slow pipe without stalling requests.
-Outside an event loop (command-line tools, start-up) a line is written at once.
+Outside an event loop (command-line tools, start-up) a line is written at once. Each process makes its
+writer on its first line (a gunicorn worker is forked from the master that imported the function: no
+thread or lock of the master's is usable in it), and writes out what is left when it exits.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _line(record: dict[str, Any]) -> bytes:
 
 
 def write(record: dict[str, Any]) -> None:
-    _writer.write(_line(record))
+    _process_writer().write(_line(record))
 
 
 def log_event(message: str, **fields: Any) -> None:
@@ -65,6 +67,7 @@ def log_event(message: str, **fields: Any) -> None:
 
 class _Writer:
     def __init__(self, fd: int) -> None:
+        self.pid = os.getpid()
         self._fd = fd
         self._buffer: list[bytes] = []
         self._flush_pending = False
@@ -120,7 +123,10 @@ class _Writer:
                 return  # stdout closed: nothing to tell anyone
 
     def close(self) -> None:
-        """At exit: write what is buffered and queued."""
+        """At exit: write what is buffered and queued (by this process: a forked child's copy of its
+        parent's writer is not its own)."""
+        if self.pid != os.getpid():
+            return
         self.flush()
         if self._thread is not None and self._thread.is_alive():
             self._chunks.put(None)
@@ -134,17 +140,19 @@ class _Writer:
                 if chunk is not None:
                     self._write_now(chunk)
 
-    def after_fork(self) -> None:
-        # gunicorn imports the function in its master and forks the worker: no thread, lock or
-        # queue of the master's is usable in the child.
-        self.__init__(self._fd)  # type: ignore[misc]
+
+_writer: _Writer | None = None
 
 
-_writer = _Writer(1)
-atexit.register(_writer.close)
-os.register_at_fork(after_in_child=_writer.after_fork)
+def _process_writer() -> _Writer:
+    global _writer
+    if _writer is None or _writer.pid != os.getpid():
+        _writer = _Writer(1)
+        atexit.register(_writer.close)
+    return _writer
 
 
 def flush() -> None:
     """Write out what is buffered (tests, shutdown)."""
-    _writer.close()
+    if _writer is not None:
+        _writer.close()
