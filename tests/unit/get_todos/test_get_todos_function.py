@@ -444,7 +444,7 @@ def test_list_with_the_read_db_unreachable_answers_503(
 ) -> None:
     if failure == "unreachable":
         read_model.unreachable = True
-    else:  # as the real read_connection turns a lost server into DependencyUnavailable, not a 500
+    else:  # as the real ReadStore turns a lost server into DependencyUnavailable, not a 500
         from todo_cqrs import db
 
         read_model.fail_with = db.unavailable("read", OperationalError("SELECT", {}, ConnectionError("gone")))
