@@ -24,7 +24,7 @@ import orjson
 
 from todo_cqrs.settings import settings
 
-FLUSH_EVERY_S = 0.05
+FLUSH_EVERY_S = 0.05  # LOG_FLUSH_SECONDS (the unit tests write only when they flush)
 MAX_QUEUED_CHUNKS = 2000  # about 100 s of logs at one chunk per flush; beyond it lines are dropped
 
 _fields: ContextVar[dict[str, Any] | None] = ContextVar("log_fields", default=None)
@@ -85,7 +85,7 @@ class _Writer:
         self._buffer.append(line)
         if not self._flush_pending:
             self._flush_pending = True
-            loop.call_later(FLUSH_EVERY_S, self.flush)
+            loop.call_later(float(os.environ.get("LOG_FLUSH_SECONDS", FLUSH_EVERY_S)), self.flush)
 
     def flush(self) -> None:
         """Hand what is buffered to the writer thread."""

@@ -50,7 +50,7 @@ def written_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     The log writer's own 50 ms timer would hand lines to its thread at any moment, also between two
     tests when fd 1 is the terminal: here only the explicit flush writes.
     """
-    monkeypatch.setattr(logs, "FLUSH_EVERY_S", 3600.0)
+    monkeypatch.setenv("LOG_FLUSH_SECONDS", "3600")
     yield
     logs.flush()
 
