@@ -420,6 +420,44 @@ class RecordingKafka(Kafka):
         return {outbox_id for asked, _ in list(self.attempts) for outbox_id in asked}
 
 
+class FirstBatchUnacknowledged(Kafka):
+    """The real producer, except that its first batch goes unacknowledged, as a producer still connecting
+    (a new process's first event) does when its acks are late."""
+
+    def __init__(self, s: Settings) -> None:
+        super().__init__(s)
+        self.calls = 0
+
+    def __call__(self) -> Publisher:
+        producer = super().__call__()
+        kafka = self
+
+        class Flaky:
+            def publish(self, records: Any, timeout_s: float) -> list[int]:
+                kafka.calls += 1
+                return [] if kafka.calls == 1 else producer.publish(records, timeout_s)
+
+        return Flaky()  # type: ignore[return-value]
+
+
+def test_a_batch_kafka_did_not_acknowledge_is_sent_again_by_its_process_not_left_to_the_relay(
+    run: Run[Any],
+) -> None:
+    s = settings()
+    kafka = FirstBatchUnacknowledged(s)
+    deps = Commands(
+        bootstrap.commands(s).store, ProcessPublisher(kafka, outbox_database(s), s.publish_timeout_s)
+    )
+    start = topic_end_offsets()
+    with running_with("create_todo", deps) as create:
+        todo = create_todo(create)
+        # Well before the relay would take it as an orphan (OUTBOX_ORPHAN_SECONDS).
+        run(wait_until_published([todo["id"]], timeout_s=DIRECT_WINDOW_S + 2))
+    kafka.close()
+    assert kafka.calls >= 2
+    assert_published_once_in_order(run, start, [todo["id"]])
+
+
 def test_commands_succeed_while_kafka_is_down_and_the_relay_publishes_later(
     run: Run[Any], create: TestClient
 ) -> None:

@@ -10,8 +10,9 @@ of this process: it goes after it, in this process's order (the producer keeps t
 partition). A row of another process: it waits until that row is marked published (polled with a
 backoff, only in this case).
 
-A row goes out only within DIRECT_WINDOW_S (3 s) of its commit; after that (Kafka failed it, its
-predecessor never came, the process was frozen) it is left to the relay, which takes rows pending
+A row Kafka did not acknowledge in time is sent again, until DIRECT_WINDOW_S (3 s) after its commit;
+after that (Kafka kept failing it, its predecessor never came, the process was frozen) it is left to
+the relay, which takes rows pending
 OUTBOX_ORPHAN_SECONDS (10 s), when no process will publish them any more (relay.py). The producer's message
 timeout keeps a row handed to Kafka from arriving after that (adapters/publisher.py).
 """
@@ -173,10 +174,10 @@ class OutboxPublisher:
                 self._give_up(item.record.outbox_id)
             raise
         if len(delivered) < len(records):
+            # Not acknowledged in time (a producer still connecting, a broker restarting): sent again
+            # first, in commit order, until its window is over; what follows it keeps waiting for it.
             outbox_publish_failures.inc()
-            for item in send:
-                if item.record.outbox_id not in delivered:
-                    self._give_up(item.record.outbox_id)
+            self._queue = [item for item in send if item.record.outbox_id not in delivered] + self._queue
         if delivered:
             self._local.difference_update(delivered)
             _remember(self._sent, delivered)
