@@ -84,13 +84,25 @@ def status_of(error: errors.TodoError) -> int:
     return next(code for cls, code in STATUS_OF.items() if isinstance(error, cls))
 
 
-def error_response(error: errors.TodoError) -> Response:
-    headers = dict(error.headers)
+def error_response(error: errors.TodoError, headers: Mapping[str, str] | None = None) -> Response:
+    """The error's status and body, with the headers its status calls for (and the view's own)."""
+    headers = dict(headers or {})
+    if isinstance(error, errors.Unauthenticated):
+        headers["WWW-Authenticate"] = error.challenge
     if isinstance(error, errors.MethodNotAllowed):
         headers["Allow"] = ", ".join(error.allowed)
     if isinstance(error, errors.DependencyUnavailable | errors.Conflict):
         headers["Retry-After"] = str(getattr(error, "retry_after_s", 1))
     return json_response(status_of(error), error_body(error.code, error.message, error.details), headers)
+
+
+class Refusal(Exception):
+    """A view's error answered with headers of its own (get_todos' X-Cache on a 404)."""
+
+    def __init__(self, error: errors.TodoError, headers: Mapping[str, str]) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.headers = headers
 
 
 def todo_response(todo: Todo, *, created: bool = False) -> Response:
@@ -219,11 +231,13 @@ def _metrics(method: str) -> Response:
     return Response(body, 200, media_type=content_type)
 
 
-def _error_answer(error: errors.TodoError, record: dict[str, Any]) -> Response:
+def _error_answer(
+    error: errors.TodoError, record: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> Response:
     """The error's answer; the log line gets what a dependency failed with."""
     if isinstance(error, errors.DependencyUnavailable) and error.cause is not None:
         record["cause"] = repr(error.cause)[:300]
-    return error_response(error)
+    return error_response(error, headers)
 
 
 def _finish(record: dict[str, Any], started: float, route: str, method: str, response: Response) -> Response:
@@ -327,6 +341,8 @@ class HttpFunction:
                     response = await view(request, todo_id)
             except errors.TodoError as error:
                 response = _error_answer(error, record)
+            except Refusal as refusal:
+                response = _error_answer(refusal.error, record, refusal.headers)
             except Exception as exc:  # noqa: BLE001 - any bug answers a JSON 500
                 span.fail(exc)
                 response = _internal_error()

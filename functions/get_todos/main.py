@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from todo_cqrs import bootstrap
-from todo_cqrs.http import HttpFunction, json_response, none_match
+from todo_cqrs.http import HttpFunction, Refusal, json_response, none_match
 from todo_cqrs.query.handlers import (
     Queries,
     Read,
@@ -25,8 +25,7 @@ async def answered(read: Awaitable[Read]) -> Read:
     try:
         return await read
     except ReadRefused as refused:
-        refused.error.headers["X-Cache"] = refused.cache
-        raise refused.error from None
+        raise Refusal(refused.error, {"X-Cache": refused.cache}) from None
 
 
 def build(q: Queries) -> HttpFunction:

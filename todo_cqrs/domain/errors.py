@@ -20,7 +20,6 @@ class TodoError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details or []
-        self.headers: dict[str, str] = {}  # e.g. X-Cache on a query's 404
 
 
 class BadRequest(TodoError):
@@ -110,7 +109,7 @@ class Unauthenticated(TodoError):
 
     def __init__(self, message: str, challenge: str = "Bearer") -> None:
         super().__init__(message)
-        self.headers["WWW-Authenticate"] = challenge
+        self.challenge = challenge
 
 
 class Forbidden(TodoError):
