@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, nullcontext
 from typing import Any, TypeVar
 
 import pymysql
@@ -134,13 +134,39 @@ class Database:
                     raise unavailable(self.what, exc) from exc
         raise AssertionError("unreachable")
 
+    @asynccontextmanager
+    async def autocommitted_statements(self) -> AsyncIterator[Statements]:
+        """Statements on a pooled driver connection of an AUTOCOMMIT database (each its own transaction,
+        no COMMIT round trip), under the deadline; an unreachable database raises DependencyUnavailable."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                pooled = await self.engine.raw_connection()
+        except (DBAPIError, PoolTimeout, TimeoutError, OSError, pymysql.err.MySQLError) as exc:
+            raise unavailable(self.what, exc) from exc
+        conn: DriverConnection = pooled.driver_connection
+        try:
+            async with asyncio.timeout_at(deadline):
+                yield Statements(conn)
+        except BaseException as exc:
+            if _cut_off(exc):
+                conn.close()  # mid-statement: its session's state is unknown
+                await greenlet_spawn(pooled.invalidate)
+            else:
+                await greenlet_spawn(pooled.close)
+            if is_unreachable(exc):
+                raise unavailable(self.what, exc) from exc
+            raise
+        await greenlet_spawn(pooled.close)
+
     async def _statements_once(self, work: Callable[[Statements], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
         try:
             async with asyncio.timeout_at(deadline):
                 pooled = await self.engine.raw_connection()
-        except (DBAPIError, PoolTimeout, TimeoutError, OSError) as exc:
+        except (DBAPIError, PoolTimeout, TimeoutError, OSError, pymysql.err.MySQLError) as exc:
             raise unavailable(self.what, exc) from exc
         conn: DriverConnection = pooled.driver_connection
         try:
@@ -180,16 +206,35 @@ class Statements:
 
     async def execute(self, sql: str, params: Any = None) -> Cursor:
         cursor: Cursor = await self._conn.cursor()
-        if tracing.enabled():
-            with tracing.span(sql.split(None, 1)[0], **{"db.system": "mariadb", "db.statement": sql}):
-                await cursor.execute(sql, params)
-        else:
+        with _statement_span(sql):
             await cursor.execute(sql, params)
+        return cursor
+
+    async def execute_many(self, sql: str, rows: Sequence[Any]) -> Cursor:
+        """One statement for many parameter sets (an INSERT ... VALUES becomes one multi-row INSERT)."""
+        cursor: Cursor = await self._conn.cursor()
+        with _statement_span(sql):
+            await cursor.executemany(sql, rows)
         return cursor
 
     async def one(self, sql: str, params: Any = None) -> Any:
         """The first row of a statement's result (a tuple), None when it has none."""
         return await (await self.execute(sql, params)).fetchone()
+
+
+def _statement_span(sql: str) -> AbstractContextManager[Any]:
+    """A client span for the statement when tracing is on (as SQLAlchemy's instrumentation makes)."""
+    if not tracing.enabled():
+        return nullcontext()
+    return tracing.span(sql.split(None, 1)[0], **{"db.system": "mariadb", "db.statement": sql})
+
+
+def _cut_off(exc: BaseException) -> bool:
+    """A failure that may have left a statement half sent or half read: a deadline, a cancellation, the
+    socket, or a client-side error of the driver (2000 and up: server gone, connection lost)."""
+    if isinstance(exc, pymysql.err.OperationalError):
+        return (error_code(exc) or 0) >= 2000
+    return isinstance(exc, TimeoutError | asyncio.CancelledError | OSError | pymysql.err.InterfaceError)
 
 
 async def _end_failed_driver(
@@ -198,7 +243,7 @@ async def _end_failed_driver(
     """Roll back and give the connection back; one cut off mid-statement (a deadline, a cancellation)
     or that cannot even roll back is closed and discarded instead, since the state of its session is
     unknown."""
-    if not isinstance(exc, TimeoutError | asyncio.CancelledError | OSError | pymysql.err.InterfaceError):
+    if not _cut_off(exc):
         try:
             async with asyncio.timeout(deadline_s):
                 await conn.rollback()

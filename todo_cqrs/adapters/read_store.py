@@ -11,8 +11,8 @@ from sqlalchemy.dialects.mysql import DATETIME
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from todo_cqrs.adapters.rows import todo_from_row
-from todo_cqrs.db import Database
-from todo_cqrs.domain.clock import naive_utc
+from todo_cqrs.db import Database, Statements
+from todo_cqrs.domain.clock import as_utc, naive_utc
 from todo_cqrs.domain.events import Change
 from todo_cqrs.domain.todo import Status, Todo
 
@@ -39,25 +39,38 @@ todos_view = sa.Table(
 )
 
 
-@cache
-def upsert_statement(table: str = TABLE) -> sa.TextClause:
+def _upsert(table: str, param: str) -> str:
     """One statement, safe under concurrent delivery of the same id: the row lock of the upsert
     serialises them, and every column moves only when the incoming version is newer. `version` is
     assigned last because MariaDB evaluates the assignments left to right. Affected rows: 1 inserted,
-    2 updated, 0 nothing to do (a duplicate or an older version)."""
+    2 updated, 0 nothing to do (a duplicate or an older version). `param` formats a parameter."""
     newer = "VALUES(version) > version"
     columns = ("title", "description", "status", "created_at", "updated_at", "deleted")
-    return sa.text(
-        f"INSERT INTO {table} (id, title, description, status, version, created_at, updated_at, deleted) "
-        "VALUES (:id, :title, :description, :status, :version, :created_at, :updated_at, :deleted) "
+    names = ("id", "title", "description", "status", "version", "created_at", "updated_at", "deleted")
+    return (
+        f"INSERT INTO {table} ({', '.join(names)}) "
+        f"VALUES ({', '.join(param.format(name) for name in names)}) "
         "ON DUPLICATE KEY UPDATE "
         + ", ".join(f"{col} = IF({newer}, VALUES({col}), {col})" for col in columns)
         + ", version = GREATEST(version, VALUES(version))"
     )
 
 
+@cache
+def upsert_statement(table: str = TABLE) -> sa.TextClause:
+    """The upsert for SQLAlchemy (the rebuild, reconciliation's repairs)."""
+    return sa.text(_upsert(table, ":{}"))
+
+
+# The projection's and the reads' hot statements, as SQL text for the driver (see db.Statements).
+_UPSERT = _upsert(TABLE, "%({})s")
+_GET = (
+    f"SELECT id, title, description, status, version, created_at, updated_at, deleted FROM {TABLE} "
+    "WHERE id = %s"
+)
+
+
 # Built once, with bound parameters: the statements compile once per process.
-_GET_ROW = sa.select(todos_view).where(todos_view.c.id == sa.bindparam("todo_id"))
 _PAGE = (
     sa.select(todos_view)
     .where(todos_view.c.deleted == sa.false(), todos_view.c.id > sa.bindparam("after_id"))
@@ -94,43 +107,42 @@ def change_row(change: Change, event_time: datetime) -> dict[str, Any]:
     }
 
 
-async def apply_change(conn: AsyncConnection, change: Change, event_time: datetime) -> bool:
+async def apply_change(db: Statements, change: Change, event_time: datetime) -> bool:
     """Upsert the todo (or its tombstone) unless the read model already holds this version or a newer
     one; True when it changed the read model."""
-    result = await conn.execute(upsert_statement(), change_row(change, event_time))
-    return result.rowcount > 0
+    cursor = await db.execute(_UPSERT, change_row(change, event_time))
+    return bool(cursor.rowcount > 0)
 
 
-_VERSIONS = sa.select(todos_view.c.id, todos_view.c.version).where(
-    todos_view.c.id.in_(sa.bindparam("ids", expanding=True))
-)
-
-
-async def apply_changes(conn: AsyncConnection, changes: list[tuple[Change, datetime]]) -> list[bool]:
+async def apply_changes(db: Statements, changes: list[tuple[Change, datetime]]) -> list[bool]:
     """Upsert many changes in one statement, each row version-gated as `apply_change` does, in list
     order; per change, whether it was newer than what the read model held before it. (Read just before
     the upsert: another writer of the same id in between would make a flag wrong, never a row.)"""
     ids = sorted({change.todo_id for change, _ in changes})
-    held = {row.id: row.version for row in (await conn.execute(_VERSIONS, {"ids": ids})).all()}
+    marks = ", ".join(["%s"] * len(ids))
+    cursor = await db.execute(f"SELECT id, version FROM {TABLE} WHERE id IN ({marks})", ids)
+    held = dict(await cursor.fetchall())
     applied = []
     for change, _ in changes:
         newer = change.version > held.get(change.todo_id, 0)
         if newer:
             held[change.todo_id] = change.version
         applied.append(newer)
-    # A list of parameter sets: the driver sends one multi-row INSERT ... ON DUPLICATE KEY UPDATE.
-    await conn.execute(upsert_statement(), [change_row(change, moment) for change, moment in changes])
+    # The driver sends the parameter sets as one multi-row INSERT ... ON DUPLICATE KEY UPDATE.
+    await db.execute_many(_UPSERT, [change_row(change, moment) for change, moment in changes])
     return applied
 
 
-async def get_row(conn: AsyncConnection, todo_id: int) -> tuple[Todo | None, int | None]:
+async def get_row(db: Statements, todo_id: int) -> tuple[Todo | None, int | None]:
     """(todo, version): the live todo, or (None, tombstone version), or (None, None) when never seen."""
-    row = (await conn.execute(_GET_ROW, {"todo_id": todo_id})).first()
+    row = await db.one(_GET, (todo_id,))
     if row is None:
         return None, None
-    if row.deleted:
-        return None, row.version
-    return todo_from_row(row), row.version
+    todo_id, title, description, status, version, created_at, updated_at, deleted = row
+    if deleted:
+        return None, version
+    todo = Todo(todo_id, title, description, Status(status), version, as_utc(created_at), as_utc(updated_at))
+    return todo, version
 
 
 async def list_rows(conn: AsyncConnection, status: Status | None, after_id: int, limit: int) -> list[Todo]:
@@ -154,8 +166,8 @@ class ReadStore:
 
     async def get(self, todo_id: int) -> tuple[Todo | None, int | None]:
         """(todo, version): the live todo, or (None, tombstone version), or (None, None) when never seen."""
-        async with self.database.autocommitted() as conn:
-            return await get_row(conn, todo_id)
+        async with self.database.autocommitted_statements() as db:
+            return await get_row(db, todo_id)
 
     async def page(self, status: Status | None, after_id: int, limit: int) -> list[Todo]:
         """Live todos with id > after_id in id order, at most `limit`."""
@@ -164,13 +176,13 @@ class ReadStore:
 
     async def apply(self, change: Change, event_time: datetime) -> bool:
         """The change unless the read model holds its version or a newer one; True when it changed it."""
-        async with self.database.autocommitted() as conn:
-            return await apply_change(conn, change, event_time)
+        async with self.database.autocommitted_statements() as db:
+            return await apply_change(db, change, event_time)
 
     async def apply_all(self, changes: list[tuple[Change, datetime]]) -> list[bool]:
         """Many changes in one statement, each version-gated as `apply` does, in list order."""
-        async with self.database.autocommitted() as conn:
-            return await apply_changes(conn, changes)
+        async with self.database.autocommitted_statements() as db:
+            return await apply_changes(db, changes)
 
     async def aclose(self) -> None:
         await self.database.aclose()
