@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from local import topology
 from todo_cqrs import roles
+from tools import topology
 
 REPO = Path(__file__).resolve().parents[2]
 KNATIVE = REPO / "knative"
@@ -936,7 +936,7 @@ def test_topic_keeps_acknowledged_events_on_three_brokers_and_the_overlay_on_one
 
 
 def test_the_deploy_guide_generates_every_password_make_secret_wants() -> None:
-    from local.deploy_check import secret_vars
+    from tools.deploy_check import secret_vars
 
     guide = (REPO / "docs" / "deploy.md").read_text()
     match = re.search(r"for v in (DB_ROOT_PASSWORD .*?); do", guide, re.DOTALL)

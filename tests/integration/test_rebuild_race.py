@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import sqlalchemy as sa
 
-from local.sync_db import read_db, write_db
+from tools.sync_db import read_db, write_db
 from tests.integration.in_process import close_deps
 from todo_cqrs import bootstrap
 from todo_cqrs.adapters.read_store import todos_view

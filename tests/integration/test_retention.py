@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from local.sync_db import write_db
+from tools.sync_db import write_db
 from tests.integration.databases import write_db as write_database
 from tests.integration.settings_override import Run
 from todo_cqrs.adapters.write_store import WriteStore

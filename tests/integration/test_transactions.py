@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from local import services
+from tools import services
 from tests.integration.databases import write_db
 from tests.integration.settings_override import Run
 from todo_cqrs.adapters.write_store import todos
