@@ -1,14 +1,16 @@
 """Load generators of the bench: `wrk` (closed loop, fixed concurrency) driven by generated Lua scripts,
 and an asyncio HTTP/1.1 client (tools/http1.py's keep-alive pools, on uvloop) for the open-loop loads:
-paced commands read back with `min_version`, and the sustained mixed load of the soak. Open loop: every
-request is sent at its scheduled time whatever the earlier ones are doing, and its latency counts from
-that time (no coordinated omission). Local tooling only.
+paced commands read back with `min_version`, and the mixed loads of the soak and the overload. Open
+loop: every request is sent at its scheduled time whatever the earlier ones are doing, and its latency
+counts from that time (no coordinated omission). Local tooling only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import random
 import shutil
 import statistics
@@ -56,16 +58,6 @@ def lua_get_sequence(lo: int, hi: int) -> str:
         f"  n = n + 1; if n > {hi} then n = {lo} end\n"
         '  return wrk.format("GET", "/" .. n)\n'
         "end\n"
-    )
-
-
-def lua_get_paths(paths: Sequence[str]) -> str:
-    """GET one of the given paths at random (deep list pages)."""
-    table = ", ".join(json.dumps(p) for p in paths)
-    return (
-        f"math.randomseed({random.randrange(1 << 30)})\n"
-        f"local paths = {{{table}}}\n"
-        'request = function() return wrk.format("GET", paths[math.random(#paths)]) end\n'
     )
 
 
@@ -133,12 +125,11 @@ class Series:
 
 @dataclass(frozen=True)
 class Load:
-    """One closed-loop load: where, what (a Lua script), how many connections, what to do before a run."""
+    """One closed-loop load: where, what (a Lua script), how many connections."""
 
     url: str
     lua: str
     connections: int
-    before_each: Callable[[], None] | None = None
 
 
 def require_wrk() -> str:
@@ -165,11 +156,12 @@ def wrk_run(url: str, script: Path, connections: int, duration_s: float) -> Run:
     )
 
 
-def _script(load: Load, script_dir: Path) -> Path:
+def script(lua: str, script_dir: Path) -> Path:
+    """The Lua script of a load, with the result printer wrk runs at its end."""
     script_dir.mkdir(parents=True, exist_ok=True)
-    script = script_dir / f"load-{abs(hash(load.lua))}.lua"
-    script.write_text(load.lua + _DONE)
-    return script
+    path = script_dir / f"load-{abs(hash(lua))}.lua"
+    path.write_text(lua + _DONE)
+    return path
 
 
 def wrk_interleaved(
@@ -184,22 +176,17 @@ def wrk_interleaved(
     """A warm-up of each load, then `repeats` rounds running each load once, in an order rotated every
     round: loads compared with each other see the same drift of a shared, noisy machine. Medians; and,
     with `cpu_sample` (cumulative CPU seconds per process), the CPU each load's requests cost."""
-    scripts = {name: _script(load, script_dir) for name, load in loads.items()}
+    scripts = {name: script(load.lua, script_dir) for name, load in loads.items()}
     names = list(loads)
     if warmup_s:
         for name in names:
-            load = loads[name]
-            if load.before_each:
-                load.before_each()
-            wrk_run(load.url, scripts[name], load.connections, warmup_s)
+            wrk_run(loads[name].url, scripts[name], loads[name].connections, warmup_s)
     runs: dict[str, list[Run]] = {name: [] for name in names}
     cpu: dict[str, dict[str, float]] = {name: {} for name in names}
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             load = loads[name]
-            if load.before_each:
-                load.before_each()
             before = cpu_sample() if cpu_sample else {}
             runs[name].append(wrk_run(load.url, scripts[name], load.connections, duration_s))
             after = cpu_sample() if cpu_sample else {}
@@ -286,6 +273,10 @@ def _ms(values: Sequence[float], pct: float) -> float:
     return round(percentile(values, pct), 2)
 
 
+def _summary(ms: Sequence[float]) -> dict[str, float]:
+    return {"p50_ms": _ms(ms, 50), "p99_ms": _ms(ms, 99), "max_ms": _ms(ms, 100)}
+
+
 def run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
     """Run the client on uvloop, as the functions run: the client's own cost stays small."""
     try:
@@ -297,379 +288,282 @@ def run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
 
 async def read_back(
     client: HttpClient, todo_id: int, version: int, since: float, timeout_s: float = 15.0
-) -> tuple[float | None, int]:
+) -> float | None:
     """Read-your-writes: GET /{id}?min_version=<version> until 200 (get_todos waits server-side, then
-    answers 503 and is asked again). Returns (ms from `since` until visible, or None; 503s seen)."""
+    answers 503 and is asked again). Returns the ms from `since` until it was visible, or None."""
     path = f"/{todo_id}?min_version={version}"
-    not_yet = 0
     while time.monotonic() - since < timeout_s:
         try:
             read = await client.request("GET", path)
         except CLIENT_ERRORS:
-            return None, not_yet
+            return None
         if read.status == 200:
-            return (time.monotonic() - since) * 1000, not_yet
+            return (time.monotonic() - since) * 1000
         if read.status != 503:
-            return None, not_yet
-        not_yet += 1
-    return None, not_yet
+            return None
+    return None
 
 
-@dataclass
-class PacedResult:
-    rate: float
-    sent: int
-    command_ms: list[float] = field(default_factory=list)
-    lag_ms: list[float] = field(default_factory=list)
-    command_errors: int = 0
-    not_yet_consistent: int = 0  # 503 answers to min_version reads (asked again until visible)
-    lag_failures: int = 0
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "rate_per_s": self.rate,
-            "sent": self.sent,
-            "command_p50_ms": _ms(self.command_ms, 50),
-            "command_p99_ms": _ms(self.command_ms, 99),
-            "lag_p50_ms": _ms(self.lag_ms, 50),
-            "lag_p99_ms": _ms(self.lag_ms, 99),
-            "lag_max_ms": _ms(self.lag_ms, 100),
-            "command_errors": self.command_errors,
-            "not_yet_consistent_503": self.not_yet_consistent,
-            "lag_failures": self.lag_failures,
-        }
-
-
-async def paced_commands(host: str, ports: dict[str, int], rate: float, duration_s: float) -> PacedResult:
-    """Open loop: command i is sent at t0 + i/rate, half creates, half PATCHes of todos created earlier;
-    each answer is read back with min_version. Lag: from the command's 2xx until that read answers 200."""
-    clients = {name: HttpClient(host, port) for name, port in ports.items()}
-    clients["get"] = HttpClient(host, ports["get"], PROBE_IN_FLIGHT)
-    result = PacedResult(rate=rate, sent=0)
-    created: list[int] = []
-
-    async def one(i: int, scheduled: float) -> None:
-        try:
-            if i % 2 == 0 or not created:
-                answer = await clients["create"].request("POST", "/", {"title": f"paced {i}"})
-            else:
-                target = random.choice(created)
-                answer = await clients["update"].request("PATCH", f"/{target}", {"title": f"paced {i}"})
-        except CLIENT_ERRORS:
-            result.command_errors += 1
-            return
-        done = time.monotonic()
-        if answer.status not in (200, 201):
-            result.command_errors += 1
-            return
-        result.command_ms.append((done - scheduled) * 1000)
-        todo = answer.json()
-        if answer.status == 201:
-            created.append(todo["id"])
-        lag, not_yet = await read_back(clients["get"], todo["id"], todo["version"], done)
-        result.not_yet_consistent += not_yet
-        if lag is None:
-            result.lag_failures += 1
-        else:
-            result.lag_ms.append(lag)
-
-    t0 = time.monotonic() + 0.05
-    tasks = []
-    for i in range(int(rate * duration_s)):
-        scheduled = t0 + i / rate
-        await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
-        tasks.append(asyncio.create_task(one(i, scheduled)))
-        result.sent += 1
-    await asyncio.gather(*tasks)
-    for client in clients.values():
-        client.close()
-    return result
-
-
-async def paced_posts(
-    host: str, port: int, rate: float, duration_s: float, patch_ids: Sequence[int] = ()
-) -> int:
-    """Open loop, nothing read back: a create (or, with `patch_ids`, a PATCH of one of them) sent at
-    t0 + i/rate; returns how many answered 2xx."""
+async def creates(host: str, port: int, count: int, concurrency: int = 8) -> list[int]:
+    """`count` todos created through the API, `concurrency` at a time; their ids."""
     client = HttpClient(host, port)
-    ok = 0
+    ids: list[int] = []
 
-    async def one(i: int) -> None:
-        nonlocal ok
-        try:
-            if patch_ids:
-                answer = await client.request(
-                    "PATCH", f"/{random.choice(patch_ids)}", {"title": f"paced {i}"}
-                )
-            else:
-                answer = await client.request("POST", "/", {"title": f"paced {i}"})
-        except CLIENT_ERRORS:
-            return
-        ok += answer.status in (200, 201)
+    async def worker() -> None:
+        while len(ids) < count:
+            answer = await client.request("POST", "/", {"title": f"backlog {len(ids)}"})
+            if answer.status == 201:
+                ids.append(answer.json()["id"])
 
-    t0 = time.monotonic() + 0.05
-    tasks = []
-    for i in range(int(rate * duration_s)):
-        await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
-        tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     client.close()
-    return ok
+    return ids
 
 
-# --- the soak: sustained mixed load ----------------------------------------------------------------------
-
-
-@dataclass
-class Window:
-    """What happened to the requests scheduled in one window of the soak."""
-
-    commands: int = 0
-    reads: int = 0
-    command_ms: list[float] = field(default_factory=list)
-    read_ms: list[float] = field(default_factory=list)
-    lag_ms: list[float] = field(default_factory=list)
-    errors: int = 0
-    error_kinds: dict[str, int] = field(default_factory=dict)
-    error_samples: dict[str, str] = field(default_factory=dict)
-    not_yet_consistent: int = 0
-    client_late_ms: list[float] = field(default_factory=list)  # how late the client's ticks woke up
-    consumer_lag_max: float = 0.0  # records behind, summed over partitions (the KafkaSource's gauge)
-
-    def error(self, kind: str, detail: object = None) -> None:
-        self.errors += 1
-        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
-        if detail is not None and kind not in self.error_samples:
-            self.error_samples[kind] = f"{detail!s:.200}"  # the first of each kind
-
-    def summary(self, window_s: float) -> dict[str, Any]:
-        return {
-            "commands_per_s": round(self.commands / window_s, 1),
-            "reads_per_s": round(self.reads / window_s, 1),
-            "ok_commands_per_s": round(len(self.command_ms) / window_s, 1),
-            "ok_reads_per_s": round(len(self.read_ms) / window_s, 1),
-            "command_p50_ms": _ms(self.command_ms, 50),
-            "command_p99_ms": _ms(self.command_ms, 99),
-            "read_p50_ms": _ms(self.read_ms, 50),
-            "read_p99_ms": _ms(self.read_ms, 99),
-            "lag_samples": len(self.lag_ms),
-            "lag_p50_ms": _ms(self.lag_ms, 50),
-            "lag_p99_ms": _ms(self.lag_ms, 99),
-            "lag_max_ms": _ms(self.lag_ms, 100),
-            "consumer_lag_max": self.consumer_lag_max,
-            "not_yet_consistent_503": self.not_yet_consistent,
-            "errors": self.errors,
-            "error_kinds": self.error_kinds,
-            "error_samples": self.error_samples,
-            "client_late_p99_ms": _ms(self.client_late_ms, 99),
-            "client_late_max_ms": _ms(self.client_late_ms, 100),
-        }
+# --- open-loop loads: paced commands, the overload, the soak -------------------------------------------
 
 
 @dataclass(frozen=True)
-class SoakPlan:
-    command_rate: float = 250.0  # half creates, half PATCHes
-    read_rate: float = 600.0  # plain GET /{id}, plus the lag probes, together
-    probe_every: int = 5  # every n-th command is read back with min_version: its projection lag
-    duration_s: float = 180.0
+class MixPlan:
+    """An open-loop mix of commands (half creates, half PATCHes of todos it created) and reads."""
+
+    command_rate: float
+    read_rate: float  # the min_version probes included
+    duration_s: float
+    commands: str = "create,patch"  # or only one of them
+    patch_ids: range = range(0)  # todos to PATCH besides those it created
+    read_ids: int = 10_000  # plain reads: ids 1..read_ids (seeded into the read model, and cached)
+    misses: range = range(0)  # reads of these ids, once each in turn (never cached before): the misses
+    miss_share: float = 0.0  # of the plain reads
+    probe_every: int = 0  # every n-th command read back with min_version (0: none): its projection lag
+    read_in_flight: int = MAX_IN_FLIGHT_PER_TARGET  # get_todos' requests in flight at most
+    timeout_s: float = 5.0  # a request not answered this long after its scheduled time failed
     window_s: float = 10.0
-    seeded_ids: int = 10_000  # ids 1..n exist in the read model (seeded by the bench)
-    timeout_s: float = 5.0  # a command or read not answered this long after its scheduled time failed
     max_in_flight: int = 5000  # beyond it the client counts an error instead of piling up tasks
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One request of a mix: its kind (create, patch, hit, miss, read, probe), when it was due (s from
+    the start), how long from then until its answer (ms), and what it got: a status, `cache:<X-Cache>`
+    for a 200 read, or the client's error (Overloaded: refused by the client's queue, queue-proxy's 503)."""
+
+    kind: str
+    at_s: float
+    ms: float
+    result: str
+
+    @property
+    def ok(self) -> bool:
+        return self.result in ("200", "201") or self.result.startswith("cache:")
+
+
 @dataclass
-class SoakResult:
-    plan: SoakPlan
-    windows: list[Window]
-    sent_commands: int = 0
-    sent_reads: int = 0
-    seconds: float = 0.0
-    client_cpu_s: float = 0.0  # CPU time the load generator itself used
-    pressure: list[dict[str, Any]] = field(default_factory=list)
-
-    def all(self, name: str) -> list[float]:
-        return [v for w in self.windows for v in getattr(w, name)]
-
-    def summary(self) -> dict[str, Any]:
-        w = self.plan.window_s
-        lag = self.all("lag_ms")
-        per_window = [win.summary(w) for win in self.windows]
-        worst = max((s["lag_p99_ms"] for s in per_window if s["lag_samples"]), default=float("nan"))
-        return {
-            "plan": asdict(self.plan),
-            "seconds": round(self.seconds, 1),
-            "commands_per_s": round(self.sent_commands / self.plan.duration_s, 1),
-            "reads_per_s": round(self.sent_reads / self.plan.duration_s, 1),
-            "command_p50_ms": _ms(self.all("command_ms"), 50),
-            "command_p99_ms": _ms(self.all("command_ms"), 99),
-            "read_p50_ms": _ms(self.all("read_ms"), 50),
-            "read_p99_ms": _ms(self.all("read_ms"), 99),
-            "ok_commands_per_s": round(len(self.all("command_ms")) / self.plan.duration_s, 1),
-            "ok_reads_per_s": round(len(self.all("read_ms")) / self.plan.duration_s, 1),
-            "lag_samples": len(lag),
-            "lag_p50_ms": _ms(lag, 50),
-            "lag_p99_ms": _ms(lag, 99),
-            "lag_max_ms": _ms(lag, 100),
-            "lag_p99_worst_window_ms": worst,
-            "consumer_lag_max": max((win.consumer_lag_max for win in self.windows), default=0.0),
-            "errors": sum(win.errors for win in self.windows),
-            "error_samples": {k: v for win in reversed(self.windows) for k, v in win.error_samples.items()},
-            "client_late_p99_ms": _ms(self.all("client_late_ms"), 99),
-            "client_cpu_cores": round(self.client_cpu_s / max(self.seconds, 1e-6), 2),
-            "not_yet_consistent_503": sum(win.not_yet_consistent for win in self.windows),
-            "windows": per_window,
-            "pressure": self.pressure,
-        }
+class MixResult:
+    plan: MixPlan
+    outcomes: list[Outcome] = field(default_factory=list)
+    consumer_lag: list[tuple[float, float]] = field(default_factory=list)  # (s, records behind)
+    client_late_ms: list[tuple[float, float]] = field(default_factory=list)  # how late its ticks woke
+    client_cpu_s: float = 0.0
 
 
-async def soak(
-    host: str,
-    ports: dict[str, int],
-    plan: SoakPlan,
-    *,
-    on_second: Callable[[float], dict[str, Any]] | None = None,
-) -> SoakResult:
-    """Open-loop mixed load for plan.duration_s: commands (creates and PATCHes of todos created during the
-    soak) and reads (GET /{id} of seeded todos, and of created ones already seen on the read side), each
-    sent at its scheduled time. Every plan.probe_every-th command is read back with min_version: its lag.
-    Every second the KafkaSource's consumer lag is scraped (ports["kafkasource_metrics"]) and
-    `on_second(elapsed)` may record what it wants (the bench samples memory)."""
+async def mixed(host: str, ports: dict[str, int], plan: MixPlan) -> MixResult:
+    """Open-loop mix for plan.duration_s, each request sent at its scheduled time. Reads: GET /{id} of an
+    id in 1..read_ids, or of a todo already seen on the read side, or (miss_share of them) the next id of
+    plan.misses. Every second the KafkaSource's consumer lag is scraped (ports["kafkasource_metrics"])."""
     clients = {name: HttpClient(host, port) for name, port in ports.items()}
+    clients["get"] = HttpClient(host, ports["get"], plan.read_in_flight)
     # Probes wait server-side (min_version) at little cost: their own, wide client, not the reads' slots.
     clients["probe"] = HttpClient(host, ports["get"], PROBE_IN_FLIGHT)
-    windows = [Window() for _ in range(int(plan.duration_s / plan.window_s + 0.999))]
-    result = SoakResult(plan, windows)
-    created: list[int] = []
+    result = MixResult(plan)
+    created = list(plan.patch_ids)
     visible: list[int] = []
+    misses = iter(plan.misses)
     in_flight = 0
-    probe_rate = plan.command_rate / plan.probe_every
-    plain_read_rate = max(1.0, plan.read_rate - probe_rate)
+    probes = plan.command_rate / plan.probe_every if plan.probe_every else 0.0
+    read_rate = plan.read_rate - probes
     t0 = time.monotonic() + 0.1
 
-    def window(scheduled: float) -> Window:
-        return windows[min(len(windows) - 1, int((scheduled - t0) / plan.window_s))]
+    def record(kind: str, scheduled: float, result_: str) -> None:
+        result.outcomes.append(Outcome(kind, scheduled - t0, (time.monotonic() - scheduled) * 1000, result_))
+
+    async def send(
+        kind: str, client: str, method: str, path: str, scheduled: float, body: Any = None
+    ) -> Response | None:
+        """The request, its outcome recorded; the answer when it is a 2xx in time, else None."""
+        try:
+            answer = await clients[client].request(
+                method, path, body, scheduled + plan.timeout_s - time.monotonic()
+            )
+        except CLIENT_ERRORS as exc:
+            record(kind, scheduled, type(exc).__name__)
+            return None
+        status = str(answer.status)
+        if status == "200" and method == "GET":
+            status = f"cache:{answer.headers.get('x-cache', '-')}"
+        if time.monotonic() - scheduled > plan.timeout_s:  # a cancellation the client lost in a race
+            status = "TimeoutError"
+        record(kind, scheduled, status)
+        return answer if status in ("201", "200") else None
 
     async def command(i: int, scheduled: float) -> None:
-        nonlocal in_flight
-        win = window(scheduled)
-        try:
-            timeout_s = scheduled + plan.timeout_s - time.monotonic()
-            if i % 2 == 0 or not created:
-                answer = await clients["create"].request("POST", "/", {"title": f"soak {i}"}, timeout_s)
-            else:
-                target = created[-1 - int(random.random() ** 2 * min(len(created), 2000))]
-                body = {"title": f"soak {i}"}
-                answer = await clients["update"].request("PATCH", f"/{target}", body, timeout_s)
-        except CLIENT_ERRORS as exc:
-            win.error(f"command {type(exc).__name__}", exc)
+        if "patch" not in plan.commands or ("create" in plan.commands and i % 2 == 0) or not created:
+            answer = await send("create", "create", "POST", "/", scheduled, {"title": f"mix {i}"})
+        else:
+            target = created[-1 - int(random.random() ** 2 * min(len(created), 2000))]
+            answer = await send("patch", "update", "PATCH", f"/{target}", scheduled, {"title": f"mix {i}"})
+        if answer is None:
             return
-        finally:
-            in_flight -= 1
-        done = time.monotonic()
-        if answer.status not in (200, 201):
-            win.error(f"command {answer.status}", answer.body[:200])
-            return
-        if done - scheduled > plan.timeout_s:  # a cancellation the client lost in a race: still too late
-            win.error("command TimeoutError", f"answered {done - scheduled:.1f} s after its time")
-            return
-        win.command_ms.append((done - scheduled) * 1000)
         todo = answer.json()
         if answer.status == 201:
             created.append(todo["id"])
-        if i % plan.probe_every == 0:
-            lag, not_yet = await read_back(clients["probe"], todo["id"], todo["version"], done)
-            win.not_yet_consistent += not_yet
-            if lag is None:
-                win.error("lag probe never visible")
-            else:
-                win.lag_ms.append(lag)
+        if plan.probe_every and i % plan.probe_every == 0:
+            done = time.monotonic()
+            lag = await read_back(clients["probe"], todo["id"], todo["version"], done, plan.timeout_s * 3)
+            result.outcomes.append(Outcome("probe", done - t0, lag or 0.0, "200" if lag else "never visible"))
+            if lag:
                 visible.append(todo["id"])
 
     async def read(scheduled: float) -> None:
-        nonlocal in_flight
-        win = window(scheduled)
-        if visible and random.random() < 0.5:
-            todo_id = visible[-1 - int(random.random() * min(len(visible), 2000))]
+        draw = random.random()
+        todo_id = next(misses, None) if draw < plan.miss_share else None
+        if todo_id is not None:
+            kind = "miss"
+        elif visible and draw > 0.5:
+            kind, todo_id = "read", visible[-1 - int(random.random() * min(len(visible), 2000))]
         else:
-            todo_id = random.randint(1, plan.seeded_ids)
-        try:
-            timeout_s = scheduled + plan.timeout_s - time.monotonic()
-            answer = await clients["get"].request("GET", f"/{todo_id}", None, timeout_s)
-        except CLIENT_ERRORS as exc:
-            win.error(f"read {type(exc).__name__}", exc)
-            return
-        finally:
-            in_flight -= 1
-        if answer.status != 200:
-            win.error(f"read {answer.status}", answer.body[:200])
-            return
-        took = time.monotonic() - scheduled
-        if took > plan.timeout_s:  # a cancellation the client lost in a race: still too late
-            win.error("read TimeoutError", f"answered {took:.1f} s after its time")
-            return
-        win.read_ms.append(took * 1000)
+            kind, todo_id = ("hit" if plan.misses else "read"), random.randint(1, plan.read_ids)
+        await send(kind, "get", "GET", f"/{todo_id}", scheduled)
 
     async def scrape(elapsed: float) -> None:
-        try:
+        with contextlib.suppress(*CLIENT_ERRORS):
             answer = await clients["kafkasource_metrics"].request("GET", "/metrics", None, 2.0)
-        except CLIENT_ERRORS:
-            return
-        samples = pipeline.parse_exposition(answer.body.decode())
-        behind = sum(v for name, _, v in samples if name == "todo_kafkasource_consumer_lag")
-        win = windows[min(len(windows) - 1, int(elapsed / plan.window_s))]
-        win.consumer_lag_max = max(win.consumer_lag_max, behind)
+            samples = pipeline.parse_exposition(answer.body.decode())
+            behind = sum(v for name, _, v in samples if name == "todo_kafkasource_consumer_lag")
+            result.consumer_lag.append((elapsed, behind))
 
     tasks: set[asyncio.Task[None]] = set()
 
-    def launch(coroutine: Coroutine[Any, Any, None]) -> None:
+    def launch(kind: str, scheduled: float, coroutine: Coroutine[Any, Any, None]) -> None:
+        nonlocal in_flight
+        if in_flight >= plan.max_in_flight:
+            coroutine.close()
+            result.outcomes.append(Outcome(kind, scheduled - t0, 0.0, "client: too many in flight"))
+            return
+        in_flight += 1
         task = asyncio.create_task(coroutine)
         tasks.add(task)
-        task.add_done_callback(tasks.discard)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            nonlocal in_flight
+            in_flight -= 1
+            tasks.discard(finished)
+
+        task.add_done_callback(done)
 
     n_commands = n_reads = 0
     cpu_before = time.process_time()
     next_second = 1.0
     end = t0 + plan.duration_s
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            break
+    while (now := time.monotonic()) < end:
         # Everything whose time has come, each with its own scheduled time (a late tick sends a burst).
-        while t0 + n_commands / plan.command_rate <= now:
-            scheduled = t0 + n_commands / plan.command_rate
-            win = window(scheduled)
-            win.commands += 1
-            if n_commands % plan.probe_every == 0:
-                win.reads += 1  # its read-back
-            if in_flight >= plan.max_in_flight:
-                win.error("client: too many in flight")
-            else:
-                in_flight += 1
-                launch(command(n_commands, scheduled))
+        while (scheduled := t0 + n_commands / plan.command_rate) <= now:
+            launch("command", scheduled, command(n_commands, scheduled))
             n_commands += 1
-        while t0 + n_reads / plain_read_rate <= now:
-            scheduled = t0 + n_reads / plain_read_rate
-            window(scheduled).reads += 1
-            if in_flight >= plan.max_in_flight:
-                window(scheduled).error("client: too many in flight")
-            else:
-                in_flight += 1
-                launch(read(scheduled))
+        while read_rate > 0 and (scheduled := t0 + n_reads / read_rate) <= now:
+            launch("read", scheduled, read(scheduled))
             n_reads += 1
-        if now - t0 >= next_second:
-            launch(scrape(now - t0))
-            if on_second is not None:
-                result.pressure.append(on_second(now - t0))
+        if "kafkasource_metrics" in clients and now - t0 >= next_second:
+            launch("scrape", now, scrape(now - t0))
             next_second += 1.0
         await asyncio.sleep(TICK_S)
-        if time.monotonic() < end:
-            window(time.monotonic()).client_late_ms.append((time.monotonic() - now - TICK_S) * 1000)
-    result.sent_commands = n_commands
-    result.sent_reads = n_reads + n_commands // plan.probe_every
+        result.client_late_ms.append((now - t0, (time.monotonic() - now - TICK_S) * 1000))
     await asyncio.gather(*list(tasks))
-    result.seconds = time.monotonic() - t0
     result.client_cpu_s = time.process_time() - cpu_before
     for client in clients.values():
         client.close()
     return result
+
+
+def mix_summary(result: MixResult) -> dict[str, Any]:
+    """Per window and overall: what was sent and answered in time, p99s, the projection lag (probes), the
+    KafkaSource's consumer lag, the errors by kind."""
+    plan = result.plan
+
+    def figures(
+        outcomes: list[Outcome], lag: list[float], late: list[float], span_s: float
+    ) -> dict[str, Any]:
+        commands = [o for o in outcomes if o.kind in ("create", "patch")]
+        reads = [o for o in outcomes if o.kind in ("read", "probe")]
+        errors: dict[str, int] = {}
+        for o in outcomes:
+            if not o.ok:
+                kind = f"{'read' if o.kind in ('read', 'probe') else 'command'} {o.result}"
+                errors[kind] = errors.get(kind, 0) + 1
+        return {
+            "commands_per_s": round(len(commands) / span_s, 1),
+            "reads_per_s": round(len(reads) / span_s, 1),
+            "ok_commands_per_s": round(sum(o.ok for o in commands) / span_s, 1),
+            "ok_reads_per_s": round(sum(o.ok for o in reads) / span_s, 1),
+            "command_p50_ms": _ms([o.ms for o in commands if o.ok], 50),
+            "command_p99_ms": _ms([o.ms for o in commands if o.ok], 99),
+            "read_p99_ms": _ms([o.ms for o in reads if o.ok and o.kind == "read"], 99),
+            "lag_p50_ms": _ms(lag, 50),
+            "lag_p99_ms": _ms(lag, 99),
+            "ok_commands": sum(o.ok for o in commands),
+            "client_late_p99_ms": _ms(late, 99),
+            "errors": sum(errors.values()),
+            "error_kinds": errors,
+        }
+
+    windows = []
+    for start in range(0, int(plan.duration_s + 0.999), int(plan.window_s)):
+        inside = [o for o in result.outcomes if start <= o.at_s < start + plan.window_s]
+        lag = [o.ms for o in inside if o.kind == "probe" and o.ok]
+        late = [ms for t, ms in result.client_late_ms if start <= t < start + plan.window_s]
+        window = figures(inside, lag, late, min(plan.window_s, plan.duration_s - start))
+        behind = [n for t, n in result.consumer_lag if start <= t < start + plan.window_s]
+        window["consumer_lag_max"] = max(behind, default=0.0)
+        windows.append(window)
+    lag = [o.ms for o in result.outcomes if o.kind == "probe" and o.ok]
+    overall = figures(result.outcomes, lag, [ms for _, ms in result.client_late_ms], plan.duration_s)
+    return {
+        "plan": asdict(plan),
+        **overall,
+        "lag_p99_worst_window_ms": max(
+            (w["lag_p99_ms"] for w in windows if not math.isnan(w["lag_p99_ms"])), default=float("nan")
+        ),
+        "consumer_lag_max": max((n for _, n in result.consumer_lag), default=0.0),
+        "client_cpu_cores": round(result.client_cpu_s / plan.duration_s, 2),
+        "windows": windows,
+    }
+
+
+def overload_summary(result: MixResult) -> dict[str, Any]:
+    """The overload's figures: the cache hits' latency, how the excess was refused (503s from the
+    functions, and refusals of the client's queue, as queue-proxy's breaker answers 503), and the longest
+    any request waited for its answer."""
+    outcomes = [o for o in result.outcomes if o.kind != "probe"]
+    hits = [o for o in outcomes if o.kind == "hit"]
+    refused = [o for o in outcomes if o.result == "503"]
+    queue_full = [o for o in outcomes if o.result == "Overloaded"]
+    late = [o for o in outcomes if o.result == "TimeoutError"]
+    by_kind: dict[str, dict[str, int]] = {}
+    for o in outcomes:
+        counts = by_kind.setdefault(o.kind, {})
+        counts[o.result] = counts.get(o.result, 0) + 1
+    return {
+        "plan": asdict(result.plan),
+        "requests": len(outcomes),
+        "per_s": round(len(outcomes) / result.plan.duration_s, 1),
+        "hit_answered_share": round(sum(o.result == "cache:hit" for o in hits) / max(1, len(hits)), 3),
+        "hit": _summary([o.ms for o in hits if o.result == "cache:hit"]),
+        "503_share": round(len(refused) / max(1, len(outcomes)), 3),
+        "503": _summary([o.ms for o in refused]),
+        "queue_refused_share": round(len(queue_full) / max(1, len(outcomes)), 3),
+        "ok_per_s": round(sum(o.ok for o in outcomes) / result.plan.duration_s, 1),
+        "longest_wait_ms": _ms([o.ms for o in outcomes], 100),
+        "past_timeout": len(late),
+        "by_kind": by_kind,
+        "client_cpu_cores": round(result.client_cpu_s / result.plan.duration_s, 2),
+    }

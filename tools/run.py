@@ -313,12 +313,12 @@ def start(system: System) -> None:
     say(f"everything up in {time.monotonic() - started:.1f} s")
 
 
-def relay_schedule(stopping: threading.Event, paused: threading.Event | None = None) -> None:
+def relay_schedule(stopping: threading.Event) -> None:
     """What the PingSource does in a cluster: ask relay_outbox to publish the orphaned outbox rows, with
-    the PingSource's token. (`paused`: the bench measures publishers without it.)"""
+    the PingSource's token."""
     relay = BY_NAME["relay_outbox"]
     headers = issuer.Tokens(issuer.RELAY_TICK_SUBJECT).headers_for(relay.service)
-    scheduled_ticks("outbox relay", f"{relay.url}/", RELAY_PERIOD_S, stopping, headers, 10.0, paused)
+    scheduled_ticks("outbox relay", f"{relay.url}/", RELAY_PERIOD_S, stopping, headers, 10.0)
 
 
 def scheduled_ticks(
@@ -328,15 +328,12 @@ def scheduled_ticks(
     stopping: threading.Event,
     headers: Callable[[], dict[str, str]] | None = None,
     timeout_s: float = 120.0,
-    paused: threading.Event | None = None,
 ) -> None:
     """What a PingSource does in a cluster: POST to `url` every `period_s` (counted from the end of the
-    previous tick, so ticks never pile up), with `headers()` made afresh for each (a sender's token),
-    except while `paused` is set. It never dies: a failed tick is logged once and the next one follows."""
+    previous tick, so ticks never pile up), with `headers()` made afresh for each (a sender's token).
+    It never dies: a failed tick is logged once and the next one follows."""
     failing = False
     while not stopping.wait(period_s):
-        if paused is not None and paused.is_set():
-            continue
         request = urllib.request.Request(
             url,
             data=b"{}",

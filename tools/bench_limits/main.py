@@ -4,8 +4,8 @@ as the function each one bounds, so the gap between a limit and a function is th
 
 `constant` answers a fixed todo-sized JSON body; `redis_get` adds one redis.asyncio GET (the cache-hit
 path's floor); `db_commit` adds one INSERT + COMMIT on the write database through aiomysql directly, from
-a pool of connections opened once (no SQLAlchemy, no pre-ping: the command path's floor). The old sync
-runtime's limits are in sync_main.py. Local tooling only; never deployed.
+a pool of connections opened once (no SQLAlchemy, no pre-ping: the command path's floor).
+Local tooling only; never deployed.
 """
 
 from __future__ import annotations
