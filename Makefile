@@ -57,7 +57,7 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)  ## every path against its limit, then the 3-minute soak (docs/performance.md)
+bench: $(STAMP)  ## what the README's table and docs/performance.md report, the soak included
 	$(PY) -m tools.bench
 
 soak: $(STAMP)  ## only the soak: 3 minutes of 250 commands/s + 600 reads/s, open loop

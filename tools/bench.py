@@ -91,8 +91,9 @@ class Plan:
     command_connections: int = 8
     idle_s: float = 10.0
     saturated_s: float = 8.0
-    paced_rate: int = 100  # the efficiency phase's paced load
-    paced_s: float = 10.0
+    efficiency_rate: int = 100  # the efficiency phase's paced load, per second
+    efficiency_paced_s: float = 10.0
+    paced_s: float = 8.0
     paced_rates: tuple[int, ...] = (TARGET_RYW_P99[0], TARGET_COMMAND_P99[0])
     backlog: int = 10_000
     seeded: int = 10_000  # todos 1..seeded in the read model
@@ -106,6 +107,7 @@ QUICK = Plan(
     duration_s=1.0,
     idle_s=3.0,
     saturated_s=2.0,
+    efficiency_paced_s=3.0,
     paced_s=3.0,
     backlog=1000,
     overload_s=4.0,
@@ -329,7 +331,9 @@ class Bench:
                 saturated_run = load.wrk_run(url, script, p.command_connections, p.saturated_s)
                 bs.wait_until_projected()
             saturated = self.system_ms(meter, saturated_run.requests)
-            plan = load.MixPlan(p.paced_rate, 0, p.paced_s, commands=name, patch_ids=patch_ids)
+            plan = load.MixPlan(
+                p.efficiency_rate, 0, p.efficiency_paced_s, commands=name, patch_ids=patch_ids
+            )
             with bs.CpuMeter(self.cpu) as meter:
                 done = load.mix_summary(load.run_async(load.mixed(HOST, self.ports(), plan)))["ok_commands"]
                 bs.wait_until_projected()
@@ -337,11 +341,14 @@ class Bench:
             self.results[f"efficiency_{name}"] = {
                 "saturated_rps": saturated_run.rps,
                 "saturated_ms": saturated,
-                f"paced_{p.paced_rate}_ms": paced,
+                f"paced_{p.efficiency_rate}_ms": paced,
             }
-            bs.say(f"{name}: saturated {saturated_run.rps:.0f}/s {saturated}; paced {p.paced_rate}/s {paced}")
+            bs.say(
+                f"{name}: saturated {saturated_run.rps:.0f}/s {saturated}; "
+                f"paced {p.efficiency_rate}/s {paced}"
+            )
             target = TARGET_CPU_MS[name]
-            for label, figures in (("saturated", saturated), (f"paced {p.paced_rate}/s", paced)):
+            for label, figures in (("saturated", saturated), (f"paced {p.efficiency_rate}/s", paced)):
                 by_process = {k: v for k, v in figures.items() if k not in ("system", "machine")}
                 self.rows.append(
                     _target(

@@ -1,7 +1,7 @@
 """Knative's queue-proxy (the sidecar of every Knative pod) in front of a local port, configured from a
 Service of knative/services/ as Knative Serving would configure it in that Service's pod.
 
-For the bench, a function behind queue-proxy next to the same function direct:
+For the image tests (or a measurement), a function behind queue-proxy:
 
     from tools.queue_proxy import start_queue_proxy
 
