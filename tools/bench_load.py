@@ -339,7 +339,6 @@ class MixPlan:
     read_in_flight: int = MAX_IN_FLIGHT_PER_TARGET  # get_todos' requests in flight at most
     timeout_s: float = 5.0  # a request not answered this long after its scheduled time failed
     window_s: float = 10.0
-    max_in_flight: int = 5000  # beyond it the client counts an error instead of piling up tasks
 
 
 @dataclass(frozen=True)
@@ -363,7 +362,6 @@ class MixResult:
     plan: MixPlan
     outcomes: list[Outcome] = field(default_factory=list)
     consumer_lag: list[tuple[float, float]] = field(default_factory=list)  # (s, records behind)
-    client_late_ms: list[tuple[float, float]] = field(default_factory=list)  # how late its ticks woke
     client_cpu_s: float = 0.0
 
 
@@ -379,7 +377,6 @@ async def mixed(host: str, ports: dict[str, int], plan: MixPlan) -> MixResult:
     created = list(plan.patch_ids)
     visible: list[int] = []
     misses = iter(plan.misses)
-    in_flight = 0
     probes = plan.command_rate / plan.probe_every if plan.probe_every else 0.0
     read_rate = plan.read_rate - probes
     t0 = time.monotonic() + 0.1
@@ -442,24 +439,13 @@ async def mixed(host: str, ports: dict[str, int], plan: MixPlan) -> MixResult:
             behind = sum(v for name, _, v in samples if name == "todo_kafkasource_consumer_lag")
             result.consumer_lag.append((elapsed, behind))
 
+    # What may be in flight is bounded by the clients (their queues refuse the excess at once).
     tasks: set[asyncio.Task[None]] = set()
 
-    def launch(kind: str, scheduled: float, coroutine: Coroutine[Any, Any, None]) -> None:
-        nonlocal in_flight
-        if in_flight >= plan.max_in_flight:
-            coroutine.close()
-            result.outcomes.append(Outcome(kind, scheduled - t0, 0.0, "client: too many in flight"))
-            return
-        in_flight += 1
+    def launch(coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         tasks.add(task)
-
-        def done(finished: asyncio.Task[None]) -> None:
-            nonlocal in_flight
-            in_flight -= 1
-            tasks.discard(finished)
-
-        task.add_done_callback(done)
+        task.add_done_callback(tasks.discard)
 
     n_commands = n_reads = 0
     cpu_before = time.process_time()
@@ -468,16 +454,15 @@ async def mixed(host: str, ports: dict[str, int], plan: MixPlan) -> MixResult:
     while (now := time.monotonic()) < end:
         # Everything whose time has come, each with its own scheduled time (a late tick sends a burst).
         while (scheduled := t0 + n_commands / plan.command_rate) <= now:
-            launch("command", scheduled, command(n_commands, scheduled))
+            launch(command(n_commands, scheduled))
             n_commands += 1
         while read_rate > 0 and (scheduled := t0 + n_reads / read_rate) <= now:
-            launch("read", scheduled, read(scheduled))
+            launch(read(scheduled))
             n_reads += 1
         if "kafkasource_metrics" in clients and now - t0 >= next_second:
-            launch("scrape", now, scrape(now - t0))
+            launch(scrape(now - t0))
             next_second += 1.0
         await asyncio.sleep(TICK_S)
-        result.client_late_ms.append((now - t0, (time.monotonic() - now - TICK_S) * 1000))
     await asyncio.gather(*list(tasks))
     result.client_cpu_s = time.process_time() - cpu_before
     for client in clients.values():
@@ -490,11 +475,10 @@ def mix_summary(result: MixResult) -> dict[str, Any]:
     KafkaSource's consumer lag, the errors by kind."""
     plan = result.plan
 
-    def figures(
-        outcomes: list[Outcome], lag: list[float], late: list[float], span_s: float
-    ) -> dict[str, Any]:
+    def figures(outcomes: list[Outcome], span_s: float) -> dict[str, Any]:
         commands = [o for o in outcomes if o.kind in ("create", "patch")]
         reads = [o for o in outcomes if o.kind in ("read", "probe")]
+        lag = [o.ms for o in outcomes if o.kind == "probe" and o.ok]
         errors: dict[str, int] = {}
         for o in outcomes:
             if not o.ok:
@@ -511,7 +495,6 @@ def mix_summary(result: MixResult) -> dict[str, Any]:
             "lag_p50_ms": _ms(lag, 50),
             "lag_p99_ms": _ms(lag, 99),
             "ok_commands": sum(o.ok for o in commands),
-            "client_late_p99_ms": _ms(late, 99),
             "errors": sum(errors.values()),
             "error_kinds": errors,
         }
@@ -519,14 +502,11 @@ def mix_summary(result: MixResult) -> dict[str, Any]:
     windows = []
     for start in range(0, int(plan.duration_s + 0.999), int(plan.window_s)):
         inside = [o for o in result.outcomes if start <= o.at_s < start + plan.window_s]
-        lag = [o.ms for o in inside if o.kind == "probe" and o.ok]
-        late = [ms for t, ms in result.client_late_ms if start <= t < start + plan.window_s]
-        window = figures(inside, lag, late, min(plan.window_s, plan.duration_s - start))
+        window = figures(inside, min(plan.window_s, plan.duration_s - start))
         behind = [n for t, n in result.consumer_lag if start <= t < start + plan.window_s]
         window["consumer_lag_max"] = max(behind, default=0.0)
         windows.append(window)
-    lag = [o.ms for o in result.outcomes if o.kind == "probe" and o.ok]
-    overall = figures(result.outcomes, lag, [ms for _, ms in result.client_late_ms], plan.duration_s)
+    overall = figures(result.outcomes, plan.duration_s)
     return {
         "plan": asdict(plan),
         **overall,

@@ -29,7 +29,6 @@ import json  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
@@ -40,6 +39,7 @@ from todo_cqrs.reconcile.passes import Reconciler  # noqa: E402
 from todo_cqrs.reconcile.service import batch_engine  # noqa: E402
 from todo_cqrs.settings import settings  # noqa: E402
 from tools import services  # noqa: E402
+from tools.bench_system import cpu_seconds  # noqa: E402
 from tools.sync_db import read_db, write_db  # noqa: E402
 
 WRITE, READ = "todo_reconcile_bench_write", "todo_reconcile_bench_read"
@@ -53,13 +53,7 @@ def say(message: str) -> None:
 def mariadb_cpu_s() -> float | None:
     """The MariaDB server's CPU time so far (user + system), when this machine runs it."""
     pid = services._running_pid("mariadb")
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None if pid is None else cpu_seconds(pid)
 
 
 def seed(count: int) -> None:
@@ -86,24 +80,18 @@ def drift(count: int, among: int) -> None:
     step = among // count
     ids = [1 + k * step for k in range(count)]
     quarter = count // 4
+
+    def among(statement: str) -> sa.TextClause:
+        return sa.text(statement + " WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True))
+
     with read_db().begin() as conn:
-        delete = sa.text("DELETE FROM todos_view WHERE id IN :ids").bindparams(
-            sa.bindparam("ids", expanding=True)
-        )
-        retitle = sa.text("UPDATE todos_view SET title = 'drifted' WHERE id IN :ids").bindparams(
-            sa.bindparam("ids", expanding=True)
-        )
-        higher = sa.text("UPDATE todos_view SET version = version + 1000 WHERE id IN :ids").bindparams(
-            sa.bindparam("ids", expanding=True)
-        )
-        conn.execute(delete, {"ids": ids[:quarter]})
-        conn.execute(retitle, {"ids": ids[quarter : 2 * quarter]})
-        conn.execute(higher, {"ids": ids[2 * quarter : 3 * quarter]})
-    with write_db().begin() as conn:  # the extra rows: deleted from the write model (assigned ids)
+        conn.execute(among("DELETE FROM todos_view"), {"ids": ids[:quarter]})
+        conn.execute(among("UPDATE todos_view SET title = 'drifted'"), {"ids": ids[quarter : 2 * quarter]})
         conn.execute(
-            sa.text("DELETE FROM todos WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True)),
-            {"ids": ids[3 * quarter :]},
+            among("UPDATE todos_view SET version = version + 1000"), {"ids": ids[2 * quarter : 3 * quarter]}
         )
+    with write_db().begin() as conn:  # the extra rows: deleted from the write model (assigned ids)
+        conn.execute(among("DELETE FROM todos"), {"ids": ids[3 * quarter :]})
 
 
 async def one_pass() -> dict[str, Any]:
