@@ -20,8 +20,8 @@ credentials.use_admin()
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[None]:
-    from tools import services as local_services
     from todo_cqrs.migrations import upgrade
+    from tools import services as local_services
 
     before = set(local_services.running_services())
     local_services.ensure_services()

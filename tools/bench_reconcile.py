@@ -33,7 +33,7 @@ from typing import Any  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
 
-from todo_cqrs.adapters.cache import TodoCache, redis_client  # noqa: E402
+from todo_cqrs.bootstrap import todo_cache  # noqa: E402
 from todo_cqrs.migrations import upgrade  # noqa: E402
 from todo_cqrs.reconcile.passes import Reconciler  # noqa: E402
 from todo_cqrs.reconcile.service import batch_engine  # noqa: E402
@@ -97,7 +97,7 @@ def drift(count: int, among: int) -> None:
 async def one_pass() -> dict[str, Any]:
     s = settings()
     write, read = batch_engine(s.write_db_url), batch_engine(s.read_db_url)
-    cache = TodoCache(redis_client(s.redis_url, s.redis_timeout_s))
+    cache = todo_cache(s)
     try:
         reconciler = Reconciler(write, read, cache, grace_s=0, count_metrics=False)
         cpu_before, server_before = time.process_time(), mariadb_cpu_s()
