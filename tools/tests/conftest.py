@@ -1,5 +1,6 @@
-"""Fixtures of the tooling's own tests: the ones the product's tests use, taken from their conftests
-(pytest reads conftest.py files only under the tests' own folder), so both run with the same set-up."""
+"""The tooling's own tests act as the admin (DB user `todo`, Redis user `default`, with the generated
+local secrets), as the product's tests do; they need nothing else from the product's test fixtures."""
 
-from tests.conftest import _log_lines_written_during_the_test, services  # noqa: F401
-from tests.integration.conftest import run, runner  # noqa: F401
+from tools import credentials
+
+credentials.use_admin()

@@ -5,19 +5,17 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from sqlalchemy.engine import Engine
 
-from tools import services
-from tests.integration.databases import read_db, write_db
-from tests.integration.settings_override import Run
-from todo_cqrs.db import Database
 from todo_cqrs.settings import settings
+from tools import services
+from tools.sync_db import read_db, write_db
 
 pytestmark = pytest.mark.integration
 
@@ -28,27 +26,19 @@ def running_services() -> dict[str, int | None]:
 
 
 @pytest.mark.parametrize(
-    ("db", "database_setting"),
+    ("engine", "database_setting"),
     [(write_db, "write_db_url"), (read_db, "read_db_url")],
     ids=["write", "read"],
 )
-def test_database_round_trips_a_utf8mb4_row(
-    run: Run[Any], db: Callable[[], Database], database_setting: str
-) -> None:
+def test_database_round_trips_a_utf8mb4_row(engine: Callable[[], Engine], database_setting: str) -> None:
     expected_database = sa.engine.make_url(getattr(settings(), database_setting)).database
     note = f"probe {uuid.uuid4()} ✓ 🚀"  # a 4-byte character fails under a 3-byte utf8 charset
     settings_query = sa.text("SELECT DATABASE(), @@character_set_database, @@collation_database")
-
-    async def round_trip() -> tuple[Any, ...]:
-        async with db().engine.connect() as conn:
-            database, charset, collation = (await conn.execute(settings_query)).one()
-            probe = "CREATE TEMPORARY TABLE services_probe (id INT PRIMARY KEY, note VARCHAR(100))"
-            await conn.execute(sa.text(probe))
-            await conn.execute(sa.text("INSERT INTO services_probe VALUES (1, :note)"), {"note": note})
-            stored = await conn.execute(sa.text("SELECT note FROM services_probe WHERE id = 1"))
-            return database, charset, collation, stored.scalar_one()
-
-    database, charset, collation, stored = run(round_trip())
+    with engine().connect() as conn:
+        database, charset, collation = conn.execute(settings_query).one()
+        conn.execute(sa.text("CREATE TEMPORARY TABLE services_probe (id INT PRIMARY KEY, note VARCHAR(100))"))
+        conn.execute(sa.text("INSERT INTO services_probe VALUES (1, :note)"), {"note": note})
+        stored = conn.execute(sa.text("SELECT note FROM services_probe WHERE id = 1")).scalar_one()
     assert (database, charset, collation) == (expected_database, "utf8mb4", "utf8mb4_unicode_ci")
     assert stored == note
 
