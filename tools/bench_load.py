@@ -50,17 +50,6 @@ def lua_get_random(lo: int, hi: int, prefix: str = "/") -> str:
     )
 
 
-def lua_get_sequence(lo: int, hi: int) -> str:
-    """GET /{id} with ids lo, lo+1, ... (each read once per run while the run stays below hi-lo ids)."""
-    return (
-        f"local n = {lo - 1}\n"
-        "request = function()\n"
-        f"  n = n + 1; if n > {hi} then n = {lo} end\n"
-        '  return wrk.format("GET", "/" .. n)\n'
-        "end\n"
-    )
-
-
 def lua_post_json(body: dict[str, Any]) -> str:
     """POST to the URL's path with a fixed JSON body."""
     return (
@@ -118,9 +107,6 @@ class Series:
             runs=runs,
             cpu_ms_per_request={name: ms for name, ms in cpu.items() if ms >= 0.005},
         )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "runs": [asdict(r) for r in self.runs]}
 
 
 @dataclass(frozen=True)
