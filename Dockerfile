@@ -68,5 +68,5 @@ USER 10001:10001
 EXPOSE 8080
 # Shell form so the variables expand; exec so gunicorn is PID 1 and gets SIGTERM directly.
 # tests/deploy/test_manifests.py runs this exact line locally against the function, and
-# tests/deploy/test_images.py runs it in the built image; local/run.py runs the same command (`make run`).
+# tests/deploy/test_images.py runs it in the built image; tools/run.py runs the same command (`make run`).
 CMD exec functions-framework --asgi --target "$FUNCTION_TARGET" --source "functions/$FUNCTION_TARGET/main.py"

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FN ?= create_todo
 # Tools act as the admin (DB user todo, Redis user default) with the generated local secrets.
-ADMIN := $(PY) -m local.credentials --
+ADMIN := $(PY) -m tools.credentials --
 
 .PHONY: help install services services-down services-status migrate run func-run test test-unit lint \
         format bench soak relay-once rebuild reconcile sql dead-letters dead-letters-resend consume clean
@@ -24,23 +24,23 @@ $(STAMP): requirements.lock pyproject.toml
 install: $(STAMP)  ## create .venv with the pinned dependencies
 
 services: $(STAMP)  ## start (or reuse) local MariaDB, Redis and Kafka
-	$(PY) -m local.services start
+	$(PY) -m tools.services start
 
 services-down: $(STAMP)  ## stop the local services this project started
-	$(PY) -m local.services stop
+	$(PY) -m tools.services stop
 
 services-status: $(STAMP)  ## show the local services
-	$(PY) -m local.services status
+	$(PY) -m tools.services status
 
 migrate: services  ## apply the schema migrations of both databases, then the role users' grants
 	$(ADMIN) $(PY) -m todo_cqrs.migrations upgrade
-	$(PY) -m local.services roles
+	$(PY) -m tools.services roles
 
 run: $(STAMP)  ## run the whole system in the foreground (Ctrl-C stops it)
-	$(PY) -m local.run
+	$(PY) -m tools.run
 
 func-run: migrate  ## run one function alone on its local port: make func-run FN=get_todos
-	$(PY) -m local.func_run $(FN)
+	$(PY) -m tools.func_run $(FN)
 
 test: $(STAMP)  ## every test: unit, integration (real MariaDB, Redis, Kafka), end to end
 	$(PY) -m pytest
@@ -57,11 +57,11 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)  ## every path against its limit, then the 3-minute soak (docs/performance.md)
-	$(PY) -m local.bench
+bench: $(STAMP)  ## what the README's table and docs/performance.md report, the soak included
+	$(PY) -m tools.bench
 
 soak: $(STAMP)  ## only the soak: 3 minutes of 250 commands/s + 600 reads/s, open loop
-	$(PY) -m local.bench --soak
+	$(PY) -m tools.bench --soak
 
 relay-once: migrate  ## publish every pending outbox event now
 	$(ADMIN) $(PY) -m todo_cqrs.outbox.relay
@@ -74,7 +74,7 @@ reconcile: migrate  ## one reconciliation pass now: what differs between the mod
 
 DB ?= write
 sql: $(STAMP)  ## admin SQL shell on the local database: make sql DB=read|write (statements from stdin too)
-	@$(ADMIN) $(PY) -m local.sql_shell $(DB)
+	@$(ADMIN) $(PY) -m tools.sql_shell $(DB)
 
 dead-letters: $(STAMP)  ## list the events the KafkaSource could not deliver
 	$(PY) -m todo_cqrs.dead_letter list
@@ -83,7 +83,7 @@ dead-letters-resend: $(STAMP)  ## re-send dead letters to project_event
 	$(PY) -m todo_cqrs.dead_letter resend
 
 consume: $(STAMP)  ## print the events on the topic, from the beginning (Ctrl-C stops)
-	$(PY) -m local.consume
+	$(PY) -m tools.consume
 
 clean: services-down  ## stop the services and delete .local (data) and .venv
 	rm -rf .local $(VENV)

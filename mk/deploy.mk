@@ -83,7 +83,7 @@ image-base:
 	fi
 
 base-image:  ## a Python base image from Debian packages only (debootstrap; for machines that reach no registry)
-	local/deploy/base-image.sh "$(CONTAINER_CLI)" "$(LOCAL_BASE_IMAGE)"
+	tools/deploy/base-image.sh "$(CONTAINER_CLI)" "$(LOCAL_BASE_IMAGE)"
 
 image-ops: image-base
 	$(CONTAINER_CLI) build --build-arg PYTHON_IMAGE=$$(cat $(BASE_IMAGE_CHOICE)) --target ops \
@@ -224,10 +224,10 @@ deploy-render:  ## render what `make deploy` applies into build/ (offline; no cl
 
 # A real kube-apiserver (built once, cached in ~/.cache/todo-cqrs/bin) with the cluster's CRDs, on loopback;
 # every manifest applied with --dry-run=server --validate=strict as make deploy applies it, and each file
-# of tests/deploy/broken/ refused. Stops what it started. See local/deploy_check.py.
+# of tests/deploy/broken/ refused. Stops what it started. See tools/deploy_check.py.
 verify-deploy: $(STAMP)  ## apply every manifest to a real API server (dry run) and check the broken ones are refused
 	$(require_kubectl)
-	$(PY) -m local.deploy_check --namespace $(NAMESPACE) --kafka-namespace $(KAFKA_NAMESPACE)
+	$(PY) -m tools.deploy_check --namespace $(NAMESPACE) --kafka-namespace $(KAFKA_NAMESPACE)
 
 DEPLOY_SECRETS := todo-cqrs-command todo-cqrs-relay todo-cqrs-projection todo-cqrs-query todo-cqrs-reconcile \
   todo-cqrs-admin todo-cqrs-kafka-source todo-cqrs-kafka-ca todo-cqrs-s3

@@ -4,7 +4,7 @@ Tests under tests/integration and tests/e2e use the real local MariaDB, Redis an
 `services` fixture starts what is not running (and stops, at the end of the session, only what it
 started), then applies the migrations and the role users' grants. The tests act as the admin (DB user
 `todo`, Redis user `default`, with the generated local secrets); the functions `make run` starts act as
-their roles (local/credentials.py).
+their roles (tools/credentials.py).
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from local import credentials
+from tools import credentials
 
 credentials.use_admin()
 
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[None]:
-    from local import services as local_services
     from todo_cqrs.migrations import upgrade
+    from tools import services as local_services
 
     before = set(local_services.running_services())
     local_services.ensure_services()

@@ -1,6 +1,6 @@
 """Least privilege: the database users and Redis ACL users of each role, in one place.
 
-The local services (local/services.py) and a cluster's migrations Job both apply what is here:
+The local services (tools/services.py) and a cluster's migrations Job both apply what is here:
 
     python -m todo_cqrs.roles grant      # as a MariaDB user allowed to CREATE USER and GRANT
     python -m todo_cqrs.roles redis-acl  # prints a Redis ACL file (users.acl) for the passwords in the env

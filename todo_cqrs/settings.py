@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 # The local services keep their state here (git-ignored). The product reads no secret from it: the
-# local tooling (local/credentials.py) passes DB_PASSWORD, REDIS_URL and CURSOR_SECRET in the env.
+# local tooling (tools/credentials.py) passes DB_PASSWORD, REDIS_URL and CURSOR_SECRET in the env.
 LOCAL_DIR = Path(os.environ.get("TODO_LOCAL_DIR", Path(__file__).resolve().parent.parent / ".local"))
 # A pod's service-account token and the cluster's CA (read the OIDC issuer's keys with them).
 _SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"

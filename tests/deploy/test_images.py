@@ -2,7 +2,7 @@
 
 `make images` builds every image (on the local Debian base when the registry's python image cannot be
 pulled). Each function image then runs as its Service's pod would run it (knative/services/<svc>.yaml,
-read by local/knative_pod.py): the image's own user, a read-only root filesystem with the Service's
+read by tools/knative_pod.py): the image's own user, a read-only root filesystem with the Service's
 emptyDir mounts and its Secret volumes (read-only, their files from the Secret template; a certificate,
 which no placeholder can stand in for, is a self-signed CA made here, as the Kafka cluster's CA is one),
 no capabilities, no privilege escalation, the Service's env over the ConfigMap and the Secret template,
@@ -35,8 +35,8 @@ from typing import Any
 import pytest
 import yaml
 
-from local import knative_pod
-from local.queue_proxy import start_queue_proxy
+from tools import knative_pod
+from tools.queue_proxy import start_queue_proxy
 
 REPO = Path(__file__).resolve().parents[2]
 REGISTRY, TAG = "localhost", "image-test"

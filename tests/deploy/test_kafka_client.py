@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import KafkaException, Producer
 
-from local import knative_pod
 from todo_cqrs.adapters.publisher import producer_config
 from todo_cqrs.settings import settings
+from tools import knative_pod
 
 KAFKA_ENV = (
     "KAFKA_SECURITY_PROTOCOL",

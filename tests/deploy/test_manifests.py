@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from local import topology
 from todo_cqrs import roles
+from tools import topology
 
 REPO = Path(__file__).resolve().parents[2]
 KNATIVE = REPO / "knative"
@@ -47,7 +47,7 @@ NOT_FROM_CONFIG = {
     "READ_DB_URL": "optional whole-URL override; the cluster composes it from DB_*, password in the Secret",
     "K_SERVICE": "set by Knative Serving in every revision's container",
     "FUNCTION_TARGET": "set by the Dockerfile's ENV (test_function_image_sets_function_target)",
-    "METRICS_ENABLED": "on unless set to 0; only the bench turns it off, to measure what metrics cost",
+    "METRICS_ENABLED": "on unless set to 0 (to measure what metrics cost); the cluster leaves it on",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "unset (no export) unless a collector is named (configmap.yaml's comment)",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "the OpenTelemetry SDK's per-signal form of the endpoint",
     "OTEL_SERVICE_NAME": "defaults to K_SERVICE, the Knative Service's name",
@@ -936,7 +936,7 @@ def test_topic_keeps_acknowledged_events_on_three_brokers_and_the_overlay_on_one
 
 
 def test_the_deploy_guide_generates_every_password_make_secret_wants() -> None:
-    from local.deploy_check import secret_vars
+    from tools.deploy_check import secret_vars
 
     guide = (REPO / "docs" / "deploy.md").read_text()
     match = re.search(r"for v in (DB_ROOT_PASSWORD .*?); do", guide, re.DOTALL)

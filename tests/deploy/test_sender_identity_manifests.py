@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from local.issuer import source_subject
+from tools.issuer import source_subject
 
 REPO = Path(__file__).resolve().parents[2]
 RECEIVERS = ("project-event", "dead-letter", "relay-outbox", "reconcile")
@@ -64,7 +64,7 @@ def test_every_receiver_has_an_event_policy_from_its_source() -> None:
 
 
 def test_the_local_run_gives_the_receivers_the_clusters_subjects() -> None:
-    from local.issuer import SENDERS
+    from tools.issuer import SENDERS
 
     assert {service: list(subjects) for service, subjects in SENDERS.items()} == {
         service: [subject, *OPS.get(service, [])] for service, (_, subject) in senders().items()

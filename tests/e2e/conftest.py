@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from requests.structures import CaseInsensitiveDict
 
-from local import run
-from local.topology import GATEWAY_PORT, HOST
+from tools import run
+from tools.topology import GATEWAY_PORT, HOST
 
 
 @dataclass

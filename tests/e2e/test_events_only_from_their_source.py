@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from local import issuer
-from local.topology import BY_NAME
 from todo_cqrs.dead_letter.store import from_settings
 from todo_cqrs.settings import settings
+from tools import issuer
+from tools.topology import BY_NAME
 
 NO_COMMAND_REACHES = 9_000_000_000_001  # a todo id no command assigns: nothing of the read model moves
 

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from local import services
 from todo_cqrs.settings import settings
+from tools import services
 
 pytestmark = pytest.mark.e2e
 

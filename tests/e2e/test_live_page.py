@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 from playwright.sync_api import BrowserContext, ConsoleMessage, Error, Locator, Page, expect, sync_playwright
 
-from local import run, services
+from tools import run, services
 
 pytestmark = pytest.mark.e2e
 

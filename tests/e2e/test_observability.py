@@ -13,9 +13,9 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from local.run import LOG_DIR
-from local.topology import BY_NAME, KAFKASOURCE_METRICS_PORT
 from todo_cqrs.settings import settings
+from tools.run import LOG_DIR
+from tools.topology import BY_NAME, KAFKASOURCE_METRICS_PORT
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from local.topology import GATEWAY_PORT, HOST, REPO
+from tools.topology import GATEWAY_PORT, HOST, REPO
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Answer, Client

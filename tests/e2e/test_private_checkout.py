@@ -1,6 +1,6 @@
 """The gateway and the live page's files from a checkout that only its owner can read: a copy of the
 working tree in a `mktemp -d` folder (mode 0700, as Debian's home directories are), its gateway
-started the way `make run` starts it (`python -m local.gateway`, from the copy, its `.local` inside
+started the way `make run` starts it (`python -m tools.gateway`, from the copy, its `.local` inside
 the copy), on a port of its own. nginx's worker must read `ui/` and write its temp files there.
 
 The gateway alone: every other process `make run` starts (functions, pipeline server, local
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from local import services
-from local.topology import HOST, REPO
+from tools import services
+from tools.topology import HOST, REPO
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +89,7 @@ def private_gateway(private_checkout: Path) -> Iterator[str]:
     env["GATEWAY_PORT"] = str(port)
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the process
     process = subprocess.Popen(
-        [sys.executable, "-m", "local.gateway"],
+        [sys.executable, "-m", "tools.gateway"],
         cwd=private_checkout,
         env=env,
         stdout=log,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from local import run
+from tools import run
 
 pytestmark = pytest.mark.e2e
 

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
-from local.sync_db import read_db, write_db
 from todo_cqrs.adapters.read_store import todos_view
 from todo_cqrs.adapters.write_store import todos
+from tools.sync_db import read_db, write_db
 
 pytestmark = pytest.mark.e2e
 

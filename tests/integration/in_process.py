@@ -12,10 +12,10 @@ from typing import Any
 import functions_framework.aio
 from starlette.testclient import TestClient
 
-from local.topology import REPO
 from tests.unit.fakes import client_of, load_main
 from todo_cqrs.command.handlers import Commands
 from todo_cqrs.loop_local import close_loop_resources
+from tools.topology import REPO
 
 PUBLISHER_SETTLE_S = 10.0
 

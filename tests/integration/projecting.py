@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from local.sync_db import write_db
+from tools.sync_db import write_db
 
 
 def project_latest(projection: TestClient, todo_id: int) -> None:

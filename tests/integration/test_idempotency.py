@@ -12,11 +12,11 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from local.sync_db import write_db
 from todo_cqrs.adapters.write_store import MariaDbUnitOfWork, WriteStore, idempotency_keys, outbox, todos
 from todo_cqrs.command.idempotency import IdempotencyKey
 from todo_cqrs.db import Database
 from todo_cqrs.settings import settings
+from tools.sync_db import write_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 

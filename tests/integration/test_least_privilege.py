@@ -1,5 +1,5 @@
 """Least privilege on the real MariaDB and Redis (issue 17): each role's credentials, as `make run` hands
-them to its functions (local/credentials.py, grants in todo_cqrs/roles.py), can do what its code needs
+them to its functions (tools/credentials.py, grants in todo_cqrs/roles.py), can do what its code needs
 and nothing the other roles do.
 
 Every attempt that must fail is made on a row or key of this module's own (a high random id), and each
@@ -22,7 +22,6 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
-from local import credentials, services
 from tests.integration.read_model_ids import CREATED, HIGH_IDS, UPDATED, todo_data
 from tests.integration.settings_override import Run
 from todo_cqrs import bootstrap, roles
@@ -31,6 +30,7 @@ from todo_cqrs.projection.handlers import Projection, project_event
 from todo_cqrs.query import handlers as query_handlers
 from todo_cqrs.query.handlers import Queries
 from todo_cqrs.settings import Settings, settings
+from tools import credentials, services
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 

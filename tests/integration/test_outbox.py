@@ -25,7 +25,6 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from local.sync_db import write_db
 from tests.integration.test_command_side import (
     events_by_todo,
     publisher_busy,
@@ -38,6 +37,7 @@ from todo_cqrs.outbox import leases
 from todo_cqrs.outbox.leases import outbox_database
 from todo_cqrs.outbox.relay import Relay
 from todo_cqrs.settings import settings
+from tools.sync_db import write_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 

@@ -11,11 +11,11 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from local.sync_db import read_db, write_db
 from tests.integration.projecting import project_latest
 from tests.integration.settings_override import Run
 from todo_cqrs.projection.rebuild import rebuild_read_model
 from todo_cqrs.settings import settings
+from tools.sync_db import read_db, write_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 

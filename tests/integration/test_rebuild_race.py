@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import pytest
 import sqlalchemy as sa
 
-from local.sync_db import read_db, write_db
 from tests.integration.in_process import close_deps
 from todo_cqrs import bootstrap
 from todo_cqrs.adapters.read_store import todos_view
@@ -24,6 +23,7 @@ from todo_cqrs.projection.rebuild import rebuild_read_model
 from todo_cqrs.query import handlers as queries
 from todo_cqrs.query.handlers import Queries, ReadRefused
 from todo_cqrs.settings import settings
+from tools.sync_db import read_db, write_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 

@@ -20,7 +20,6 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
-from local.sync_db import read_db, write_db
 from tests.integration.projecting import project_latest
 from tests.integration.settings_override import Run
 from todo_cqrs import bootstrap
@@ -30,6 +29,7 @@ from todo_cqrs.reconcile.passes import PassReport, Reconciler
 from todo_cqrs.reconcile.service import batch_engine
 from todo_cqrs.reconcile.sides import Row, WriteSide
 from todo_cqrs.settings import settings
+from tools.sync_db import read_db, write_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 

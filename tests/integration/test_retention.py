@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from local.sync_db import write_db
 from tests.integration.databases import write_db as write_database
 from tests.integration.settings_override import Run
 from todo_cqrs.adapters.write_store import WriteStore
 from todo_cqrs.reconcile.retention import prune_published_outbox
 from todo_cqrs.reconcile.service import batch_engine
 from todo_cqrs.settings import settings
+from tools.sync_db import write_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from local import services
 from tests.integration.databases import write_db
 from tests.integration.settings_override import Run
 from todo_cqrs.adapters.write_store import todos
 from todo_cqrs.db import Statements
 from todo_cqrs.domain.errors import DependencyUnavailable
+from tools import services
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("services")]
 

@@ -10,9 +10,9 @@ import pytest
 import schemathesis
 import yaml
 
-from local.topology import REPO, ROUTES
 from todo_cqrs.domain.todo import DESCRIPTION_MAX, TITLE_MAX, Status
 from todo_cqrs.query.handlers import DEFAULT_LIMIT, MAX_LIMIT
+from tools.topology import REPO, ROUTES
 
 DOCUMENT: dict[str, Any] = yaml.safe_load((REPO / "openapi.yaml").read_text())
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}

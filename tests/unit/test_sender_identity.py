@@ -4,7 +4,7 @@ be read, each before the body is read; health and metrics open; the issuer's key
 unknown kid, at most once per interval.
 
 Keys are made here. The receivers get them from a key source passed in (its fetches counted), or, for
-the wiring of the real functions, from the local issuer (local/issuer.py) served in this process.
+the wiring of the real functions, from the local issuer (tools/issuer.py) served in this process.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from prometheus_client import REGISTRY
 from starlette.requests import Request
 from starlette.responses import Response
 
-from local import issuer as local_issuer
 from tests.unit.fakes import (
     CREATED,
     assert_error,
@@ -45,6 +44,7 @@ from todo_cqrs.domain.events import check_subject
 from todo_cqrs.http import CloudEventSink, HttpFunction, json_response
 from todo_cqrs.sender_identity import IssuerKeys, IssuerUnreachable, KeyCache, Policy, SenderIdentity
 from todo_cqrs.settings import settings
+from tools import issuer as local_issuer
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "project-event"
@@ -482,7 +482,7 @@ def test_from_settings_is_no_check_when_off_and_refuses_contradictions(
 
 @pytest.fixture
 def served_issuer(tmp_path: Path) -> Iterator[str]:
-    """local/issuer.py's server on a free port, in this process; its key pair under tmp_path."""
+    """tools/issuer.py's server on a free port, in this process; its key pair under tmp_path."""
     http = local_issuer.server(0, directory=tmp_path)
     thread = threading.Thread(target=http.serve_forever, daemon=True)
     thread.start()

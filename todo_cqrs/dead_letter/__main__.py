@@ -6,7 +6,7 @@
 The store is the one DEAD_LETTER_STORE and its settings name, as for the dead_letter function.
 With sender identity on, project_event takes only its source's token: `--token-file` (RESEND_TOKEN_FILE)
 names a file holding one (in a cluster, e.g. a projected service-account token for the audience
-project-event); to a local project_event, a token of the local issuer is presented (local/issuer.py).
+project-event); to a local project_event, a token of the local issuer is presented (tools/issuer.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def authorization(url: str, token_file: str | None) -> Callable[[], str] | None:
     if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
         return None
     try:
-        from local import issuer  # the repository's local tooling (not in the images)
+        from tools import issuer  # the repository's local tooling (not in the images)
     except ImportError:
         return None
     tokens = issuer.Tokens(issuer.JOBS_SUBJECT)  # the ops Jobs' account, as in a cluster
