@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import KafkaException, Producer
 
 from todo_cqrs.adapters.publisher import producer_config
-from todo_cqrs.settings import settings
+from todo_cqrs.settings import Settings, settings
 from tools import knative_pod
 
 KAFKA_ENV = (
@@ -59,8 +59,8 @@ def command_pod_env(monkeypatch: pytest.MonkeyPatch, ca: Path) -> dict[str, str]
 def test_a_command_pods_environment_makes_a_scram_over_tls_producer(
     monkeypatch: pytest.MonkeyPatch, fresh_settings: None, ca_file: Path
 ) -> None:
-    env = command_pod_env(monkeypatch, ca_file)
-    config = producer_config(env["KAFKA_BOOTSTRAP_SERVERS"])
+    command_pod_env(monkeypatch, ca_file)  # the env of a command pod, as its manifest gives it
+    config = producer_config(Settings.from_env())
     assert {k: config[k] for k in config if k.startswith(("security.", "sasl.", "ssl."))} == {
         "security.protocol": "SASL_SSL",
         "sasl.mechanism": "SCRAM-SHA-512",
@@ -76,15 +76,15 @@ def test_a_command_pods_environment_makes_a_scram_over_tls_producer(
 def test_a_producer_without_its_ca_fails_at_once(
     monkeypatch: pytest.MonkeyPatch, fresh_settings: None, tmp_path: Path, ca_file: Path
 ) -> None:
-    env = command_pod_env(monkeypatch, ca_file)
+    command_pod_env(monkeypatch, ca_file)  # the env of a command pod, as its manifest gives it
     monkeypatch.setenv("KAFKA_SSL_CA_FILE", str(tmp_path / "missing-ca.crt"))
     with pytest.raises(KafkaException, match="ssl.ca.location"):
-        Producer(producer_config(env["KAFKA_BOOTSTRAP_SERVERS"]))
+        Producer(producer_config(Settings.from_env()))
 
 
 def test_local_kafka_stays_plaintext(monkeypatch: pytest.MonkeyPatch, fresh_settings: None) -> None:
     for name in KAFKA_ENV:
         monkeypatch.delenv(name, raising=False)
-    config = producer_config("127.0.0.1:9092")
+    config = producer_config(Settings.from_env())
     assert config["security.protocol"] == "PLAINTEXT"
     assert not [k for k in config if k.startswith(("sasl.", "ssl."))]
