@@ -30,7 +30,6 @@ from starlette.responses import Response
 
 from todo_cqrs import logs, metrics, tracing
 from todo_cqrs.domain import errors
-from todo_cqrs.domain.errors import error_body
 from todo_cqrs.domain.numbers import MAX_ID, ascii_positive_int
 from todo_cqrs.domain.todo import Todo
 
@@ -64,6 +63,12 @@ EventReader = Callable[[Mapping[str, str], bytes], Event]
 
 
 # --- responses ---------------------------------------------------------------------------------------
+
+
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The contract's error body, the same for our errors, the framework's, the 500 and the local
+    gateway's own answers."""
+    return {"error": {"code": code, "message": message, "details": details or []}}
 
 
 def encode_json(value: Any) -> bytes:

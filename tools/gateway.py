@@ -29,7 +29,7 @@ from pathlib import Path
 
 import orjson
 
-from todo_cqrs.domain.errors import error_body
+from todo_cqrs.http import error_body
 from todo_cqrs.settings import LOCAL_DIR
 from tools import services
 from tools.topology import BY_NAME, GATEWAY_PORT, HOST, PIPELINE_PORT, REPO, ROUTES

@@ -58,7 +58,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from todo_cqrs.domain.errors import error_body
+from todo_cqrs.http import error_body
 from todo_cqrs.loop_local import loop_local
 from tools import http1
 from tools.topology import FUNCTIONS, HOST, KAFKASOURCE_METRICS_PORT

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import uvicorn
 
-from todo_cqrs.domain.errors import error_body
+from todo_cqrs.http import error_body
 from tools import pipeline
 from tools.topology import HOST, PIPELINE_PORT
 

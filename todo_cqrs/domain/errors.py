@@ -1,14 +1,8 @@
-"""The small set of domain errors; `todo_cqrs.http` maps each to one HTTP status in one place."""
+"""The small set of domain errors; `todo_cqrs.http` maps each to one HTTP status and body in one place."""
 
 from __future__ import annotations
 
 from typing import Any
-
-
-def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The contract's error body, the same for our errors, the framework's, the 500 and the local
-    gateway's own answers."""
-    return {"error": {"code": code, "message": message, "details": details or []}}
 
 
 class TodoError(Exception):
