@@ -140,34 +140,30 @@ class Database:
         no COMMIT round trip), under the deadline; an unreachable database raises DependencyUnavailable."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
-        try:
-            async with asyncio.timeout_at(deadline):
-                pooled = await self.engine.raw_connection()
-        except (DBAPIError, PoolTimeout, TimeoutError, OSError, pymysql.err.MySQLError) as exc:
-            raise unavailable(self.what, exc) from exc
+        pooled = await self._checkout(deadline)
         conn: DriverConnection = pooled.driver_connection
         try:
             async with asyncio.timeout_at(deadline):
                 yield Statements(conn)
         except BaseException as exc:
-            if _cut_off(exc):
-                conn.close()  # mid-statement: its session's state is unknown
-                await greenlet_spawn(pooled.invalidate)
-            else:
-                await greenlet_spawn(pooled.close)
+            await _end_failed_driver(pooled, conn, exc, self.deadline_s, rollback=False)
             if is_unreachable(exc):
                 raise unavailable(self.what, exc) from exc
             raise
         await greenlet_spawn(pooled.close)
 
+    async def _checkout(self, deadline: float) -> PoolProxiedConnection:
+        """A pooled connection of this loop's engine, by the deadline; DependencyUnavailable otherwise."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self.engine.raw_connection()
+        except (DBAPIError, PoolTimeout, TimeoutError, OSError, pymysql.err.MySQLError) as exc:
+            raise unavailable(self.what, exc) from exc
+
     async def _statements_once(self, work: Callable[[Statements], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
-        try:
-            async with asyncio.timeout_at(deadline):
-                pooled = await self.engine.raw_connection()
-        except (DBAPIError, PoolTimeout, TimeoutError, OSError, pymysql.err.MySQLError) as exc:
-            raise unavailable(self.what, exc) from exc
+        pooled = await self._checkout(deadline)
         conn: DriverConnection = pooled.driver_connection
         try:
             async with asyncio.timeout_at(deadline):
@@ -179,7 +175,7 @@ class Database:
                 await asyncio.wait([commit])
                 raise
         except BaseException as exc:
-            await _end_failed_driver(pooled, conn, exc, self.deadline_s)
+            await _end_failed_driver(pooled, conn, exc, self.deadline_s, rollback=True)
             if isinstance(exc, TimeoutError | OSError | pymysql.err.InterfaceError):
                 raise unavailable(self.what, exc) from exc
             raise
@@ -238,15 +234,20 @@ def _cut_off(exc: BaseException) -> bool:
 
 
 async def _end_failed_driver(
-    pooled: PoolProxiedConnection, conn: DriverConnection, exc: BaseException, deadline_s: float
+    pooled: PoolProxiedConnection,
+    conn: DriverConnection,
+    exc: BaseException,
+    deadline_s: float,
+    rollback: bool,
 ) -> None:
-    """Roll back and give the connection back; one cut off mid-statement (a deadline, a cancellation)
-    or that cannot even roll back is closed and discarded instead, since the state of its session is
-    unknown."""
+    """Give the connection of a failed use back (rolled back first, when in a transaction); one cut off
+    mid-statement (a deadline, a cancellation), or that cannot even roll back, is closed and discarded
+    instead, since the state of its session is unknown."""
     if not _cut_off(exc):
         try:
-            async with asyncio.timeout(deadline_s):
-                await conn.rollback()
+            if rollback:
+                async with asyncio.timeout(deadline_s):
+                    await conn.rollback()
             await greenlet_spawn(pooled.close)
             return
         except Exception:  # noqa: BLE001 - discarded below
