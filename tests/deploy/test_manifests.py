@@ -48,7 +48,7 @@ NOT_FROM_CONFIG = {
     "K_SERVICE": "set by Knative Serving in every revision's container",
     "FUNCTION_TARGET": "set by the Dockerfile's ENV (test_function_image_sets_function_target)",
     "METRICS_ENABLED": "on unless set to 0 (to measure what metrics cost); the cluster leaves it on",
-    "LOG_FLUSH_SECONDS": "how often log lines go to the writer thread (0.05 s); the unit tests hold them back",
+    "LOG_FLUSH_SECONDS": "how often log lines go to the writer thread (0.05 s); unit tests hold them",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "unset (no export) unless a collector is named (configmap.yaml's comment)",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "the OpenTelemetry SDK's per-signal form of the endpoint",
     "OTEL_SERVICE_NAME": "defaults to K_SERVICE, the Knative Service's name",
