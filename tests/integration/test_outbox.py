@@ -83,11 +83,9 @@ def loop() -> Iterator[asyncio.Runner]:
 def relay(loop: asyncio.Runner) -> Iterator[Relay]:
     """The relay's tick, as relay_outbox runs it: orphans only."""
     s = settings()
-    kafka = Kafka(s)
-    made = Relay(outbox_database(s), kafka, s, min_age_s=s.outbox_orphan_s)
+    made = Relay(outbox_database(s), Kafka(s), s, min_age_s=s.outbox_orphan_s)
     yield made
-    loop.run(made.aclose())
-    kafka.close()
+    loop.run(made.aclose())  # its pool and its producer
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, OutboxRecord, Publisher
+from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, Kafka, OutboxRecord, Publisher
 from todo_cqrs.db import Database
 from todo_cqrs.logs import log_event
 from todo_cqrs.loop_local import LoopLocal
@@ -261,7 +261,7 @@ class ProcessPublisher:
     """The command process's publisher (`committed`), one OutboxPublisher per event loop, made on the first
     commit in it (a function serves from one loop; the tests run several)."""
 
-    def __init__(self, kafka: Callable[[], Publisher], database: Database, publish_timeout_s: float) -> None:
+    def __init__(self, kafka: Kafka, database: Database, publish_timeout_s: float) -> None:
         self._kafka = kafka
         self._database = database
         self._local = LoopLocal(self._make)
@@ -280,7 +280,8 @@ class ProcessPublisher:
         return self._local.peek()
 
     async def aclose(self) -> None:
-        """Publish what is left (bounded), then close this loop's pool."""
+        """Publish what is left (bounded), then close this loop's pool and the producer (the next commit
+        makes them again)."""
         outbox = self._local.peek()
         if outbox is not None:
             self._local.forget()
@@ -288,3 +289,4 @@ class ProcessPublisher:
             await outbox.aclose()
         else:
             await self._database.aclose()
+        self._kafka.close()

@@ -145,7 +145,10 @@ class Relay:
             await release(self.database, lease)
 
     async def aclose(self) -> None:
+        """Close this loop's pool, and the producer when it is a `Kafka` of its own."""
         await self.database.aclose()
+        if isinstance(self.kafka, Kafka):
+            self.kafka.close()
 
     async def drain_all(self, wait_s: float = 0.0) -> int:
         """Drain every shard that has orphans; returns how many rows were published."""
@@ -215,13 +218,11 @@ class RelayTick:
 
 async def relay_once(s: Settings, min_age_s: float, wait_s: float = 0.0) -> int:
     """Publish pending rows at least `min_age_s` old, with a pool and a producer of its own, closed here."""
-    kafka = Kafka(s)
-    relay = Relay(outbox_database(s), kafka, s, min_age_s)
+    relay = Relay(outbox_database(s), Kafka(s), s, min_age_s)
     try:
         return await relay.drain_all(wait_s)
     finally:
         await relay.aclose()
-        kafka.close()
 
 
 if __name__ == "__main__":
