@@ -1,5 +1,6 @@
 """The write and the read database as the functions use them: `Database`, an SQLAlchemy asyncio engine per
-event loop (made on first use), and its transactions under a deadline.
+event loop (made on first use), its transactions under a deadline, and `Statements`: the hot statements
+(a command's unit of work, the projection's upserts) sent on the pooled driver connection itself.
 
 The driver is aiomysql (PyMySQL's protocol code under an asyncio transport). aiomysql has no read or
 write timeout of its own, so every transaction runs under an asyncio deadline instead (twice
@@ -118,12 +119,9 @@ class Database:
     def autocommitted(self) -> AbstractAsyncContextManager[AsyncConnection]:
         return autocommitted(self.engine, self.what, self.deadline_s)
 
-    async def run_in_transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        return await run_in_transaction(self.engine, self.what, work, self.deadline_s)
-
     async def run_statements(self, work: Callable[[Statements], Awaitable[T]]) -> T:
-        """`await work(statements)` in one transaction on a pooled driver connection, again on a deadlock:
-        as `run_in_transaction`, without SQLAlchemy's execution layer (see `Statements`)."""
+        """`await work(statements)` in one transaction on a pooled driver connection, again on a deadlock
+        (its effects were rolled back); the deadline and the COMMIT as in `transaction`."""
         for attempt in itertools.count():
             try:
                 return await self._statements_once(work)
@@ -339,19 +337,3 @@ async def autocommitted(engine: AsyncEngine, what: str, deadline_s: float) -> As
         if is_unreachable(exc):
             raise unavailable(what, exc) from exc
         raise
-
-
-async def run_in_transaction(
-    engine: AsyncEngine, what: str, work: Callable[[AsyncConnection], Awaitable[T]], deadline_s: float
-) -> T:
-    """`await work(conn)` in a transaction, again on a deadlock (its effects were rolled back)."""
-    for attempt in itertools.count():
-        try:
-            async with transaction(engine, what, deadline_s) as conn:
-                return await work(conn)
-        except DBAPIError as exc:
-            if not is_deadlock(exc):
-                raise
-            if attempt >= DEADLOCK_RETRIES:
-                raise unavailable(what, exc) from exc
-    raise AssertionError("unreachable")
