@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, nullcontext
 from typing import Any, TypeVar
 
@@ -84,7 +84,6 @@ class Database:
 
     def __init__(self, what: str, url: str, timeout_s: float, pool_size: int, **engine_options: Any) -> None:
         self.what = what
-        self.url = url
         self.timeout_s = timeout_s
         self._engine = LoopLocal(lambda: create_engine(url, timeout_s, pool_size, **engine_options))
 
@@ -124,61 +123,38 @@ class Database:
         (its effects were rolled back); the deadline and the COMMIT as in `transaction`."""
         for attempt in itertools.count():
             try:
-                return await self._statements_once(work)
-            except pymysql.err.OperationalError as exc:
-                if not is_deadlock(exc):
-                    raise unavailable(self.what, exc) from exc
+                async with self._driver_statements(in_transaction=True) as statements:
+                    return await work(statements)
+            except pymysql.err.OperationalError as exc:  # a deadlock: every other one is unreachable
                 if attempt >= DEADLOCK_RETRIES:
                     raise unavailable(self.what, exc) from exc
         raise AssertionError("unreachable")
 
-    @asynccontextmanager
-    async def autocommitted_statements(self) -> AsyncIterator[Statements]:
+    def autocommitted_statements(self) -> AbstractAsyncContextManager[Statements]:
         """Statements on a pooled driver connection of an AUTOCOMMIT database (each its own transaction,
         no COMMIT round trip), under the deadline; an unreachable database raises DependencyUnavailable."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.deadline_s
-        pooled = await self._checkout(deadline)
+        return self._driver_statements(in_transaction=False)
+
+    @asynccontextmanager
+    async def _driver_statements(self, in_transaction: bool) -> AsyncIterator[Statements]:
+        deadline = asyncio.get_running_loop().time() + self.deadline_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                pooled = await self.engine.raw_connection()
+        except (DBAPIError, PoolTimeout, TimeoutError, OSError, pymysql.err.MySQLError) as exc:
+            raise unavailable(self.what, exc) from exc
         conn: DriverConnection = pooled.driver_connection
         try:
             async with asyncio.timeout_at(deadline):
                 yield Statements(conn)
+            if in_transaction:
+                await _commit_to_its_end(conn.commit())
         except BaseException as exc:
-            await _end_failed_driver(pooled, conn, exc, self.deadline_s, rollback=False)
+            await _end_failed_driver(pooled, conn, exc, self.deadline_s, rollback=in_transaction)
             if is_unreachable(exc):
                 raise unavailable(self.what, exc) from exc
             raise
-        await greenlet_spawn(pooled.close)
-
-    async def _checkout(self, deadline: float) -> PoolProxiedConnection:
-        """A pooled connection of this loop's engine, by the deadline; DependencyUnavailable otherwise."""
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await self.engine.raw_connection()
-        except (DBAPIError, PoolTimeout, TimeoutError, OSError, pymysql.err.MySQLError) as exc:
-            raise unavailable(self.what, exc) from exc
-
-    async def _statements_once(self, work: Callable[[Statements], Awaitable[T]]) -> T:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.deadline_s
-        pooled = await self._checkout(deadline)
-        conn: DriverConnection = pooled.driver_connection
-        try:
-            async with asyncio.timeout_at(deadline):
-                result = await work(Statements(conn))
-            commit = loop.create_task(conn.commit())  # never cut off: see `transaction`
-            try:
-                await asyncio.shield(commit)
-            except asyncio.CancelledError:
-                await asyncio.wait([commit])
-                raise
-        except BaseException as exc:
-            await _end_failed_driver(pooled, conn, exc, self.deadline_s, rollback=True)
-            if isinstance(exc, TimeoutError | OSError | pymysql.err.InterfaceError):
-                raise unavailable(self.what, exc) from exc
-            raise
         await greenlet_spawn(pooled.close)  # back to the pool
-        return result
 
     async def aclose(self) -> None:
         """Close this loop's engine, if one was made."""
@@ -214,6 +190,17 @@ class Statements:
     async def one(self, sql: str, params: Any = None) -> Any:
         """The first row of a statement's result (a tuple), None when it has none."""
         return await (await self.execute(sql, params)).fetchone()
+
+
+async def _commit_to_its_end(commit: Coroutine[Any, Any, None]) -> None:
+    """The COMMIT, whatever the deadline or a cancellation: one cut off would leave the caller not
+    knowing whether its change was written. A cancellation is raised once the COMMIT is over."""
+    task = asyncio.get_running_loop().create_task(commit)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 def _statement_span(sql: str) -> AbstractContextManager[Any]:
@@ -297,12 +284,7 @@ async def transaction(engine: AsyncEngine, what: str, deadline_s: float) -> Asyn
             async with asyncio.timeout_at(deadline):
                 await conn.begin()
                 yield conn
-            commit = loop.create_task(conn.commit())
-            try:
-                await asyncio.shield(commit)
-            except asyncio.CancelledError:
-                await asyncio.wait([commit])
-                raise
+            await _commit_to_its_end(conn.commit())
         except BaseException as exc:
             await _end_failed(conn, exc, deadline_s)
             raise

@@ -22,11 +22,12 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from tests.integration.in_process import close_deps, close_this_loop, running_function
+from tests.integration.in_process import close_deps, running_function
 from tests.integration.read_model_ids import DELETED, FINAL_VERSION, HIGH_IDS
 from tests.integration.settings_override import InLoop, Run
 from todo_cqrs import bootstrap
 from todo_cqrs.command.handlers import Commands
+from todo_cqrs.loop_local import close_loop_resources
 from todo_cqrs.projection.handlers import Projection, project_event
 from todo_cqrs.settings import settings
 
@@ -35,7 +36,7 @@ from todo_cqrs.settings import settings
 def runner() -> Iterator[asyncio.Runner]:
     with asyncio.Runner() as session_runner:
         yield session_runner
-        session_runner.run(close_this_loop())
+        session_runner.run(close_loop_resources())
 
 
 @pytest.fixture(scope="session")

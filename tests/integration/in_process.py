@@ -31,10 +31,6 @@ async def close_deps(deps: Any) -> None:
     await deps.aclose()
 
 
-async def close_this_loop() -> None:
-    await close_loop_resources()
-
-
 _deps_of: weakref.WeakKeyDictionary[TestClient, Any] = weakref.WeakKeyDictionary()
 
 
@@ -56,7 +52,7 @@ def running_function(name: str) -> Iterator[TestClient]:
         try:
             yield client
         finally:
-            client.portal.call(close_this_loop if deps is None else lambda: close_deps(deps))
+            client.portal.call(close_loop_resources if deps is None else lambda: close_deps(deps))
 
 
 @contextmanager

@@ -443,11 +443,6 @@ class FakeRelay:
         pass
 
 
-class NoGauges:
-    def __call__(self) -> None:
-        pass
-
-
 # --- every function on fakes --------------------------------------------------------------------
 
 
@@ -471,7 +466,7 @@ class Fakes:
         if name in ("create_todo", "update_todo", "delete_todo"):
             return fake_commands(self.store, self.published)
         if name == "relay_outbox":
-            return RelayTick(self.relay, self.store, NoGauges(), NoCheck)
+            return RelayTick(self.relay, self.store, lambda: None, NoCheck)
         if name == "get_todos":
             return fake_queries(self.read_model, self.cache, self.watch)
         if name == "project_event":

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from todo_cqrs.adapters.rows import todo_from_row
 from todo_cqrs.db import Database, Statements
-from todo_cqrs.domain.clock import as_utc, naive_utc
+from todo_cqrs.domain.clock import naive_utc
 from todo_cqrs.domain.events import Change
 from todo_cqrs.domain.todo import Status, Todo
 
@@ -138,11 +138,8 @@ async def get_row(db: Statements, todo_id: int) -> tuple[Todo | None, int | None
     row = await db.one(_GET, (todo_id,))
     if row is None:
         return None, None
-    todo_id, title, description, status, version, created_at, updated_at, deleted = row
-    if deleted:
-        return None, version
-    todo = Todo(todo_id, title, description, Status(status), version, as_utc(created_at), as_utc(updated_at))
-    return todo, version
+    version, deleted = row[4], row[7]
+    return (None if deleted else todo_from_row(row)), version
 
 
 async def list_rows(conn: AsyncConnection, status: Status | None, after_id: int, limit: int) -> list[Todo]:

@@ -19,6 +19,7 @@ from sqlalchemy.dialects.mysql import DATETIME, MEDIUMTEXT
 
 from todo_cqrs import db
 from todo_cqrs.adapters.publisher import OutboxRecord
+from todo_cqrs.adapters.rows import todo_from_row
 from todo_cqrs.command.idempotency import IdempotencyKey, in_flight, reused
 from todo_cqrs.command.unit_of_work import Locked, Outcome, Stored, ToPublish
 from todo_cqrs.domain.clock import as_utc, naive_utc
@@ -161,11 +162,6 @@ def shard_of(todo_id: int, shards: int) -> int:
     return todo_id % shards
 
 
-def _todo(row: tuple[Any, ...]) -> Todo:
-    todo_id, title, description, status, version, created_at, updated_at = row[:7]
-    return Todo(todo_id, title, description, Status(status), version, as_utc(created_at), as_utc(updated_at))
-
-
 class MariaDbUnitOfWork:
     """One command's write transaction on MariaDB (todo_cqrs/command/unit_of_work.UnitOfWork)."""
 
@@ -221,7 +217,7 @@ class MariaDbUnitOfWork:
         if row is None:
             return None
         (self._pending[todo_id],) = await self._db.one(_PENDING_EVENT, (todo_id,))
-        return Locked(_todo(row), as_utc(row[7]))
+        return Locked(todo_from_row(row), as_utc(row[7]))
 
     async def save(self, todo: Todo) -> None:
         values = todo_values(todo)

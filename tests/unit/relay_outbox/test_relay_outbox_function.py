@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from tests.unit.fakes import FakeRelay, FakeWriteStore, NoGauges, assert_error
+from tests.unit.fakes import FakeRelay, FakeWriteStore, assert_error
 from todo_cqrs.outbox.relay import RelayTick
 from todo_cqrs.sender_identity import NoCheck
 
@@ -22,7 +22,7 @@ def relay() -> FakeRelay:
 
 @pytest.fixture
 def tick(relay: FakeRelay, store: FakeWriteStore) -> RelayTick:
-    return RelayTick(relay, store, NoGauges(), NoCheck)
+    return RelayTick(relay, store, lambda: None, NoCheck)  # no gauges
 
 
 @pytest.mark.parametrize("path", ["/", "/todo"])
