@@ -632,6 +632,10 @@ offsets.topic.num.partitions=3
 transaction.state.log.num.partitions=3
 # An idle single-node controller need not append a no-op record to its metadata log twice a second.
 metadata.max.idle.interval.ms=5000
+# Two cores: one network thread and two request handlers. Each idle thread polls its queue every 300 ms,
+# and a request crosses the same number of threads however many there are (3 and 8 by default).
+num.network.threads=1
+num.io.threads=2
 """
 
 
