@@ -1,7 +1,8 @@
 """`make run`: the whole system on one machine, in the foreground, until Ctrl-C.
 
 Starts (or reuses) MariaDB, Redis and Kafka, applies the migrations, then starts every function as
-its own functions-framework process (ASGI server: gunicorn's uvicorn worker, uvloop, httptools),
+its own process, served as functions-framework's `--asgi` serves it (todo_cqrs/serve.py: gunicorn's
+uvicorn worker, uvloop, httptools),
 the local KafkaSource, the outbox relay's and the reconciliation's schedules (what PingSources do
 in a cluster: RECONCILE_INTERVAL_SECONDS, 10 s, for the latter), the live page's pipeline server
 and, last, the gateway (nginx). Each process logs to its own file.
@@ -200,8 +201,9 @@ def _port_free(port: int | None) -> bool:
 
 def function_argv(function: Function) -> list[str]:
     return [
-        str(VENV_BIN / "functions-framework"),
-        "--asgi",
+        sys.executable,
+        "-m",
+        "todo_cqrs.serve",
         "--target",
         function.name,
         "--source",
@@ -284,10 +286,11 @@ def start(system: System) -> None:
     for function in FUNCTIONS:
         env = {**function_env(function), **receiver_env(function)}
         system.spawn(function.name, function_argv(function), env, function.port)
-    system.spawn("kafkasource", kafkasource_argv(), port=KAFKASOURCE_METRICS_PORT)
     for function in FUNCTIONS:
         took = wait_http_ready(system, function.name, f"{function.url}/healthz")
         say(f"{function.name:<14} ready on {function.url} ({took:.1f} s)")
+    # Once its sinks answer: a backlog is delivered at once, not retried with backoff while they start.
+    system.spawn("kafkasource", kafkasource_argv(), port=KAFKASOURCE_METRICS_PORT)
     took = wait_consumer_group_assigned(system, load_spec(DEFAULT_SPEC).consumer_group)
     say(f"kafkasource    consuming ({took:.1f} s)")
     threading.Thread(
