@@ -51,15 +51,16 @@ RUN pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
 COPY todo_cqrs/ /app/todo_cqrs/
 COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
 # FUNCTION_TARGET is also what functions-framework and todo_cqrs.settings read for the function's name.
-# The server: functions-framework's ASGI mode (--asgi): gunicorn with one uvicorn worker (uvloop,
+# The server: functions-framework's ASGI server, as `--asgi` runs it (todo_cqrs/serve.py: the function's
+# requests straight to it, the framework's app for the rest): gunicorn with one uvicorn worker (uvloop,
 # httptools), one event loop serving the pod's containerConcurrency requests at once
 # (knative/services/*.yaml). One worker per pod: more throughput comes from more pods, and the
 # Prometheus metrics of the one process are the pod's. PORT is set by Knative (default 8080).
 # XDG_RUNTIME_DIR: gunicorn (25.1+) opens a control socket in $XDG_RUNTIME_DIR, else in $HOME/.gunicorn,
 # and the app user's home is /nonexistent: it logged "Control server error" at every start. The root
 # filesystem is read-only in the cluster (readOnlyRootFilesystem), /tmp is the pod's writable emptyDir
-# (knative/services/*.yaml). functions-framework builds gunicorn through BaseApplication, which reads
-# neither GUNICORN_CMD_ARGS nor a gunicorn.conf.py, so `--no-control-socket` cannot be passed from here.
+# (knative/services/*.yaml). todo_cqrs/serve.py builds gunicorn through BaseApplication, as
+# functions-framework does, which reads neither GUNICORN_CMD_ARGS nor a gunicorn.conf.py.
 ENV FUNCTION_TARGET=${FUNCTION} \
     WORKERS=1 \
     PORT=8080 \
@@ -69,4 +70,4 @@ EXPOSE 8080
 # Shell form so the variables expand; exec so gunicorn is PID 1 and gets SIGTERM directly.
 # tests/deploy/test_manifests.py runs this exact line locally against the function, and
 # tests/deploy/test_images.py runs it in the built image; tools/run.py runs the same command (`make run`).
-CMD exec functions-framework --asgi --target "$FUNCTION_TARGET" --source "functions/$FUNCTION_TARGET/main.py"
+CMD exec python -m todo_cqrs.serve --target "$FUNCTION_TARGET" --source "functions/$FUNCTION_TARGET/main.py"

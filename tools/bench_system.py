@@ -218,7 +218,7 @@ class BenchSystem:
         if limits:
             self.spawn("gateway", [sys.executable, "-m", "tools.gateway"], {}, gateway_port)
         for name, (target, port) in (limits or {}).items():
-            argv = [str(run.VENV_BIN / "functions-framework"), "--asgi", "--target", target]
+            argv = [sys.executable, "-m", "todo_cqrs.serve", "--target", target]
             argv += ["--source", str(LIMITS_DIR / "main.py"), "--host", HOST, "--port", str(port)]
             self.spawn(name, argv, {"K_SERVICE": name, "PORT": str(port), **run.SERVER_ENV}, port)
         for name, server in self.servers.items():

@@ -47,6 +47,8 @@ NOT_FROM_CONFIG = {
     "READ_DB_URL": "optional whole-URL override; the cluster composes it from DB_*, password in the Secret",
     "K_SERVICE": "set by Knative Serving in every revision's container",
     "FUNCTION_TARGET": "set by the Dockerfile's ENV (test_function_image_sets_function_target)",
+    "PORT": "set by Knative Serving in every revision's container (the Dockerfile's ENV says 8080)",
+    "WORKERS": "set by the Dockerfile's ENV (test_every_image_runs_one_asgi_worker)",
     "METRICS_ENABLED": "on unless set to 0 (to measure what metrics cost); the cluster leaves it on",
     "LOG_FLUSH_SECONDS": "how often log lines go to the writer thread (0.05 s); unit tests hold them",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "unset (no export) unless a collector is named (configmap.yaml's comment)",
@@ -225,9 +227,9 @@ def test_workloads_run_on_a_read_only_root_filesystem_with_a_writable_tmp() -> N
 
 
 def test_every_image_runs_one_asgi_worker() -> None:
-    """functions-framework's ASGI server, one uvicorn worker per pod: the pod's concurrency is its
-    event loop's, and its Prometheus metrics are the one process's."""
-    assert " --asgi " in image_command()
+    """functions-framework's ASGI server as todo_cqrs/serve.py runs it, one uvicorn worker per pod: the
+    pod's concurrency is its event loop's, and its Prometheus metrics are the one process's."""
+    assert "python -m todo_cqrs.serve " in image_command()
     for function in ("get_todos", "create_todo", "project_event"):
         env = image_env(function)
         assert env["WORKERS"] == "1" and "THREADS" not in env, function

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import functions_framework.aio
 from starlette.testclient import TestClient
 
 from tests.unit.fakes import client_of, load_main
+from todo_cqrs import serve
 from todo_cqrs.command.handlers import Commands
 from todo_cqrs.loop_local import close_loop_resources
 from tools.topology import REPO
@@ -41,11 +41,9 @@ def deps_of(function: TestClient) -> Any:
 
 @contextmanager
 def running_function(name: str) -> Iterator[TestClient]:
-    """functions/<name>/main.py as functions-framework serves it (ASGI), on its own loop in a thread,
+    """functions/<name>/main.py as `make run` serves it (todo_cqrs/serve.py), on its own loop in a thread,
     with the dependencies its main.py builds from the settings (closed at the end)."""
-    app = functions_framework.aio.create_asgi_app(
-        target=name, source=str(REPO / "functions" / name / "main.py")
-    )
+    app = serve.load(name, str(REPO / "functions" / name / "main.py"))
     deps = getattr(sys.modules["main"], "deps", None)
     with TestClient(app) as client:
         _deps_of[client] = deps

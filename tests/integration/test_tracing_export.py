@@ -1,7 +1,7 @@
 """With OTEL_EXPORTER_OTLP_ENDPOINT set, a function exports its spans over OTLP/HTTP: its server span
 under the caller's traceparent, and the SQLAlchemy instrumentation's statement spans under it.
 
-The function runs as `make run` runs it (functions-framework --asgi), against the real write DB and
+The function runs as `make run` runs it (python -m todo_cqrs.serve), against the real write DB and
 Kafka; the collector is a small HTTP server in the test that keeps what it is sent.
 """
 
@@ -85,7 +85,7 @@ def traced_create_todo(collector: Collector, tmp_path: Path) -> Iterator[str]:
         "WORKERS": "1",
     }
     argv = [
-        str(Path(sys.executable).parent / "functions-framework"), "--asgi", "--target", "create_todo",
+        sys.executable, "-m", "todo_cqrs.serve", "--target", "create_todo",
         "--source", str(REPO / "functions/create_todo/main.py"), "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     log = (tmp_path / "create_todo.log").open("wb")

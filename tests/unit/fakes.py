@@ -41,7 +41,7 @@ from tests.unit.fakes_read import (
     fake_projection,
     fake_queries,
 )
-from todo_cqrs import logs
+from todo_cqrs import logs, serve
 from todo_cqrs.adapters.publisher import OutboxRecord
 from todo_cqrs.command import idempotency
 from todo_cqrs.command.handlers import Commands
@@ -65,19 +65,18 @@ _FRAMEWORK_ENV = ("FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE")
 
 
 @contextmanager
-def function_app(name: str) -> Iterator[Starlette]:
-    """functions/<name>/main.py as the ASGI app functions-framework's own create_asgi_app makes of it.
+def function_app(name: str) -> Iterator[serve.ASGIApp]:
+    """functions/<name>/main.py as `make run` and the images serve it (todo_cqrs/serve.py): the function's
+    requests straight to it, the rest to functions-framework's own app.
 
-    create_asgi_app executes the source file afresh on every call, registers it as sys.modules["main"],
+    Loading executes the source file afresh on every call, registers it as sys.modules["main"],
     appends its folder to sys.path and sets FUNCTION_TARGET (and FUNCTION_SIGNATURE_TYPE): load it once
     per test module, and undo those process-wide traces afterwards so the next module starts clean.
     """
     saved_path, saved_main = list(sys.path), sys.modules.get("main")
     saved_env = {variable: os.environ.get(variable) for variable in _FRAMEWORK_ENV}
     try:
-        yield functions_framework.aio.create_asgi_app(
-            target=name, source=str(FUNCTIONS_DIR / name / "main.py")
-        )
+        yield serve.load(name, str(FUNCTIONS_DIR / name / "main.py"))
     finally:
         sys.path[:] = saved_path
         if saved_main is None:
@@ -503,9 +502,9 @@ class Fakes:
         self.watch.healthy = False
 
 
-def framework_app_of(name: str, function: Callable[[Request], Awaitable[Response]]) -> Starlette:
-    """functions-framework's own ASGI app (its public create_asgi_app_from_module) around a function built
-    with fakes: the framework's routes and answers, as functions/<name>/main.py is served."""
+def framework_app_of(name: str, function: Callable[[Request], Awaitable[Response]]) -> serve.ASGIApp:
+    """A function built with fakes, served as functions/<name>/main.py is (todo_cqrs/serve.py): straight
+    to it, and functions-framework's own app (its public create_asgi_app_from_module) for the rest."""
     module = ModuleType(f"{name}_built")
 
     async def entry(request: Request) -> Response:
@@ -515,7 +514,7 @@ def framework_app_of(name: str, function: Callable[[Request], Awaitable[Response
     app: Starlette = functions_framework.aio.create_asgi_app_from_module(
         name, f"functions/{name}/main.py", "http", module, None
     )
-    return app
+    return serve.direct(entry, app)
 
 
 @contextmanager
