@@ -364,9 +364,34 @@ def _event_parent(event: Event | None, request: Request) -> tracing.TraceContext
     return tracing.parse_traceparent(request.headers.get("traceparent"), request.headers.get("tracestate"))
 
 
+# What a KafkaSource delivers: binary content mode, JSON data, CloudEvents 1.0 (read by `_binary_json`).
+_REQUIRED_HEADERS = ("ce-specversion", "ce-id", "ce-source", "ce-type")
+
+
 def parse_cloud_event(headers: Mapping[str, str], body: bytes) -> CloudEvent:
-    """The SDK's reading of a CloudEvent, binary or structured mode, its data decoded."""
-    return from_http(dict(headers), body)
+    """The SDK's reading of a CloudEvent, binary or structured mode, its data decoded. A binary-mode event
+    with JSON data, which is every event a KafkaSource delivers, is read as the SDK reads it without its
+    marshaller's layers (a fifth of project_event's CPU per event); tests/unit/test_cloud_event_reading.py
+    holds the two readings equal."""
+    raw = {name.lower(): value for name, value in dict(headers).items()}
+    binary_json = raw.get("content-type") == "application/json" and raw.get("ce-specversion") == "1.0"
+    if binary_json and all(name in raw for name in _REQUIRED_HEADERS):
+        return _binary_json(raw, body)
+    return from_http(raw, body)
+
+
+def _binary_json(headers: Mapping[str, str], body: bytes) -> CloudEvent:
+    """Its attributes are the ce- headers (and datacontenttype), its data the body as JSON, or as it
+    came when it is not JSON, or None when empty: the SDK's binary reading, default unmarshaller."""
+    attributes = {name[3:]: value for name, value in headers.items() if name.startswith("ce-")}
+    attributes["datacontenttype"] = headers["content-type"]
+    data: Any = None
+    if body:
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = body
+    return CloudEvent(attributes, data)
 
 
 async def _read_event(request: Request, reader: EventReader) -> tuple[Event, bytes]:
