@@ -243,7 +243,7 @@ class Bench:
         self.closed_loop(
             c,
             [
-                ("async_constant", "limit: bare async function (--asgi)", url("async_constant"), "", None),
+                ("async_constant", "limit: bare async function", url("async_constant"), "", None),
                 ("async_redis_get", "limit: + redis.asyncio GET", url("async_redis_get"), "", None),
                 ("query_hit", f"GET /{{id}} cache hit (c={c})", url("get_todos"), hot, "async_redis_get"),
                 ("gateway_hit", "GET /todo/{id} through the gateway", url("gateway"), gateway, "query_hit"),

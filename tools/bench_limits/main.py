@@ -1,6 +1,7 @@
-"""The bench's limits on the functions' runtime: bare `functions_framework.aio.http` functions, served by
-`functions-framework --asgi` (gunicorn + uvicorn worker, uvloop, httptools) with the same server settings
-as the function each one bounds, so the gap between a limit and a function is the function's own work.
+"""The bench's limits on the functions' runtime: bare `functions_framework.aio.http` functions, served as
+the functions are (`python -m todo_cqrs.serve`: gunicorn + uvicorn worker, uvloop, httptools) with the same
+server settings as the function each one bounds, so the gap between a limit and a function is the
+function's own work.
 
 `constant` answers a fixed todo-sized JSON body; `redis_get` adds one redis.asyncio GET (the cache-hit
 path's floor); `db_commit` adds one INSERT + COMMIT on the write database through aiomysql directly, from
