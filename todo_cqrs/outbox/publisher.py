@@ -36,11 +36,11 @@ from todo_cqrs.loop_local import LoopLocal
 from todo_cqrs.outbox.leases import execute
 from todo_cqrs.outbox.metrics import outbox_publish_failures, outbox_published
 
-POLL_FIRST_S, POLL_MAX_S = 0.002, 0.05
+POLL_FIRST_S, POLL_MAX_S = 0.002, 0.02
 # Rows on Kafka are marked published at most this long after their ack, together: one UPDATE for
 # all that came meanwhile, not one per batch (only a later row of the same todo committed by another
 # process waits for the mark).
-MARK_EVERY_S = 0.05
+MARK_EVERY_S = 0.02
 _MARK = sa.text(
     "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE id IN :ids AND published_at IS NULL"
 ).bindparams(sa.bindparam("ids", expanding=True))
