@@ -31,7 +31,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-HttpFunction = Callable[[Request], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]  # what an http function is
 
 # What functions-framework routes to an http function: these methods, on every path but its own two.
 FRAMEWORK_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD", "PATCH"})
@@ -50,7 +50,7 @@ def goes_to_function(scope: Scope) -> bool:
     return path not in FRAMEWORK_PATHS or scope["method"] not in ("GET", "HEAD")
 
 
-def direct(function: HttpFunction, framework: ASGIApp) -> ASGIApp:
+def direct(function: Endpoint, framework: ASGIApp) -> ASGIApp:
     """The framework's app, with the requests it would route to `function` handed to it directly."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:

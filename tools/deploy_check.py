@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -53,6 +52,7 @@ from typing import Any
 import yaml
 
 from tools.deploy_tools import ToolError, ensure_binary, knative_eventing_crd, strimzi_crd
+from tools.processes import killed_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
@@ -79,7 +79,6 @@ KAFKA_SINGLE_BROKER = REPO / "knative" / "kafka-single-broker"
 COMPONENT = "app.kubernetes.io/component"
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 10.0
-_PR_SET_PDEATHSIG = 1
 
 
 class CheckError(RuntimeError):
@@ -97,11 +96,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """The servers get SIGKILL if this process dies, however it dies: nothing outlives a check."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -190,7 +184,7 @@ class ApiServer:
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=killed_with_parent,  # nothing outlives a check
         )
         log.close()
         self.processes.append((name, process))

@@ -12,7 +12,8 @@ import urllib.error
 import urllib.request
 
 from tools import issuer
-from tools.run import _die_with_parent, function_argv, function_env, receiver_env
+from tools.processes import die_with_parent
+from tools.run import function_argv, function_env, receiver_env
 from tools.topology import BY_NAME
 
 
@@ -31,7 +32,7 @@ if __name__ == "__main__":
     function = BY_NAME[name]
     identity = receiver_env(function)
     if identity and not issuer_answers():
-        subprocess.Popen([sys.executable, "-m", "tools.issuer"], preexec_fn=_die_with_parent)
+        subprocess.Popen([sys.executable, "-m", "tools.issuer"], preexec_fn=die_with_parent)
     print(f"{name} on {function.url} (Ctrl-C stops it)", file=sys.stderr)
     if identity:
         print(

@@ -24,10 +24,7 @@ interface: send it traffic on 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,11 +35,11 @@ from typing import IO
 
 from tools import knative_pod
 from tools.deploy_tools import ensure_binary
+from tools.processes import killed_with_parent, port_free
 
 ADMIN_PORT = 8022  # networking.QueueAdminPort
 METRICS_PORT = 9090  # queue-proxy's metrics server
 READY_TIMEOUT_S = 30.0
-_PR_SET_PDEATHSIG = 1
 
 
 class QueueProxyError(RuntimeError):
@@ -117,7 +114,10 @@ def start_queue_proxy(
     (knative/services/<service>.yaml) gives it, serving on `port`; return it once the function is ready."""
     env = knative_pod.queue_proxy_env(knative_pod.service_manifest(service), user_port, port)
     for needed in (port, ADMIN_PORT, METRICS_PORT):
-        _require_free(needed)
+        if not port_free(needed, ""):
+            raise QueueProxyError(
+                f"port {needed} is in use; queue-proxy needs it (another queue-proxy still running?)"
+            )
     binary = ensure_binary("queue-proxy")
     log = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the QueueProxy, closed by stop()
     process = subprocess.Popen(
@@ -127,7 +127,7 @@ def start_queue_proxy(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=killed_with_parent,  # it never outlives a bench or a test
     )
     proxy = QueueProxy(process, log, port, env)
     try:
@@ -136,19 +136,3 @@ def start_queue_proxy(
         proxy.stop()
         raise
     return proxy
-
-
-def _require_free(port: int) -> None:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("", port))
-        except OSError as error:
-            raise QueueProxyError(
-                f"port {port} is in use; queue-proxy needs it (another queue-proxy still running?)"
-            ) from error
-
-
-def _die_with_parent() -> None:
-    """queue-proxy gets SIGKILL if its parent dies, however it dies: it never outlives a bench or a test."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

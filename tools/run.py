@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +35,7 @@ from confluent_kafka.admin import AdminClient
 from todo_cqrs.settings import LOCAL_DIR, settings
 from tools import credentials, issuer, services
 from tools.kafkasource import DEFAULT_SPEC, load_spec
+from tools.processes import die_with_parent, port_free
 from tools.topology import (
     BY_NAME,
     FUNCTIONS,
@@ -49,7 +48,6 @@ from tools.topology import (
 )
 
 LOG_DIR = LOCAL_DIR / "logs"
-PR_SET_PDEATHSIG = 1
 VENV_BIN = Path(sys.executable).parent
 RELAY_PERIOD_S = float(os.environ.get("RELAY_PERIOD_SECONDS", "1.0"))
 READY_TIMEOUT_S = 60.0
@@ -64,12 +62,6 @@ SERVER_ENV = {"WORKERS": "1"}
 
 def say(message: str) -> None:
     print(f"[run] {message}", file=sys.stderr, flush=True)
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the runner dies, even by SIGKILL, so nothing is left behind.
-    (The kernel ties it to the spawning thread: spawn from a thread that lives as long as the child.)"""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class RunFailed(RuntimeError):
@@ -118,7 +110,7 @@ class System:
             stderr=subprocess.STDOUT,
             env={**os.environ, **child.env},
             start_new_session=True,  # Ctrl-C reaches the runner only; it stops the children in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # SIGTERM: nothing is left behind
         )
         log.close()
         child.restart_at = None
@@ -144,7 +136,11 @@ class System:
                 status = process.returncode
                 say(f"{child.name} exited ({status}); restarting in {delay:.1f} s; see {child.log}")
                 child.restart_at = now + delay
-            elif child.restart_at is not None and now >= child.restart_at and _port_free(child.port):
+            elif (
+                child.restart_at is not None
+                and now >= child.restart_at
+                and (child.port is None or port_free(child.port, HOST))
+            ):
                 say(f"{child.name} restarted")
                 self._start(child)
 
@@ -185,18 +181,6 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     _signal_group(process, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(5)
-
-
-def _port_free(port: int | None) -> bool:
-    if port is None:
-        return True
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def function_argv(function: Function) -> list[str]:
@@ -389,7 +373,7 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    _die_with_parent()  # if `make` itself is killed, stop everything as on Ctrl-C
+    die_with_parent()  # if `make` itself is killed, stop everything as on Ctrl-C
     failed = False
     try:
         start(system)

@@ -44,6 +44,7 @@ from sqlalchemy.engine import make_url
 from todo_cqrs import roles
 from todo_cqrs.settings import LOCAL_DIR, settings
 from tools import credentials
+from tools.processes import port_free
 
 NAMES = ("mariadb", "redis", "kafka")
 # A topic of the local broker's own, for the warm-up of a fresh broker (never the events topic).
@@ -241,15 +242,11 @@ def _require_free_ports(cfg: _Config, names: list[str]) -> None:
     for name in names:
         ports = [cfg.port(name), cfg.kafka_port + 1] if name == "kafka" else [cfg.port(name)]
         for port in ports:
-            with socket.socket() as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError as exc:
-                    raise ServiceError(
-                        f"port {port} for {name} is in use by a process that tools.services did not start; "
-                        f"stop it or choose another port with {_PORT_SETTING[name]}"
-                    ) from exc
+            if not port_free(port):
+                raise ServiceError(
+                    f"port {port} for {name} is in use by a process that tools.services did not start; "
+                    f"stop it or choose another port with {_PORT_SETTING[name]}"
+                )
 
 
 def _serves_configured_port(name: str, pid: int, cfg: _Config) -> bool:

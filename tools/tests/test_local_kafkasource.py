@@ -215,6 +215,19 @@ def produce(topic: str, records: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return positions
 
 
+def produce_numbered(
+    topic: str, per_partition: int, partitions: range | tuple[int, ...] = range(PARTITIONS)
+) -> None:
+    """`per_partition` records on each of the partitions, each {"p": partition, "seq": n}, in order."""
+    produce(topic, [{"partition": p, "value": json.dumps({"p": p, "seq": n}).encode()}
+                    for n in range(per_partition) for p in partitions])  # fmt: skip
+
+
+def numbered(sink: Any) -> list[dict[str, int]]:
+    """The numbered records the sink received, in arrival order."""
+    return [json.loads(body) for body in sink.bodies()]
+
+
 # --- tests ---------------------------------------------------------------------------------------------
 
 
@@ -336,12 +349,11 @@ def test_records_of_a_partition_arrive_in_order_while_other_partitions_proceed(
 
     record_parallel: list[bool] = []
     sink = sinks(answer)
-    produce(topic, [{"partition": p, "value": json.dumps({"p": p, "seq": n}).encode()}
-                    for n in range(count) for p in (0, 1)])  # fmt: skip
+    produce_numbered(topic, count, (0, 1))
     sources(write_spec(tmp_path, topic, sink=sink.url))
 
     wait_until(lambda: len(sink.requests) == 2 * count, what="every record")
-    received = [json.loads(body) for body in sink.bodies()]
+    received = numbered(sink)
     for p in (0, 1):
         assert [r["seq"] for r in received if r["p"] == p] == list(range(count))
     assert record_parallel == [True]
@@ -476,8 +488,7 @@ def test_a_restart_resumes_without_losing_or_skipping_a_record(tmp_path, topic, 
         return 200, b""
 
     sink = sinks(slow)
-    produce(topic, [{"partition": p, "value": json.dumps({"p": p, "seq": n}).encode()}
-                    for n in range(per_partition) for p in range(PARTITIONS)])  # fmt: skip
+    produce_numbered(topic, per_partition)
     spec = write_spec(tmp_path, topic, sink=sink.url, group=f"test-group-{uuid.uuid4().hex[:10]}")
 
     first = sources(spec)
@@ -488,9 +499,8 @@ def test_a_restart_resumes_without_losing_or_skipping_a_record(tmp_path, topic, 
     sources(spec, sink_url=sinks(address_of=sink).url)
 
     everything = {(p, n) for p in range(PARTITIONS) for n in range(per_partition)}
-    wait_until(lambda: {(r["p"], r["seq"]) for r in map(json.loads, sink.bodies())} >= everything,
-               what="every record")  # fmt: skip
-    received = [json.loads(body) for body in sink.bodies()]
+    wait_until(lambda: {(r["p"], r["seq"]) for r in numbered(sink)} >= everything, what="every record")
+    received = numbered(sink)
     assert_nothing_skipped(received)
     # The stop committed what it had delivered: the second run started right after it.
     assert len(received) == PARTITIONS * per_partition, f"{len(received) - len(everything)} duplicates"
@@ -506,8 +516,7 @@ def test_a_runner_joining_the_group_takes_partitions_over_without_loss_or_skip(
         return 200, b""
 
     sink = sinks(slow)
-    produce(topic, [{"partition": p, "value": json.dumps({"p": p, "seq": n}).encode()}
-                    for n in range(per_partition) for p in range(PARTITIONS)])  # fmt: skip
+    produce_numbered(topic, per_partition)
     spec = write_spec(tmp_path, topic, sink=sink.url)
     logs = [io.StringIO(), io.StringIO()]
 
@@ -517,9 +526,8 @@ def test_a_runner_joining_the_group_takes_partitions_over_without_loss_or_skip(
     sources(spec, log_stream=logs[1], sink_url=sinks(address_of=sink).url)
 
     everything = {(p, n) for p in range(PARTITIONS) for n in range(per_partition)}
-    wait_until(lambda: {(r["p"], r["seq"]) for r in map(json.loads, sink.bodies())} >= everything,
-               what="every record")  # fmt: skip
-    assert_nothing_skipped([json.loads(body) for body in sink.bodies()])
+    wait_until(lambda: {(r["p"], r["seq"]) for r in numbered(sink)} >= everything, what="every record")
+    assert_nothing_skipped(numbered(sink))
     deliveries = [log.getvalue().count('"msg": "delivered"') for log in logs]
     assert all(deliveries), f"both runners should have delivered: {deliveries}"
 
@@ -556,13 +564,12 @@ def test_unordered_delivers_every_record_once_with_several_of_a_partition_in_fli
         return 200, b""
 
     sink = sinks(slow)
-    produce(topic, [{"partition": p, "value": json.dumps({"p": p, "seq": n}).encode()}
-                    for n in range(per_partition) for p in range(PARTITIONS)])  # fmt: skip
+    produce_numbered(topic, per_partition)
     sources(write_spec(tmp_path, topic, sink=sink.url, ordering="unordered"), in_flight=in_flight)
 
     everything = [(p, n) for p in range(PARTITIONS) for n in range(per_partition)]
     wait_until(lambda: len(sink.requests) >= len(everything), what="every record")
-    received = [(r["p"], r["seq"]) for r in map(json.loads, sink.bodies())]
+    received = [(r["p"], r["seq"]) for r in numbered(sink)]
     assert sorted(received) == everything  # each once
     assert all(2 <= most_in_flight[p] <= in_flight for p in range(PARTITIONS)), most_in_flight
 
