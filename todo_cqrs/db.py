@@ -14,12 +14,14 @@ import itertools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pymysql
 import sqlalchemy.ext.asyncio
 from aiomysql import Connection as DriverConnection
 from aiomysql import Cursor
+from pymysql.constants import CLIENT
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -70,7 +72,13 @@ def create_engine(
         "pool_recycle": 3600,
         "isolation_level": isolation_level,
         # Affected rows, not found rows: an upsert then says whether it changed anything (0, 1 or 2).
-        "connect_args": {"connect_timeout": lock_wait_s, "client_flag": 0, "init_command": session},
+        # Multi-statements: a transaction's statements whose outcome nobody waits for go to the server
+        # with the next one, in one round trip (Statements.defer).
+        "connect_args": {
+            "connect_timeout": lock_wait_s,
+            "client_flag": CLIENT.MULTI_STATEMENTS,
+            "init_command": session,
+        },
     }
     options.update(overrides)
     tracing.instrument_sqlalchemy()
@@ -145,10 +153,13 @@ class Database:
             raise unavailable(self.what, exc) from exc
         conn: DriverConnection = pooled.driver_connection
         try:
+            statements = Statements(conn)
             async with asyncio.timeout_at(deadline):
-                yield Statements(conn)
+                yield statements
+                if not in_transaction:
+                    await statements.flush()
             if in_transaction:
-                await _commit_to_its_end(conn.commit())
+                await _commit_to_its_end(statements.commit())
         except BaseException as exc:
             await _end_failed_driver(pooled, conn, exc, self.deadline_s, rollback=in_transaction)
             if is_unreachable(exc):
@@ -164,24 +175,54 @@ class Database:
             await engine.dispose()
 
 
+@dataclass
+class Deferred:
+    """A statement sent with the next one (Statements.defer); what it came to, once that one is read."""
+
+    sql: str  # rendered: its parameters are escaped in
+    rows: tuple[Any, ...] = ()
+    rowcount: int = -1
+    lastrowid: int | None = None
+
+    async def read(self, cursor: Cursor) -> None:
+        self.rows = tuple(await cursor.fetchall())
+        self.rowcount, self.lastrowid = cursor.rowcount, cursor.lastrowid
+
+
 class Statements:
     """The statements of one transaction, sent on the driver's connection as SQL text with pyformat
     parameters (`%(name)s`). The commands' hot path runs here: SQLAlchemy's execution layer (a greenlet
     switch, a compiled-cache lookup and result processing per statement) cost half of a create's CPU
     in its process, and its tables stay the schema's one source (write_store.py). When tracing is on,
-    each statement is a client span, as SQLAlchemy's instrumentation makes them."""
+    each statement is a client span, as SQLAlchemy's instrumentation makes them.
+
+    A statement whose outcome the transaction does not wait for (an UPDATE of a row it holds, its outbox
+    INSERT) is deferred: it goes to the server ahead of the next statement, or of the COMMIT, in the same
+    round trip (a multi-statement query: the server runs them in order and stops at the first error,
+    which is raised by the statement that carried them). A PATCH takes two round trips instead of five."""
 
     def __init__(self, conn: DriverConnection) -> None:
         self._conn = conn
+        self._deferred: list[Deferred] = []
+
+    def defer(self, sql: str, params: Any = None) -> Deferred:
+        """Send the statement with the next one; its outcome is in the returned Deferred after that."""
+        deferred = Deferred(self._render(sql, params))
+        self._deferred.append(deferred)
+        return deferred
 
     async def execute(self, sql: str, params: Any = None) -> Cursor:
         cursor: Cursor = await self._conn.cursor()
-        with _statement_span(sql):
-            await cursor.execute(sql, params)
+        if not self._deferred:
+            with _statement_span(sql):
+                await cursor.execute(sql, params)
+            return cursor
+        await self._send_deferred(cursor, self._render(sql, params))
         return cursor
 
     async def execute_many(self, sql: str, rows: Sequence[Any]) -> Cursor:
         """One statement for many parameter sets (an INSERT ... VALUES becomes one multi-row INSERT)."""
+        await self.flush()
         cursor: Cursor = await self._conn.cursor()
         with _statement_span(sql):
             await cursor.executemany(sql, rows)
@@ -190,6 +231,37 @@ class Statements:
     async def one(self, sql: str, params: Any = None) -> Any:
         """The first row of a statement's result (a tuple), None when it has none."""
         return await (await self.execute(sql, params)).fetchone()
+
+    async def flush(self) -> None:
+        """Send what is deferred now."""
+        if self._deferred:
+            last = self._deferred.pop()
+            await last.read(await self.execute(last.sql))
+
+    async def commit(self) -> None:
+        """COMMIT, with what is deferred ahead of it in the same round trip."""
+        if self._deferred:
+            await self._send_deferred(await self._conn.cursor(), "COMMIT")
+        else:
+            await self._conn.commit()
+
+    async def _send_deferred(self, cursor: Cursor, last: str) -> None:
+        """The deferred statements and `last` in one round trip; the cursor is left on `last`'s result."""
+        deferred, self._deferred = self._deferred, []
+        with _statement_span(last, *(d.sql for d in deferred)):
+            await cursor.execute(";\n".join([*(d.sql for d in deferred), last]))
+            for sent in deferred:
+                await sent.read(cursor)
+                await cursor.nextset()
+
+    def _render(self, sql: str, params: Any) -> str:
+        """The statement with its parameters escaped in, as the driver renders it."""
+        if params is None:
+            return sql
+        literal = self._conn.literal
+        if isinstance(params, dict):
+            return sql % {name: literal(value) for name, value in params.items()}
+        return sql % tuple(literal(value) for value in params)
 
 
 async def _commit_to_its_end(commit: Coroutine[Any, Any, None]) -> None:
@@ -203,11 +275,13 @@ async def _commit_to_its_end(commit: Coroutine[Any, Any, None]) -> None:
         raise
 
 
-def _statement_span(sql: str) -> AbstractContextManager[Any]:
-    """A client span for the statement when tracing is on (as SQLAlchemy's instrumentation makes)."""
+def _statement_span(sql: str, *sent_before: str) -> AbstractContextManager[Any]:
+    """A client span for the statement when tracing is on (as SQLAlchemy's instrumentation makes), with
+    the deferred statements that went in its round trip."""
     if not tracing.enabled():
         return nullcontext()
-    return tracing.span(sql.split(None, 1)[0], **{"db.system": "mariadb", "db.statement": sql})
+    text = ";\n".join([*sent_before, sql])
+    return tracing.span(sql.split(None, 1)[0], **{"db.system": "mariadb", "db.statement": text})
 
 
 def _cut_off(exc: BaseException) -> bool:

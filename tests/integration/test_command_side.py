@@ -370,12 +370,14 @@ def test_update_that_changes_nothing_keeps_the_version_and_emits_no_event(
 
 
 class _FailingAfterTheOutboxInsert(WriteStore):
-    """The MariaDB store, whose units of work fail right after their events went into the outbox."""
+    """The MariaDB store, whose units of work fail right after their events went into the outbox (the
+    deferred INSERT goes to the server with the next statement, a lock of the todo)."""
 
     async def run(self, work: Any, trace: Any) -> Any:
         async def fail_after(uow: MariaDbUnitOfWork) -> Any:
-            await work(uow)
-            await uow.append_events(trace)
+            result = await work(uow)
+            uow.append_events(trace)
+            assert await uow.lock(result.todo.id) is not None
             raise RuntimeError("the transaction fails after the outbox insert")
 
         return await super().run(fail_after, trace)

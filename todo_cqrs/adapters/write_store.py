@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -106,8 +107,9 @@ _LOAD_FOR_UPDATE = (
     "SELECT id, title, description, status, version, created_at, updated_at, UTC_TIMESTAMP(3) "
     "FROM todos WHERE id = %s FOR UPDATE"
 )
-# Its own statement, once the row lock is held: a subquery of the locking SELECT would read the outbox
-# as it was when that statement began, before the command it waited for had committed its row.
+# Its own statement, run once the row lock is held (the locking SELECT goes ahead of it in the same round
+# trip): a subquery of the locking SELECT would read the outbox as it was when that statement began,
+# before the command it waited for had committed its row.
 _PENDING_EVENT = "SELECT MAX(id) FROM outbox WHERE todo_id = %s AND published_at IS NULL"
 _SAVE_TODO = (
     "UPDATE todos SET title = %(title)s, description = %(description)s, status = %(status)s, "
@@ -171,6 +173,7 @@ class MariaDbUnitOfWork:
         self._key_ttl_s = key_ttl_s
         self._events: list[tuple[TodoEvent, int | None]] = []
         self._pending: dict[int, int | None] = {}
+        self._appended: list[tuple[db.Deferred, Callable[[int], OutboxRecord], int | None]] = []
 
     async def claim(self, key: IdempotencyKey) -> Stored | None:
         params = {"key_hash": key.key_hash, "fingerprint": key.fingerprint, "ttl": self._key_ttl_s}
@@ -205,7 +208,7 @@ class MariaDbUnitOfWork:
             "outcome": outcome.value,
             "todo": orjson.dumps(todo.to_dict()).decode(),
         }
-        await self._db.execute(_KEEP_OUTCOME, params)
+        self._db.defer(_KEEP_OUTCOME, params)
 
     async def insert(self, new: NewTodo) -> Todo:
         values = {"title": new.title, "description": new.description, "status": Status.CREATED.value}
@@ -213,29 +216,30 @@ class MariaDbUnitOfWork:
         return new.created(int(todo_id), as_utc(created_at))
 
     async def lock(self, todo_id: int) -> Locked | None:
-        row = await self._db.one(_LOAD_FOR_UPDATE, (todo_id,))
-        if row is None:
+        locked = self._db.defer(_LOAD_FOR_UPDATE, (todo_id,))
+        (pending,) = await self._db.one(_PENDING_EVENT, (todo_id,))
+        if not locked.rows:
             return None
-        (self._pending[todo_id],) = await self._db.one(_PENDING_EVENT, (todo_id,))
+        self._pending[todo_id] = pending
+        row = locked.rows[0]
         return Locked(todo_from_row(row), as_utc(row[7]))
 
     async def save(self, todo: Todo) -> None:
         values = todo_values(todo)
         del values["created_at"]
-        await self._db.execute(_SAVE_TODO, {**values, "id": todo.id})
+        self._db.defer(_SAVE_TODO, {**values, "id": todo.id})
 
     async def delete(self, todo_id: int) -> None:
-        await self._db.execute(_DELETE_TODO, (todo_id,))
+        self._db.defer(_DELETE_TODO, (todo_id,))
 
     def add_event(self, event: TodoEvent) -> None:
         self._events.append((event, self._pending.get(event.todo_id)))
 
-    async def append_events(self, trace: TraceContext | None) -> list[ToPublish]:
-        """The collected events into the outbox, in the transaction: they commit with the change or not
-        at all. Each comes back as the publisher sends it, with the pending row it must follow."""
+    def append_events(self, trace: TraceContext | None) -> None:
+        """The collected events into the outbox, in the transaction (sent with its COMMIT): they commit
+        with the change or not at all."""
         traceparent = trace.traceparent if trace else None
         tracestate = trace.tracestate if trace else None
-        appended = []
         for event, after in self._events:
             payload = event.payload.decode()
             occurred_at = naive_utc(event.time)
@@ -250,19 +254,27 @@ class MariaDbUnitOfWork:
                 "traceparent": traceparent,
                 "tracestate": tracestate,
             }
-            cursor = await self._db.execute(_INSERT_EVENT, values)
-            record = OutboxRecord(
-                int(cursor.lastrowid),
-                event.event_id,
-                event.type,
-                event.todo_id,
-                occurred_at,
-                payload,
-                traceparent,
-                tracestate,
+            inserted = self._db.defer(_INSERT_EVENT, values)
+            record = partial(
+                OutboxRecord,
+                event_id=event.event_id,
+                event_type=event.type,
+                todo_id=event.todo_id,
+                occurred_at=occurred_at,
+                payload=payload,
+                traceparent=traceparent,
+                tracestate=tracestate,
             )
-            appended.append(ToPublish(record, after))
-        return appended
+            self._appended.append((inserted, record, after))
+
+    def appended(self) -> list[ToPublish]:
+        """Once committed: each appended event as the publisher sends it (its outbox row's id now
+        known), with the pending row it must follow."""
+        published = []
+        for inserted, record, after in self._appended:
+            assert inserted.lastrowid, "an outbox row's id is known once its COMMIT was read"
+            published.append(ToPublish(record(inserted.lastrowid), after))
+        return published
 
 
 class WriteStore:
@@ -277,12 +289,14 @@ class WriteStore:
     async def run(
         self, work: Callable[[MariaDbUnitOfWork], Awaitable[T]], trace: TraceContext | None
     ) -> tuple[T, list[ToPublish]]:
-        async def attempt(statements: db.Statements) -> tuple[T, list[ToPublish]]:
+        async def attempt(statements: db.Statements) -> tuple[T, MariaDbUnitOfWork]:
             uow = MariaDbUnitOfWork(statements, self._shards, self._key_ttl_s)
             result = await work(uow)
-            return result, await uow.append_events(trace)
+            uow.append_events(trace)
+            return result, uow
 
-        return await self.database.run_statements(attempt)
+        result, committed = await self.database.run_statements(attempt)
+        return result, committed.appended()
 
     async def purge_expired_keys(self, budget_s: float = 2.0) -> int:
         """Delete expired idempotency keys batch after batch, until one comes back short or the time
