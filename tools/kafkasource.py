@@ -64,6 +64,8 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urljoin, urlsplit
 
+import orjson
+import uvloop
 import yaml
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -395,13 +397,13 @@ class JsonLog:
         self._lock = threading.Lock()
 
     def __call__(self, level: str, msg: str, **fields: Any) -> None:
-        line = json.dumps(
+        line = orjson.dumps(
             {"ts": _rfc3339(datetime.now(UTC)), "level": level, "msg": msg, **self._fields, **fields},
             default=str,
         )
         stream = self._stream or sys.stdout
         with self._lock:
-            stream.write(line + "\n")
+            stream.write(line.decode() + "\n")
             stream.flush()
 
 
@@ -670,7 +672,7 @@ class LocalKafkaSource:
         self._assigned = threading.Event()
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._loop = asyncio.new_event_loop()
+        self._loop = uvloop.new_event_loop()  # the event loop the functions run on (their server's)
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="kafkasource-delivery", daemon=True
         )
