@@ -10,11 +10,16 @@ served directly, 0.08-0.10 ms (docs/performance.md). `direct` wraps the framewor
 `create_asgi_app_from_module`): what the framework would route to the function goes straight to it;
 what the framework answers itself (`/robots.txt` and `/favicon.ico`, a method it does not route, the
 lifespan) still goes to the framework.
+
+The worker is functions-framework's (uvicorn's, on httptools), but each response leaves in one send:
+uvicorn writes a response's head and its body apart, two system calls and two segments that each wake
+the client (`OneSendProtocol`; a cache hit cost 0.071-0.077 ms of CPU instead of 0.082-0.084).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import os
 import sys
@@ -26,6 +31,8 @@ import functions_framework.aio
 from gunicorn.app.base import BaseApplication
 from starlette.requests import Request
 from starlette.responses import Response
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn_worker import UvicornWorker
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -79,6 +86,51 @@ def load(target: str, source: str) -> ASGIApp:
     return direct(getattr(module, target), framework)
 
 
+class _OneSendTransport:
+    """A connection's transport whose response head waits for the body written right after it, so a
+    response leaves in one send instead of two: uvicorn writes the head when the app starts the response
+    and the body when it sends it, and each write is a system call, and a segment that wakes the client.
+    A head is held until the next write, or the end of the event loop's current pass at the latest;
+    anything else done with the transport sends it first."""
+
+    _HEAD = b"HTTP/1.1 "
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        elif bytes(data[:9]) == self._HEAD:
+            self._held = bytes(data)
+            asyncio.get_running_loop().call_soon(self._send_held)
+            return
+        self._transport.write(data)
+
+    def _send_held(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            self._transport.write(held)
+
+    def __getattr__(self, name: str) -> Any:
+        self._send_held()
+        return getattr(self._transport, name)
+
+
+class OneSendProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, each response in one send (`_OneSendTransport`)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_OneSendTransport(transport))  # type: ignore[arg-type]
+
+
+class Worker(UvicornWorker):
+    """functions-framework's uvicorn worker, its responses each in one send."""
+
+    CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "http": OneSendProtocol}
+
+
 class Server(BaseApplication):
     """gunicorn with functions-framework's options for an ASGI app: WORKERS uvicorn workers (1), no
     worker timeout, errors only in its own log."""
@@ -87,7 +139,7 @@ class Server(BaseApplication):
         self.options = {
             "bind": f"{host}:{port}",
             "workers": int(os.environ.get("WORKERS", 1)),
-            "worker_class": "uvicorn_worker.UvicornWorker",
+            "worker_class": Worker,
             "timeout": 0,
             "loglevel": "error",
             "limit_request_line": 0,

@@ -3,10 +3,16 @@ own app, exactly where the framework's router would have sent them."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
+import time
 from types import ModuleType
+from typing import Any
 
 import functions_framework.aio
 import pytest
+import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
@@ -90,3 +96,132 @@ def test_the_function_is_called_without_the_framework_in_between() -> None:
 
     assert response.status_code == 200 and response.json() == {"method": "POST", "path": "/todo"}
     assert function.calls == 1
+
+
+# --- each response in one send --------------------------------------------------------------------------
+
+
+class RecordingTransport:
+    """A transport that records what is written to it, and what else is done with it, in order."""
+
+    def __init__(self) -> None:
+        self.done: list[object] = []
+
+    def write(self, data: bytes) -> None:
+        self.done.append(bytes(data))
+
+    def close(self) -> None:
+        self.done.append("close")
+
+    def is_closing(self) -> bool:
+        self.done.append("is_closing")
+        return False
+
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+
+def test_a_head_and_the_body_written_after_it_leave_in_one_write() -> None:
+    async def respond() -> list[object]:
+        sent = RecordingTransport()
+        transport = serve._OneSendTransport(sent)  # type: ignore[arg-type]
+        transport.write(HEAD)
+        assert sent.done == []
+        transport.write(b"{}")
+        assert sent.done == [HEAD + b"{}"]
+        await asyncio.sleep(0)  # the end of the loop's pass: nothing is left to send
+        return sent.done
+
+    assert asyncio.run(respond()) == [HEAD + b"{}"]
+
+
+def test_a_head_alone_leaves_at_the_end_of_the_loops_pass() -> None:
+    async def respond() -> list[object]:
+        sent = RecordingTransport()
+        transport = serve._OneSendTransport(sent)  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert sent.done == []
+        await asyncio.sleep(0)
+        return sent.done
+
+    assert asyncio.run(respond()) == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+
+
+def test_anything_else_done_with_the_transport_sends_a_held_head_first() -> None:
+    async def respond() -> list[object]:
+        sent = RecordingTransport()
+        transport = serve._OneSendTransport(sent)  # type: ignore[arg-type]
+        transport.write(HEAD)
+        assert transport.is_closing() is False
+        transport.close()
+        await asyncio.sleep(0)
+        return sent.done
+
+    assert asyncio.run(respond()) == [HEAD, "is_closing", "close"]
+
+
+def test_what_is_not_a_head_is_written_at_once() -> None:
+    sent = RecordingTransport()
+    transport = serve._OneSendTransport(sent)  # type: ignore[arg-type]
+    transport.write(b"a body chunk")
+    transport.write(memoryview(b"HTTP/1.0 is no head of ours"))
+    assert sent.done == [b"a body chunk", b"HTTP/1.0 is no head of ours"]
+
+
+def test_a_server_holding_heads_still_answers_every_request_whole() -> None:
+    """uvicorn with OneSendProtocol, on a real socket: keep-alive responses, HEAD, 100-continue, a
+    request it cannot parse, and Connection: close, each answered whole."""
+
+    async def app(scope: serve.Scope, receive: serve.Receive, send: serve.Send) -> None:
+        assert scope["type"] == "http"
+        body = (await receive())["body"] or scope["path"].encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"%d" % len(body))],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, http=serve.OneSendProtocol, lifespan="off", log_level="error"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            reader = conn.makefile("rb")
+            for path in (b"/first", b"/second"):
+                conn.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert _response(reader) == (b"HTTP/1.1 200 OK", path)
+            conn.sendall(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _response(reader, head=True) == (b"HTTP/1.1 200 OK", b"")
+            conn.sendall(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+            assert reader.readline() == b"HTTP/1.1 100 Continue\r\n"
+            assert reader.readline() == b"\r\n"
+            conn.sendall(b"data")
+            assert _response(reader) == (b"HTTP/1.1 200 OK", b"data")
+            conn.sendall(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _response(reader) == (b"HTTP/1.1 200 OK", b"/last")
+            assert reader.read() == b""  # closed after the whole response
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"NOT HTTP\r\n\r\n")
+            assert conn.makefile("rb").readline().startswith(b"HTTP/1.1 400")
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+def _response(reader: Any, head: bool = False) -> tuple[bytes, bytes]:
+    status = reader.readline().rstrip(b"\r\n")
+    length = 0
+    while (line := reader.readline()) != b"\r\n":
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    return status, b"" if head else reader.read(length)
