@@ -296,9 +296,12 @@ class HttpFunction:
         *,
         any_path: Mapping[str, View] | None = None,
         identity: Callable[[], SenderCheck] | SenderGate | None = None,
+        warm_up: Callable[[], None] | None = None,
     ):
         """identity: an event receiver's sender check (or its factory), asked on every request except
-        the open ones (`_open_to_all`); the public functions have none."""
+        the open ones (`_open_to_all`); the public functions have none. warm_up: called on every health
+        probe, to connect ahead of the first request (a command function's Kafka producer)."""
+        self._warm_up = warm_up
         self._gate = (
             identity if identity is None or isinstance(identity, SenderGate) else SenderGate(identity)
         )
@@ -335,6 +338,8 @@ class HttpFunction:
                 if self._gate is not None and not _open_to_all(method, path):
                     await self._gate.admit(request)
                 if path in HEALTH_PATHS:
+                    if self._warm_up is not None:
+                        self._warm_up()
                     route, response = path, _health(method)
                 elif path == METRICS_PATH:
                     route, response = path, _metrics(method)

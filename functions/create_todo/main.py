@@ -19,7 +19,7 @@ def build(commands: Commands) -> HttpFunction:
         result = await handlers.create_todo(commands, body, key)
         return todo_response(result.todo, created=True)
 
-    return HttpFunction(collection={"POST": create})
+    return HttpFunction(collection={"POST": create}, warm_up=commands.publisher.warm_up)
 
 
 deps = bootstrap.commands(settings())

@@ -21,7 +21,7 @@ def build(commands: Commands) -> HttpFunction:
         result = await handlers.delete_todo(commands, todo_id, if_match_versions(request), key)
         return todo_response(result.todo)
 
-    return HttpFunction(item={"DELETE": delete})
+    return HttpFunction(item={"DELETE": delete}, warm_up=commands.publisher.warm_up)
 
 
 deps = bootstrap.commands(settings())

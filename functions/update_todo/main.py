@@ -22,7 +22,7 @@ def build(commands: Commands) -> HttpFunction:
         result = await handlers.update_todo(commands, todo_id, body, if_match_versions(request), key)
         return todo_response(result.todo)
 
-    return HttpFunction(item={"PATCH": update})
+    return HttpFunction(item={"PATCH": update}, warm_up=commands.publisher.warm_up)
 
 
 deps = bootstrap.commands(settings())

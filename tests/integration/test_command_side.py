@@ -541,6 +541,9 @@ class _PublisherOfAProcessThatDied:
     def committed(self, record: object, after: int | None) -> None:
         pass
 
+    def warm_up(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         pass
 

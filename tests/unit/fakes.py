@@ -401,6 +401,7 @@ class PublishRecorder:
     must follow) instead of publishing to Kafka."""
 
     committed_rows: list[tuple[int, int | None]] = field(default_factory=list)
+    warm_ups: int = 0
 
     @property
     def calls(self) -> int:
@@ -408,6 +409,9 @@ class PublishRecorder:
 
     def committed(self, record: OutboxRecord, after: int | None) -> None:
         self.committed_rows.append((record.outbox_id, after))
+
+    def warm_up(self) -> None:
+        self.warm_ups += 1
 
     async def aclose(self) -> None:
         pass

@@ -125,6 +125,17 @@ def test_health_path_answers_200_with_every_dependency_down(
     assert fakes.store.transactions == fakes.read_model.reads == 0
 
 
+def test_a_health_probe_has_a_command_function_connect_its_publisher_ahead_of_the_first_command(
+    function: str, client: TestClient, fakes: Fakes
+) -> None:
+    client.get("/healthz")
+    client.get("/readyz")
+
+    commands = function in ("create_todo", "update_todo", "delete_todo")
+    assert fakes.published.warm_ups == (2 if commands else 0)
+    assert fakes.published.calls == fakes.store.transactions == 0
+
+
 def test_health_path_answers_head(client: TestClient, fakes: Fakes) -> None:
     response = client.head("/healthz")
 

@@ -96,5 +96,8 @@ class Publisher(Protocol):
     def committed(self, record: OutboxRecord, after: int | None) -> None:
         """Put a committed outbox row on Kafka, after the row it must follow."""
 
+    def warm_up(self) -> None:
+        """Connect to Kafka ahead of the first commit, in the background (a health probe asks)."""
+
     async def aclose(self) -> None:
         """Publish what is left (bounded), then close."""

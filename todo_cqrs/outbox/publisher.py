@@ -275,6 +275,13 @@ class ProcessPublisher:
     def committed(self, record: OutboxRecord, after: int | None) -> None:
         self._local().committed(record, after)
 
+    def warm_up(self) -> None:
+        """Make the producer now, if there is none: it connects and gets its producer id in its own
+        threads. Made at the first commit instead, it held that commit's event about 500 ms: librdkafka's
+        idempotent producer asks for its id again only after a 500 ms timer when the broker it learnt from
+        the bootstrap connection is not connected yet."""
+        self._kafka()
+
     def in_this_loop(self) -> OutboxPublisher | None:
         """This loop's publisher, if a commit made one."""
         return self._local.peek()
