@@ -188,8 +188,11 @@ class OutboxPublisher:
         return True
 
     async def _mark_soon(self) -> None:
-        await asyncio.sleep(MARK_EVERY_S)
-        await self._mark_now()
+        """Mark what is on Kafka every MARK_EVERY_S, until nothing is left: rows acknowledged while a mark
+        is in flight are marked by the next one (no other task is started for them meanwhile)."""
+        while self._unmarked:
+            await asyncio.sleep(MARK_EVERY_S)
+            await self._mark_now()
 
     async def _mark_now(self) -> None:
         """Mark what is on Kafka; a row the mark misses (the DB failed) goes out again as an orphan,
