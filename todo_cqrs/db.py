@@ -181,12 +181,11 @@ class Deferred:
 
     sql: str  # rendered: its parameters are escaped in
     rows: tuple[Any, ...] = ()
-    rowcount: int = -1
     lastrowid: int | None = None
 
     async def read(self, cursor: Cursor) -> None:
         self.rows = tuple(await cursor.fetchall())
-        self.rowcount, self.lastrowid = cursor.rowcount, cursor.lastrowid
+        self.lastrowid = cursor.lastrowid
 
 
 class Statements:
