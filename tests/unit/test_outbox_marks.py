@@ -31,13 +31,18 @@ class GatedDatabase:
         self.marked: list[int] = []
 
     @contextlib.asynccontextmanager
-    async def autocommitted(self) -> AsyncIterator[GatedDatabase]:
+    async def autocommitted_statements(self) -> AsyncIterator[GatedDatabase]:
         yield self
 
-    async def execute(self, statement: Any, params: dict[str, Any]) -> None:
+    async def execute(self, sql: str, params: list[int]) -> GatedDatabase:
+        assert sql.startswith("UPDATE outbox SET published_at"), sql
         self.marking.set()
         await self.gate.wait()
-        self.marked.extend(params["ids"])
+        self.marked.extend(params)
+        return self
+
+    async def fetchall(self) -> list[Any]:
+        return []
 
 
 def record(outbox_id: int) -> OutboxRecord:

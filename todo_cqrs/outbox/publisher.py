@@ -26,14 +26,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import sqlalchemy as sa
+from typing import Any
 
 from todo_cqrs.adapters.publisher import DIRECT_WINDOW_S, Kafka, OutboxRecord, Publisher
 from todo_cqrs.db import Database
 from todo_cqrs.logs import log_event
 from todo_cqrs.loop_local import LoopLocal
-from todo_cqrs.outbox.leases import execute
 from todo_cqrs.outbox.metrics import outbox_publish_failures, outbox_published
 
 POLL_FIRST_S, POLL_MAX_S = 0.002, 0.02
@@ -41,12 +39,11 @@ POLL_FIRST_S, POLL_MAX_S = 0.002, 0.02
 # all that came meanwhile, not one per batch (only a later row of the same todo committed by another
 # process waits for the mark).
 MARK_EVERY_S = 0.02
-_MARK = sa.text(
-    "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE id IN :ids AND published_at IS NULL"
-).bindparams(sa.bindparam("ids", expanding=True))
-_STILL_PENDING = sa.text("SELECT id FROM outbox WHERE id IN :ids AND published_at IS NULL").bindparams(
-    sa.bindparam("ids", expanding=True)
-)
+# On the driver's connection (db.Statements), as the commands' statements: through SQLAlchemy's
+# execution layer (an expanding IN compiled per call, a greenlet switch, result processing) the marks
+# cost create_todo 0.05 ms more of CPU per create at 100 creates/s (a mark every 20 ms).
+_MARK = "UPDATE outbox SET published_at = UTC_TIMESTAMP(3) WHERE id IN ({ids}) AND published_at IS NULL"
+_STILL_PENDING = "SELECT id FROM outbox WHERE id IN ({ids}) AND published_at IS NULL"
 
 
 @dataclass(frozen=True)
@@ -201,7 +198,7 @@ class OutboxPublisher:
         if not ids:
             return
         try:
-            await execute(self._database, _MARK, {"ids": ids})
+            await _autocommitted(self._database, _MARK, ids)
         except Exception as exc:  # noqa: BLE001 - the relay publishes them again later
             log_event("outbox_mark_failed", rows=len(ids), error=repr(exc)[:300])
 
@@ -229,8 +226,8 @@ class OutboxPublisher:
         }
         if not foreign:
             return
-        rows = await execute(self._database, _STILL_PENDING, {"ids": sorted(foreign)})
-        still_pending = {row.id for row in rows.all()}
+        rows = await _autocommitted(self._database, _STILL_PENDING, sorted(foreign))
+        still_pending = {row[0] for row in rows}
         self._queue = [
             Committed(c.record, None, c.at) if c.after in foreign and c.after not in still_pending else c
             for c in self._queue
@@ -246,9 +243,17 @@ async def _mark_in_new_loop(database: Database, outbox_ids: list[int]) -> None:
     """Mark rows published from a new event loop (the pool of the old one is of no use in it): the
     database makes an engine for this loop, closed here."""
     try:
-        await execute(database, _MARK, {"ids": outbox_ids})
+        await _autocommitted(database, _MARK, outbox_ids)
     finally:
         await database.aclose()
+
+
+async def _autocommitted(database: Database, sql: str, outbox_ids: list[int]) -> tuple[Any, ...]:
+    """One autocommitted statement about some outbox rows (`IN ({ids})`), under the database's deadline;
+    its rows."""
+    placeholders = ", ".join(["%s"] * len(outbox_ids))
+    async with database.autocommitted_statements() as statements:
+        return tuple(await (await statements.execute(sql.format(ids=placeholders), outbox_ids)).fetchall())
 
 
 def _remember(ids: set[int], more: list[int], keep: int = 4096) -> None:
