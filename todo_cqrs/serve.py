@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import functions_framework.aio
+import uvicorn
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from starlette.requests import Request
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -125,10 +129,44 @@ class OneSendProtocol(HttpToolsProtocol):
         super().connection_made(_OneSendTransport(transport))  # type: ignore[arg-type]
 
 
+class QuietServer(uvicorn.Server):
+    """uvicorn's server, whose main loop wakes once a second instead of ten times a second. uvicorn's
+    wakes every 0.1 s to see whether it should stop, and does its periodic work (the Date header, which
+    counts seconds, and the worker's heartbeat to gunicorn) every tenth time. A signal to stop wakes it
+    at once instead; `should_exit` set by anything else is seen within a second."""
+
+    TICK_S = 1.0
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._woken = asyncio.Event()
+
+    async def main_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        while not await self.on_tick(0):  # a multiple of 10: the periodic work on every tick
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self.TICK_S)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._loop is not None:  # a signal handler: the loop may be anywhere in its pass
+            self._loop.call_soon_threadsafe(self._woken.set)
+
+
 class Worker(UvicornWorker):
-    """functions-framework's uvicorn worker, its responses each in one send."""
+    """functions-framework's uvicorn worker, its responses each in one send, its server a QuietServer."""
 
     CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "http": OneSendProtocol}
+
+    async def _serve(self) -> None:
+        # UvicornWorker's, with a QuietServer for uvicorn's Server.
+        self.config.app = self.wsgi
+        server = QuietServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
 class Server(BaseApplication):

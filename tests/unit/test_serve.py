@@ -4,6 +4,7 @@ own app, exactly where the framework's router would have sent them."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 import time
@@ -225,3 +226,37 @@ def _response(reader: Any, head: bool = False) -> tuple[bytes, bytes]:
         if name.lower() == b"content-length":
             length = int(value)
     return status, b"" if head else reader.read(length)
+
+
+def test_a_quiet_server_wakes_once_a_second_and_at_once_on_a_signal_to_stop() -> None:
+    """The functions' server: its main loop does uvicorn's periodic work once a second (uvicorn's own
+    wakes ten times a second), and a signal to stop ends it well before the next tick."""
+    ticks: list[float] = []
+
+    class Counted(serve.QuietServer):
+        async def on_tick(self, counter: int) -> bool:
+            ticks.append(time.monotonic())
+            assert counter % 10 == 0  # uvicorn does its periodic work on these
+            return await super().on_tick(counter)
+
+    async def app(scope: serve.Scope, receive: serve.Receive, send: serve.Send) -> None:
+        raise AssertionError("no request is sent")
+
+    server = Counted(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5 * serve.QuietServer.TICK_S
+        while len(ticks) < 3:
+            assert time.monotonic() < deadline, f"ticks: {ticks}"
+            time.sleep(0.01)
+        gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:], strict=False)]
+        assert min(gaps) >= 0.9 * serve.QuietServer.TICK_S, gaps
+        asked = time.monotonic()
+        server.handle_exit(signal.SIGTERM, None)
+        thread.join(5)
+        assert not thread.is_alive()
+        assert time.monotonic() - asked < serve.QuietServer.TICK_S / 2
+    finally:
+        server.should_exit = True
+        thread.join(5)
