@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -152,23 +153,41 @@ class QuietServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        if self._loop is not None:  # a signal handler: the loop may be anywhere in its pass
+        self._wake()
+
+    def stop(self) -> None:
+        """Shut down as on SIGTERM (the connections' requests finish), without a signal to raise again
+        once stopped (uvicorn raises the signals it caught once its handlers are restored)."""
+        self.should_exit = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._loop is not None:  # maybe from a signal handler: the loop may be anywhere in its pass
             self._loop.call_soon_threadsafe(self._woken.set)
 
 
 class Worker(UvicornWorker):
-    """functions-framework's uvicorn worker, its responses each in one send, its server a QuietServer."""
+    """functions-framework's uvicorn worker, its responses each in one send, its server a QuietServer
+    that SIGQUIT stops.
+
+    gunicorn's master sends its workers SIGQUIT when it is asked to stop at once (SIGINT, SIGQUIT), and
+    SIGKILL after its graceful timeout (30 s). UvicornWorker's SIGQUIT handler only clears gunicorn's
+    `alive` flag, which nothing in a uvicorn worker reads: the worker kept serving for those 30 s."""
 
     CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "http": OneSendProtocol}
 
     async def _serve(self) -> None:
-        # UvicornWorker's, with a QuietServer for uvicorn's Server.
+        # UvicornWorker's, with a QuietServer for uvicorn's Server, stopped by SIGQUIT.
         self.config.app = self.wsgi
         server = QuietServer(config=self.config)
-        self._install_sigquit_handler()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, self._quit, server)
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+    def _quit(self, server: QuietServer) -> None:
+        self.alive = False
+        server.stop()
 
 
 class Server(BaseApplication):

@@ -4,10 +4,15 @@ own app, exactly where the framework's router would have sent them."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -260,3 +265,49 @@ def test_a_quiet_server_wakes_once_a_second_and_at_once_on_a_signal_to_stop() ->
     finally:
         server.should_exit = True
         thread.join(5)
+
+
+FUNCTION_SOURCE = """
+import functions_framework.aio
+from starlette.responses import Response
+
+
+@functions_framework.aio.http
+async def hello(request):
+    return Response(b"hello")
+"""
+
+
+def test_a_served_function_stops_at_once_when_only_its_master_is_told_to_stop(tmp_path: Path) -> None:
+    """SIGINT to gunicorn's master alone (not to its process group): the master sends its worker SIGQUIT,
+    and kills it only after its graceful timeout (30 s); the worker stops at once instead."""
+    source = tmp_path / "main.py"
+    source.write_text(FUNCTION_SOURCE)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "todo_cqrs.serve", "--target", "hello", "--source", str(source)]
+    process = subprocess.Popen(
+        [*argv, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as answer:
+                    assert answer.read() == b"hello"
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "the function never answered"
+                time.sleep(0.05)
+        asked = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0
+        assert time.monotonic() - asked < 10  # not gunicorn's graceful timeout of 30 s
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
