@@ -180,14 +180,10 @@ class Worker(UvicornWorker):
         # UvicornWorker's, with a QuietServer for uvicorn's Server, stopped by SIGQUIT.
         self.config.app = self.wsgi
         server = QuietServer(config=self.config)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, self._quit, server)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, server.stop)
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
-
-    def _quit(self, server: QuietServer) -> None:
-        self.alive = False
-        server.stop()
 
 
 class Server(BaseApplication):

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from todo_cqrs.http import error_body
 from todo_cqrs.serve import QuietServer
@@ -41,4 +42,4 @@ if __name__ == "__main__":
     server = QuietServer(config)
     server.run()
     if not server.started:
-        sys.exit(3)  # as uvicorn.run: the server could not start (the port taken, say)
+        sys.exit(STARTUP_FAILURE)  # as uvicorn.run: the server could not start (the port taken, say)

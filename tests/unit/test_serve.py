@@ -287,12 +287,14 @@ def test_a_served_function_stops_at_once_when_only_its_master_is_told_to_stop(tm
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     argv = [sys.executable, "-m", "todo_cqrs.serve", "--target", "hello", "--source", str(source)]
-    process = subprocess.Popen(
-        [*argv, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    log = tmp_path / "serve.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*argv, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -301,7 +303,7 @@ def test_a_served_function_stops_at_once_when_only_its_master_is_told_to_stop(tm
                     assert answer.read() == b"hello"
                 break
             except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, "the function never answered"
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
         asked = time.monotonic()
         process.send_signal(signal.SIGINT)
