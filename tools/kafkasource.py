@@ -93,7 +93,11 @@ DEAD_LETTER_MAX_BACKOFF_S = 30.0
 # A partition holds at most this many polled records not yet done with; above it the partition is paused.
 QUEUE_HIGH_WATER = 1000
 QUEUE_LOW_WATER = 100
+# The consumer thread stores the offsets of what was delivered, and resumes paused partitions, between
+# polls: every POLL_TIMEOUT_S while records are in flight. With none, it has nothing to do but wait for
+# a record (which ends the wait at once), or a stop (which waits for the poll, at most IDLE_POLL_TIMEOUT_S).
 POLL_TIMEOUT_S = 0.1
+IDLE_POLL_TIMEOUT_S = 1.0
 # ordering "unordered": records of a partition in flight at once (LOCAL_KAFKASOURCE_IN_FLIGHT).
 UNORDERED_IN_FLIGHT = 50  # Knative's Kafka dispatcher: max.poll.records
 LAG_EVERY_S = 1.0
@@ -769,7 +773,8 @@ class LocalKafkaSource:
         assert consumer is not None
         try:
             while not self.stopping.is_set():
-                msg = consumer.poll(POLL_TIMEOUT_S)
+                busy = any(self._in_flight.values())
+                msg = consumer.poll(POLL_TIMEOUT_S if busy else IDLE_POLL_TIMEOUT_S)
                 if msg is not None:
                     self._dispatch(msg)
                 self._store_done()
