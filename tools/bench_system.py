@@ -195,10 +195,7 @@ class BenchSystem:
     own. Spawned from the main thread: run.System ties each child's life to it."""
 
     def __init__(self) -> None:
-        run.LOG_DIR = BENCH_DIR / "logs"  # beside, not into, the standard system's logs
-        for old_log in run.LOG_DIR.glob("*.log"):  # one run's logs only, to read beside its figures
-            old_log.unlink()
-        self.system = run.System()
+        self.system = run.System(log_dir=BENCH_DIR / "logs")  # beside, not into, the standard system's
         self.servers: dict[str, Server] = {}
         self.kafkasource: run.Child | None = None
         self.kafkasource_ordering = ""

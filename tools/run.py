@@ -75,33 +75,36 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
+    log: Path  # its stdout and stderr, this run's only (appended to across restarts)
     port: int | None = None  # a port it listens on: free again before a restart
     process: subprocess.Popen[bytes] | None = None
     crashes: collections.deque[float] = field(default_factory=collections.deque)
     restart_at: float | None = None
 
-    @property
-    def log(self) -> Path:
-        return LOG_DIR / f"{self.name}.log"
-
 
 @dataclass
 class System:
-    """The processes `make run` started, stopped in reverse order."""
+    """The processes `make run` started, stopped in reverse order; their logs in `log_dir`."""
 
+    log_dir: Path = LOG_DIR
     children: list[Child] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def spawn(
         self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int | None = None
     ) -> Child:
-        child = Child(name, argv, env or {}, port)
+        child = Child(name, argv, env or {}, self.log(name), port)
         self.children.append(child)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if child.log.exists():  # the previous run's log, kept once: logs do not pile up run after run
+            child.log.replace(child.log.with_suffix(".log.1"))
         self._start(child)
         return child
 
+    def log(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
     def _start(self, child: Child) -> None:
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
         log = open(child.log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         child.process = subprocess.Popen(
             child.argv,
@@ -234,7 +237,7 @@ def wait_http_ready(system: System, name: str, url: str, timeout_s: float = READ
             pass
         system.check_alive()
         if time.monotonic() - started > timeout_s:
-            raise RunFailed(f"{name} not ready after {timeout_s:.0f} s; see {LOG_DIR / (name + '.log')}")
+            raise RunFailed(f"{name} not ready after {timeout_s:.0f} s; see {system.log(name)}")
         time.sleep(0.05)
 
 
@@ -253,7 +256,7 @@ def wait_consumer_group_assigned(system: System, group: str, timeout_s: float = 
             pass
         system.check_alive()
         if time.monotonic() - started > timeout_s:
-            raise RunFailed(f"the local KafkaSource did not join {group}; see {LOG_DIR / 'kafkasource.log'}")
+            raise RunFailed(f"the local KafkaSource did not join {group}; see {system.log('kafkasource')}")
         time.sleep(0.1)
 
 
@@ -345,7 +348,7 @@ def banner() -> str:
         f"Gateway (the original sample's API): {gateway}",
         f"Live page: {gateway}/ui/",
         *(f"  {f.name:<14} {f.url}" for f in FUNCTIONS),
-        f"Logs: {LOG_DIR}/<name>.log",
+        f"Logs: {LOG_DIR}/<name>.log (the previous run's: <name>.log.1)",
         "",
         "Try it:",
         f"  curl -s -X POST {gateway}/todo -H 'Content-Type: application/json' \\",

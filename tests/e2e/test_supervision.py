@@ -83,9 +83,8 @@ def test_a_killed_kafkasource_is_started_again_and_events_flow_on(supervised, ga
 
 
 def test_a_child_that_keeps_crashing_stops_the_run_naming_its_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "LOG_DIR", tmp_path)
     monkeypatch.setattr(run, "RESTART_FIRST_S", 0.01)
-    system = run.System()
+    system = run.System(log_dir=tmp_path)
     try:
         system.spawn("crasher", [sys.executable, "-c", "raise SystemExit(3)"])
         deadline = time.monotonic() + 30
@@ -98,9 +97,21 @@ def test_a_child_that_keeps_crashing_stops_the_run_naming_its_log(tmp_path, monk
     assert not any(c.process and c.process.poll() is None for c in system.children)
 
 
-def test_stop_ends_every_child_and_its_process_group(tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "LOG_DIR", tmp_path)
-    system = run.System()
+def test_each_run_has_its_own_log_and_keeps_only_the_previous_runs(tmp_path):
+    for said in ("first run", "second run", "third run"):
+        system = run.System(log_dir=tmp_path)
+        try:
+            spawned = system.spawn("echo", [sys.executable, "-c", f"print({said!r})"])
+            assert spawned.process is not None and spawned.process.wait(10) == 0
+        finally:
+            system.stop()
+    assert (tmp_path / "echo.log").read_text() == "third run\n"
+    assert (tmp_path / "echo.log.1").read_text() == "second run\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["echo.log", "echo.log.1"]
+
+
+def test_stop_ends_every_child_and_its_process_group(tmp_path):
+    system = run.System(log_dir=tmp_path)
     script = (
         "import subprocess, sys, time; "
         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
