@@ -6,8 +6,8 @@ table `tools.topology.ROUTES`: a C proxy costs a fraction of a Python one on eve
 in docs/performance.md), with keep-alive connections to every function. The functions answer both
 their own paths and the gateway's, so nothing is rewritten. Unknown paths answer 404 and wrong
 methods 405 (with Allow) in the contract's JSON error body; an unreachable or silent function
-answers 503 with Retry-After; nginx's own refusals (a malformed request, a body over 1 MiB, huge
-headers) get the same JSON body. `/ui/api/` goes to the live page's pipeline server. No path
+answers 503 with Retry-After; nginx's own refusals (a malformed request line or path, a body over
+1 MiB, huge headers, TRACE and CONNECT, an HTTP version other than 1.x) get the same JSON body. `/ui/api/` goes to the live page's pipeline server. No path
 reaches a function's /metrics (Prometheus scrapes each function on its own port): any path ending
 in `/metrics` answers 404.
 
@@ -51,19 +51,21 @@ def _error(code: str, message: str) -> str:
 
 def _routes() -> tuple[str, str]:
     """(the maps, the locations) for ROUTES: per path pattern, a map from the method to the function's
-    upstream, and a location that answers 405 (with Allow) for a method the map does not know."""
+    upstream, and a location that answers 405 (with Allow) for a method the map does not know; and the
+    map from a request target to its route's methods."""
     by_pattern: dict[str, dict[str, str]] = defaultdict(dict)
     for method, pattern, function in ROUTES:
         by_pattern[pattern][method] = function
         if method == "GET":
             by_pattern[pattern]["HEAD"] = function
-    maps, locations = [], []
+    maps, locations, allowed_by_target = [], [], []
     for index, (pattern, methods) in enumerate(by_pattern.items()):
         variable = f"$route_{index}"
         entries = "".join(f"    {method} {function};\n" for method, function in methods.items())
         maps.append(f'  map $request_method {variable} {{\n{entries}    default "";\n  }}\n')
         allowed = ", ".join(methods)
         regex = "^" + pattern.replace("{id}", "[^/]+") + "/?$"
+        allowed_by_target.append(f'    "~^{pattern.replace("{id}", "[^/?]+")}/?(\\?|$)" "{allowed}";\n')
         locations.append(
             f"    location ~ {regex} {{\n"
             f'      if ({variable} = "") {{\n'
@@ -73,6 +75,9 @@ def _routes() -> tuple[str, str]:
             f"      proxy_pass http://{variable};\n"
             f"    }}\n"
         )
+    # The methods of the route a request target is on (the raw target: an error page's redirect has
+    # replaced the URI), for a 405 that nginx answers itself.
+    maps.append(f'  map $request_uri $allowed {{\n{"".join(allowed_by_target)}    default "";\n  }}\n')
     return "".join(maps), "".join(locations)
 
 
@@ -127,10 +132,18 @@ http {{
 {maps}
   server {{
     listen {HOST}:{port} backlog=4096;
-    error_page 400 @bad_request;
-    error_page 413 @too_large;
-    error_page 414 @uri_too_long;
-    error_page 494 =431 @headers_too_large;
+    # nginx's own refusals go to a URI, not a named location: when the request line itself is
+    # refused (a %00 in the path, no version) the request has no URI, and a named location then fails
+    # with a 500 of nginx's own HTML.
+    error_page 400 /_gateway/400;
+    error_page 404 /_gateway/404;
+    error_page 405 = /_gateway/405;  # the code its location answers: 404 off the routes
+    error_page 411 /_gateway/411;
+    error_page 413 /_gateway/413;
+    error_page 414 /_gateway/414;
+    error_page 494 =431 /_gateway/431;
+    error_page 501 /_gateway/501;
+    error_page 505 /_gateway/505;
     error_page 502 504 =503 @unavailable;
     location = /healthz {{ return 200 '{{"status":"ok"}}'; }}
     location ~ /metrics/?$ {{ return 404 '{_error("not_found", "no route for this path")}'; }}
@@ -147,14 +160,28 @@ http {{
       charset utf-8;
       charset_types text/css application/javascript;
       add_header Cache-Control no-cache;
-      error_page 404 @not_found;
     }}
     location / {{ return 404 '{_error("not_found", "no route for this path")}'; }}
-    location @not_found {{ return 404 '{_error("not_found", "no route for this path")}'; }}
-    location @bad_request {{ return 400 '{_error("bad_request", "malformed HTTP request")}'; }}
-    location @too_large {{ return 413 '{_error("payload_too_large", "the body is too large")}'; }}
-    location @uri_too_long {{ return 414 '{_error("uri_too_long", "the request target is too long")}'; }}
-    location @headers_too_large {{ return 431 '{_error("headers_too_large", "the headers are too large")}'; }}
+    location ^~ /_gateway/ {{
+      internal;
+      location = /_gateway/400 {{ return 400 '{_error("bad_request", "malformed HTTP request")}'; }}
+      location = /_gateway/404 {{ return 404 '{_error("not_found", "no route for this path")}'; }}
+      location = /_gateway/405 {{  # a method nginx refuses before routing (TRACE, CONNECT)
+        if ($allowed = "") {{ return 404 '{_error("not_found", "no route for this path")}'; }}
+        add_header Allow $allowed always;
+        return 405 '{_error("method_not_allowed", "method not allowed; use $allowed")}';
+      }}
+      location = /_gateway/411 {{ return 411 '{_error("length_required", "the body needs a length")}'; }}
+      location = /_gateway/413 {{ return 413 '{_error("payload_too_large", "the body is too large")}'; }}
+      location = /_gateway/414 {{ return 414 '{_error("uri_too_long", "the request target is too long")}'; }}
+      location = /_gateway/431 {{ return 431 '{_error("headers_too_large", "the headers are too large")}'; }}
+      location = /_gateway/501 {{
+        return 501 '{_error("not_implemented", "this transfer encoding is not supported")}';
+      }}
+      location = /_gateway/505 {{
+        return 505 '{_error("http_version_not_supported", "use HTTP/1.0 or HTTP/1.1")}';
+      }}
+    }}
     location @pipeline_unavailable {{
       add_header Retry-After 1 always;
       return 503 '{_error("dependency_unavailable", "the pipeline server is unreachable")}';

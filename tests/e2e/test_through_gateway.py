@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +14,7 @@ import sqlalchemy as sa
 from todo_cqrs.adapters.read_store import todos_view
 from todo_cqrs.adapters.write_store import todos
 from tools.sync_db import read_db, write_db
+from tools.topology import GATEWAY_PORT, HOST
 
 pytestmark = pytest.mark.e2e
 
@@ -71,6 +74,36 @@ def test_gateway_answers_unknown_routes_and_methods_like_the_functions(gateway):
     wrong = gateway.request("PUT", "/todo/1", {"title": "x"})
     assert wrong.status == 405
     assert "PATCH" in wrong.headers["Allow"]
+
+
+REFUSED_BY_NGINX = [  # (request line and any header of its own, status, error code, Allow)
+    ("GET /todo/5%00 HTTP/1.1", 400, "bad_request", None),
+    ("DELETE /todo/%zz HTTP/1.1", 400, "bad_request", None),
+    ("GET /ui/../../etc/passwd HTTP/1.1", 400, "bad_request", None),
+    ("GARBAGE", 400, "bad_request", None),
+    ("GET /todo/5 HTTP/9.9", 505, "http_version_not_supported", None),
+    ("POST /todo HTTP/1.1\r\nTransfer-Encoding: gzip", 501, "not_implemented", None),
+    ("TRACE /todo/5 HTTP/1.1", 405, "method_not_allowed", "PATCH, DELETE, GET, HEAD"),
+    ("TRACE /todo HTTP/1.1", 405, "method_not_allowed", "POST, GET, HEAD"),
+    ("TRACE /nothing HTTP/1.1", 404, "not_found", None),
+    ("GET /_gateway/400 HTTP/1.1", 404, "not_found", None),
+]
+
+
+@pytest.mark.parametrize(("start", "status", "code", "allow"), REFUSED_BY_NGINX)
+def test_what_nginx_refuses_itself_gets_the_contracts_json_error(gateway, start, status, code, allow):
+    with socket.create_connection((HOST, GATEWAY_PORT), timeout=5) as connection:
+        connection.sendall(f"{start}\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+    assert int(status_line.split()[1]) == status
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == code
+    assert headers.get("allow") == allow
 
 
 def _random_command(gateway, rng: random.Random, live: list[int]) -> None:
