@@ -35,6 +35,7 @@ from todo_cqrs.domain.todo import Todo
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 64
+_INT_DIGITS_READ = sys.get_int_max_str_digits() or 4300  # what int() reads (0, no limit: as by default)
 GATEWAY_PREFIX = "todo"  # each function also answers the gateway's path (/todo, /todo/{id})
 HEALTH_PATHS = ("/healthz", "/readyz")
 METRICS_PATH = "/metrics"
@@ -122,12 +123,13 @@ def todo_response(todo: Todo, *, created: bool = False) -> Response:
 
 
 def parse_id(segment: str) -> int:
-    """A todo id of the path: positive, ASCII digits (400 otherwise); past BIGINT no todo has it (404)."""
-    if ascii_positive_int(segment, maximum=10 ** len(str(MAX_ID))) is None:
-        raise errors.BadRequest(f"todo id must be a positive integer in ASCII digits, not {segment[:40]!r}")
-    todo_id = int(segment)
-    if todo_id > MAX_ID:
-        raise errors.NotFound(f"todo {segment} does not exist")
+    """A todo id of the path: 1 to MAX_ID (the id column's range, as openapi.yaml's TodoId) in ASCII
+    digits; anything else is no id at all (400), however many digits it has."""
+    todo_id = ascii_positive_int(segment)
+    if todo_id is None:
+        raise errors.BadRequest(
+            f"todo id must be an integer from 1 to {MAX_ID} in ASCII digits, not {segment[:40]!r}"
+        )
     return todo_id
 
 
@@ -167,17 +169,24 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _json_int(digits: str) -> int | float:
+    """An integer of the body: JSON does not bound its digits, Python's int() does (4,300). No field of
+    the API is a number that long, so past that it is read as the float it rounds to (infinity)."""
+    return int(digits) if len(digits) <= _INT_DIGITS_READ else float(digits)
+
+
 def parse_json(raw: bytes) -> Any:
     """JSON, or BadRequest: not UTF-8, not JSON, nested deeper than 64 levels.
 
-    A lone surrogate escape ("\\ud800") is valid JSON that orjson refuses: the standard library reads
-    it, and the domain's rules answer 422 for the field that holds it.
+    A lone surrogate escape ("\\ud800") and a number past a double's range are valid JSON that orjson
+    refuses: the standard library reads them, and the domain's rules answer 422 for the field that
+    holds one.
     """
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as fast_error:
         try:  # strict UTF-8 first: json.loads would take UTF-16, or surrogates encoded as if UTF-8
-            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_int=_json_int)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise errors.BadRequest(f"the body is not valid JSON: {fast_error}") from None
     nesting = raw.count(b"[") + raw.count(b"{")
