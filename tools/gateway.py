@@ -7,9 +7,9 @@ in docs/performance.md), with keep-alive connections to every function. The func
 their own paths and the gateway's, so nothing is rewritten. Unknown paths answer 404 and wrong
 methods 405 (with Allow) in the contract's JSON error body; an unreachable or silent function
 answers 503 with Retry-After; nginx's own refusals (a malformed request line or path, a body over
-1 MiB, huge headers, TRACE and CONNECT, an HTTP version other than 1.x) get the same JSON body. `/ui/api/` goes to the live page's pipeline server. No path
-reaches a function's /metrics (Prometheus scrapes each function on its own port): any path ending
-in `/metrics` answers 404.
+1 MiB, huge headers, TRACE and CONNECT, an HTTP version other than 1.x) get the same JSON body.
+`/ui/api/` goes to the live page's pipeline server. No path reaches a function's /metrics
+(Prometheus scrapes each function on its own port): any path ending in `/metrics` answers 404.
 
 nginx's worker runs as the user who runs the gateway (root included, which nginx would otherwise drop
 to `nobody`): it serves `ui/` and writes its temp files under `.local` in a checkout that only its
