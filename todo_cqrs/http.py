@@ -195,12 +195,17 @@ def parse_json(raw: bytes) -> Any:
     return value
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
-    """The body as a JSON object: 413 when too large, 415 when not JSON, 400 when unreadable."""
+async def read_json_body(request: Request) -> bytes:
+    """The body as sent: 413 when too large, 415 when there is one that is not application/json."""
     raw = await read_body(request)
     if raw and mimetype(request) != JSON:
         raise errors.UnsupportedMediaType("the body must be application/json")
-    body = parse_json(raw)
+    return raw
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object: 413 when too large, 415 when not JSON, 400 when unreadable."""
+    body = parse_json(await read_json_body(request))
     if not isinstance(body, dict):
         raise errors.BadRequest("the body must be a JSON object")
     return body

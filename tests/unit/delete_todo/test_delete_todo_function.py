@@ -56,6 +56,36 @@ def test_delete_removes_only_that_todo_and_records_its_deleted_event_then_publis
     assert published.committed_rows == [(row.outbox_id, None)]
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [("text/plain", b"garbage", 415), ("", b"garbage", 415), ("application/json", b"x" * 70_000, 413)],
+)
+def test_body_that_no_post_or_patch_could_send_answers_4xx_and_deletes_nothing(
+    client: TestClient,
+    store: FakeWriteStore,
+    published: PublishRecorder,
+    todo: Todo,
+    content_type: str,
+    body: bytes,
+    status: int,
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.request("DELETE", "/7", content=body, headers=headers)
+
+    assert response.status_code == status
+    assert_unchanged(store, published, todo)
+
+
+@pytest.mark.parametrize(("content_type", "body"), [("application/json", b"{}"), ("text/plain", b"")])
+def test_json_or_empty_body_is_no_reason_to_refuse_a_delete(
+    client: TestClient, store: FakeWriteStore, todo: Todo, content_type: str, body: bytes
+) -> None:
+    response = client.request("DELETE", "/7", content=body, headers={"Content-Type": content_type})
+
+    assert response.status_code == 200
+    assert list(store.todos) == [3]
+
+
 def test_deletion_time_is_never_before_the_last_update_when_the_database_clock_goes_back(
     client: TestClient, store: FakeWriteStore, todo: Todo
 ) -> None:
