@@ -16,6 +16,7 @@ as it gives them (README.md, under the architecture).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -35,6 +36,7 @@ from todo_cqrs.domain.todo import Todo
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 64
+BODY_TIMEOUT_S = 10.0  # for the whole body to arrive (the gateway's client_body_timeout is the same)
 _INT_DIGITS_READ = sys.get_int_max_str_digits() or 4300  # what int() reads (0, no limit: as by default)
 GATEWAY_PREFIX = "todo"  # each function also answers the gateway's path (/todo, /todo/{id})
 HEALTH_PATHS = ("/healthz", "/readyz")
@@ -50,6 +52,7 @@ STATUS_OF: dict[type[errors.TodoError], int] = {
     errors.MethodNotAllowed: 405,
     errors.Conflict: 409,
     errors.VersionMismatch: 412,
+    errors.RequestTimeout: 408,
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
     errors.ValidationFailed: 422,
@@ -137,18 +140,23 @@ def mimetype(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request) -> bytes:
-    """The whole body, chunked or not; 413 past 64 KiB, read no further than that."""
+async def read_body(request: Request, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The whole body, chunked or not; 413 past 64 KiB, read no further than that; 408 when it has not
+    all arrived within `timeout_s` (a client that stopped sending does not hold the request open)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise errors.PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise errors.PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise errors.PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise errors.RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 

@@ -120,6 +120,10 @@ http {{
   client_body_buffer_size 1m;
   large_client_header_buffers 4 64k;
   keepalive_timeout 75s;
+  # A client that stops sending its headers or body is let go after 10 s (nginx closes the connection;
+  # the functions answer 408 after the same time).
+  client_header_timeout 10s;
+  client_body_timeout 10s;
   keepalive_requests 1000000;
   proxy_http_version 1.1;
   proxy_set_header Connection "";

@@ -5,10 +5,13 @@ where the test says so: none of these requests may need one.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from starlette.requests import Request
 from starlette.testclient import TestClient
 
 from tests.unit.fakes import (
@@ -19,6 +22,8 @@ from tests.unit.fakes import (
     assert_error_body,
     faked_function,
 )
+from todo_cqrs.domain import errors
+from todo_cqrs.http import read_body, status_of
 
 # The methods each function serves on `/` (the sinks: any path).
 ALLOWED = {
@@ -158,3 +163,23 @@ def test_unknown_deeper_path_answers_404_on_every_http_function(function_name: s
         response = client.request(ALLOWED[function_name].split(",")[0], "/todo/7/history")
 
     assert_error(response, 404, "not_found")
+
+
+def test_a_body_that_stops_arriving_is_refused_408_within_the_deadline() -> None:
+    async def stalled() -> None:
+        parts = [{"type": "http.request", "body": b'{"title": ', "more_body": True}]
+
+        async def receive() -> dict[str, Any]:
+            if parts:
+                return parts.pop()
+            await asyncio.Event().wait()  # the client sends no more
+            raise AssertionError("unreachable")
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"30")]}
+        started = time.monotonic()
+        with pytest.raises(errors.RequestTimeout):
+            await read_body(Request(scope, receive), timeout_s=0.05)
+        assert time.monotonic() - started < 5
+
+    asyncio.run(stalled())
+    assert status_of(errors.RequestTimeout("x")) == 408

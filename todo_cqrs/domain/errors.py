@@ -66,6 +66,12 @@ class UnsupportedMediaType(TodoError):
     code = "unsupported_media_type"
 
 
+class RequestTimeout(TodoError):
+    """The client stopped sending its body (408): nothing was read, nothing changed."""
+
+    code = "request_timeout"
+
+
 class DependencyUnavailable(TodoError):
     """A database, Redis or Kafka the request needs is unreachable (503 with Retry-After)."""
 
