@@ -54,6 +54,7 @@ READY_TIMEOUT_S = 60.0
 CRASHES_ALLOWED, CRASH_WINDOW_S = 5, 30.0
 RESTART_FIRST_S, RESTART_MAX_S = 0.5, 10.0
 STOP_TIMEOUT_S = 10.0
+SERVICE_CHECK_S = 1.0  # how often supervision looks for a dead MariaDB, Redis or Kafka
 
 # One worker process per function, as in a Knative pod (one container, WORKERS=1): more throughput
 # comes from more pods (or, locally, it is not needed: `make bench` shows the limits per process).
@@ -89,6 +90,9 @@ class System:
     log_dir: Path = LOG_DIR
     children: list[Child] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
+    # MariaDB, Redis and Kafka as they ran once the system was up: one that dies is started again.
+    services: list[str] = field(default_factory=list)
+    next_service_check: float = 0.0
 
     def spawn(
         self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int | None = None
@@ -121,6 +125,9 @@ class System:
     def supervise(self) -> None:
         """Start again what died (with a backoff); raise RunFailed when one keeps crashing."""
         now = time.monotonic()
+        if self.services and now >= self.next_service_check and not self.stopping.is_set():
+            self._restart_dead_services()
+            self.next_service_check = time.monotonic() + SERVICE_CHECK_S
         for child in self.children:
             process = child.process
             if process is None or self.stopping.is_set():
@@ -146,6 +153,20 @@ class System:
             ):
                 say(f"{child.name} restarted")
                 self._start(child)
+
+    def _restart_dead_services(self) -> None:
+        """Start again whichever service has died (as Kubernetes would restart its pod) and wait until
+        it answers; a paused one is alive. RunFailed when it cannot be started."""
+        dead = [name for name in self.services if name not in services.running_services()]
+        if not dead:
+            return
+        names = " and ".join(dead)
+        say(f"{names} exited; starting again ...")
+        try:
+            services.ensure_services()
+        except services.ServiceError as exc:
+            raise RunFailed(f"{names} could not be started again: {exc}") from exc
+        say(f"{names} started again")
 
     def check_alive(self) -> None:
         """During start-up: a child that exits fails the start (nothing is up to restart it into)."""
@@ -300,6 +321,7 @@ def start(system: System) -> None:
     # The gateway last: once it answers, every path behind it works, events included.
     system.spawn("gateway", [sys.executable, "-m", "tools.gateway"], port=GATEWAY_PORT)
     wait_http_ready(system, "gateway", f"http://{HOST}:{GATEWAY_PORT}/healthz")
+    system.services = services.running_services()
     say(f"everything up in {time.monotonic() - started:.1f} s")
 
 

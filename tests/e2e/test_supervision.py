@@ -1,6 +1,6 @@
 """`make run`'s supervision, on the whole local system: a child killed with SIGKILL (a function's
-gunicorn master, the local KafkaSource) is started again and the system works on; a child that keeps
-crashing stops the run, naming its log."""
+gunicorn master, the local KafkaSource) or a service (Redis) is started again and the system works on;
+a child that keeps crashing stops the run, naming its log."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import run
+from tools import run, services
 
 pytestmark = pytest.mark.e2e
 
@@ -80,6 +80,28 @@ def test_a_killed_kafkasource_is_started_again_and_events_flow_on(supervised, ga
         if read.status != 503:
             break
     assert read.status == 200
+
+
+def redis_pid() -> int | None:
+    return next(status.pid for status in services.status() if status.name == "redis")
+
+
+def test_a_killed_redis_is_started_again_and_the_cache_serves_hits_again(supervised, gateway):
+    created = gateway.request("POST", "/todo", {"title": "across a Redis restart"})
+    victim = redis_pid()
+    assert created.status == 201 and victim is not None
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while redis_pid() in (None, victim):
+        assert time.monotonic() < deadline, "Redis was not started again"
+        time.sleep(0.1)
+    path = f"/todo/{created.body['id']}?min_version=1"
+    deadline = time.monotonic() + 30
+    while (read := gateway.request("GET", path)).headers.get("X-Cache") != "hit":
+        assert read.status in (200, 503), read  # a miss stores the todo; 503 while it is projected
+        assert time.monotonic() < deadline, f"no cache hit after the restart: {read}"
+        time.sleep(0.1)
+    assert read.status == 200 and read.body["title"] == "across a Redis restart"
 
 
 def test_a_child_that_keeps_crashing_stops_the_run_naming_its_log(tmp_path, monkeypatch):
