@@ -21,6 +21,12 @@ the list generation, whose loss would bring retired pages back.
 
 Every invalidation also PUBLISHes "<id>:<version>:<traceparent>" on VERSIONS_CHANNEL: get_todos
 wakes the readers waiting for that version (VersionWatch) instead of polling the read DB.
+
+What this does not cover: an invalidation that fails because Redis is unreachable comes after its
+read-DB commit, so its event is answered 503 and retried. While Redis is down, reads bypass it and see
+the read DB; once it answers again, and until the retried event invalidates the entry (the
+KafkaSource's next try: 0.5 s to 20 s away), a read may get the older cached version back. Closing
+that gap needs a marker written before the commit: one more Redis round trip per event, not made.
 """
 
 from __future__ import annotations
