@@ -43,6 +43,7 @@ DEPLOY_DIR := build/deploy
 TOPIC_DIR := build/kafka-topic
 TOPIC_SOURCE := $(if $(filter 1,$(KAFKA_SINGLE_BROKER)),knative/kafka-single-broker,knative/kafka-topic.yaml)
 OPS_DIR := build/ops
+OPS_WITHOUT_IDENTITY_DIR := build/ops-without-sender-identity
 KAFKA_SOURCE_DIR := build/kafka-source
 KUSTOMIZE := kubectl kustomize --load-restrictor LoadRestrictionsNone
 
@@ -219,7 +220,9 @@ deploy-render:  ## render what `make deploy` applies into build/ (offline; no cl
 	@mkdir -p $(TOPIC_DIR) && $(if $(filter 1,$(KAFKA_SINGLE_BROKER)),$(KUSTOMIZE),cat) $(TOPIC_SOURCE) > $(TOPIC_DIR)/all.yaml
 	$(if $(wildcard kafka-source.yaml),$(call render,$(KAFKA_SOURCE_DIR),kafka-source.yaml))
 	$(call render,$(OPS_DIR),knative/ops)
-	@echo "rendered $(DEPLOY_DIR)/all.yaml, $(TOPIC_DIR)/all.yaml, $(KAFKA_SOURCE_DIR)/all.yaml and $(OPS_DIR)/all.yaml" \
+	$(call render,$(OPS_WITHOUT_IDENTITY_DIR),knative/ops/without-sender-identity)
+	@echo "rendered $(DEPLOY_DIR)/all.yaml, $(TOPIC_DIR)/all.yaml, $(KAFKA_SOURCE_DIR)/all.yaml, $(OPS_DIR)/all.yaml" \
+	      "and $(OPS_WITHOUT_IDENTITY_DIR)/all.yaml" \
 	      "(namespace $(NAMESPACE), images $(IMAGE_REGISTRY)/todo-cqrs-*:$(IMAGE_TAG))"
 
 # A real kube-apiserver (built once, cached in ~/.cache/todo-cqrs/bin) with the cluster's CRDs, on loopback;
@@ -265,8 +268,7 @@ deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config,
 	kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=event-source
 	kubectl wait -n $(NAMESPACE) kafkasource,pingsource --all --for=condition=Ready --timeout=$(DEPLOY_TIMEOUT)
 	@echo "==> EventPolicies (who may deliver to the receivers; knative/eventpolicies.yaml)"
-	@if [ "$$(kubectl get configmap config-features -n knative-eventing \
-	      -o jsonpath='{.data.authentication-oidc}' 2>/dev/null)" = enabled ]; then \
+	@if $(oidc_enabled); then \
 	  kubectl apply -n $(NAMESPACE) -f $(DEPLOY_DIR)/all.yaml -l app.kubernetes.io/component=event-policy; \
 	else \
 	  echo "skipped: Knative's authentication-oidc is off, so its webhook refuses EventPolicies and the" \
@@ -275,6 +277,10 @@ deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config,
 	@kubectl get -n $(NAMESPACE) ksvc
 
 # ---- one-off jobs in the cluster (knative/ops/) ------------------------------------------------------
+
+# True in a shell when Knative Eventing's authentication-oidc is on: the sources then have an identity.
+oidc_enabled = [ "$$(kubectl get configmap config-features -n knative-eventing \
+  -o jsonpath='{.data.authentication-oidc}' 2>/dev/null)" = enabled ]
 
 # $(1): Job name. Re-creates the Job (its pod template is immutable), waits for it, prints its log.
 define run_ops_job
@@ -294,6 +300,15 @@ cluster-dead-letters:  ## in the cluster: list the dead letters in S3
 	$(require_kubectl)
 	$(call run_ops_job,todo-cqrs-dead-letters-list)
 
+# As the KafkaSource (its OIDC account); with authentication-oidc off, as the Jobs' account with no token.
 cluster-resend:  ## in the cluster: re-send the dead letters to project-event
 	$(require_kubectl)
-	$(call run_ops_job,todo-cqrs-dead-letters-resend)
+	$(require_cluster)
+	$(call render,$(OPS_DIR),knative/ops)
+	$(call render,$(OPS_WITHOUT_IDENTITY_DIR),knative/ops/without-sender-identity)
+	kubectl delete -n $(NAMESPACE) job/todo-cqrs-dead-letters-resend --ignore-not-found --wait=true
+	@if $(oidc_enabled); then ops=$(OPS_DIR); else ops=$(OPS_WITHOUT_IDENTITY_DIR); \
+	  echo "authentication-oidc is off: the KafkaSource has no identity, so the letters go without a token"; fi; \
+	  kubectl apply -n $(NAMESPACE) -f $$ops/all.yaml -l app.kubernetes.io/name=todo-cqrs-dead-letters-resend
+	$(call wait_job,todo-cqrs-dead-letters-resend)
+	@kubectl logs -n $(NAMESPACE) job/todo-cqrs-dead-letters-resend

@@ -73,6 +73,7 @@ RENDERED = {
     "deploy": REPO / "build" / "deploy" / "all.yaml",
     "kafka-source": REPO / "build" / "kafka-source" / "all.yaml",
     "ops": REPO / "build" / "ops" / "all.yaml",
+    "ops-without-sender-identity": REPO / "build" / "ops-without-sender-identity" / "all.yaml",
     "kafka-topic": REPO / "build" / "kafka-topic" / "all.yaml",
 }
 KAFKA_SINGLE_BROKER = REPO / "knative" / "kafka-single-broker"
@@ -399,13 +400,15 @@ def deploy_phases(namespace: str, kafka_namespace: str) -> list[tuple[str, list[
 
 
 def ops_phases(namespace: str) -> list[tuple[str, list[str]]]:
-    """Each ops Job as its `make cluster-*` target applies it (run_ops_job in mk/deploy.mk)."""
-    ops = RENDERED["ops"]
-    names = [d["metadata"]["name"] for d in rendered_objects(ops)]
-    return [
-        (f"ops Job {n}", ["-n", namespace, "-f", str(ops), "-l", f"app.kubernetes.io/name={n}"])
-        for n in names
-    ]
+    """Each ops Job as its `make cluster-*` target applies it (mk/deploy.mk); the resend also as it is
+    applied while authentication-oidc is off."""
+    phases = []
+    for key, when in (("ops", ""), ("ops-without-sender-identity", " (authentication-oidc off)")):
+        for doc in rendered_objects(RENDERED[key]):
+            name = doc["metadata"]["name"]
+            selector = ["-l", f"app.kubernetes.io/name={name}"]
+            phases.append((f"ops Job {name}{when}", ["-n", namespace, "-f", str(RENDERED[key]), *selector]))
+    return phases
 
 
 def applied_names(output: str) -> list[str]:
@@ -507,7 +510,7 @@ def check_secret_refs(server: ApiServer, namespace: str, results: Results) -> No
     dangling = sorted(
         {
             f"{d['kind']}/{d['metadata']['name']} -> {name}{'.' + key if key else ''}"
-            for key_ in ("deploy", "kafka-source", "ops")
+            for key_ in ("deploy", "kafka-source", "ops", "ops-without-sender-identity")
             for d in rendered_objects(RENDERED[key_])
             for name, key in secret_refs(d)
             if name not in existing or (key is not None and key not in existing[name])

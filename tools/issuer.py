@@ -59,10 +59,10 @@ def source_subject(name: str, kind: str, namespace: str = NAMESPACE) -> str:
 KAFKASOURCE_SUBJECT = source_subject(KAFKASOURCE, "kafkasource")
 RELAY_TICK_SUBJECT = source_subject("relay-outbox-tick", "pingsource")
 RECONCILE_TICK_SUBJECT = source_subject("reconcile-tick", "pingsource")
-JOBS_SUBJECT = f"system:serviceaccount:{NAMESPACE}:todo-cqrs-jobs"  # the ops Jobs: the dead-letter resend
-# Each receiver (its Knative Service name is its audience) and who may deliver to it.
+# Each receiver (its Knative Service name is its audience) and who may deliver to it: its source only.
+# (The dead-letter resend delivers as the KafkaSource: knative/ops/dead-letters-resend.yaml.)
 SENDERS = {
-    "project-event": (KAFKASOURCE_SUBJECT, JOBS_SUBJECT),
+    "project-event": (KAFKASOURCE_SUBJECT,),
     "dead-letter": (KAFKASOURCE_SUBJECT,),
     "relay-outbox": (RELAY_TICK_SUBJECT,),
     "reconcile": (RECONCILE_TICK_SUBJECT,),

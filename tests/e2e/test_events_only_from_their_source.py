@@ -66,8 +66,14 @@ def test_project_event_refuses_senders_other_than_its_source_and_events_still_fl
     status, headers, body = forged_update(todo_id, "forged, no token")
     assert (status, body["error"]["code"]) == (401, "unauthenticated")
     assert headers["www-authenticate"].startswith("Bearer")
-    stranger = issuer.mint("system:serviceaccount:todo:default", "project-event", 60)
-    assert forged_update(todo_id, "forged, another subject", stranger)[0] == 403
+    for other in (  # any account in the cluster, the Jobs', the ticks'
+        "system:serviceaccount:todo:default",
+        "system:serviceaccount:todo:todo-cqrs-jobs",
+        issuer.RELAY_TICK_SUBJECT,
+        issuer.RECONCILE_TICK_SUBJECT,
+    ):
+        stranger = issuer.mint(other, "project-event", 60)
+        assert forged_update(todo_id, "forged, another subject", stranger)[0] == 403, other
     for_dead_letter = issuer.mint(issuer.KAFKASOURCE_SUBJECT, "dead-letter", 60)
     assert forged_update(todo_id, "forged, another audience", for_dead_letter)[0] == 401
 

@@ -47,7 +47,7 @@ def authorization(url: str, token_file: str | None) -> Callable[[], str] | None:
         from tools import issuer  # the repository's local tooling (not in the images)
     except ImportError:
         return None
-    tokens = issuer.Tokens(issuer.JOBS_SUBJECT)  # the ops Jobs' account, as in a cluster
+    tokens = issuer.Tokens(issuer.KAFKASOURCE_SUBJECT)  # the source's, whose delivery this retries
     return lambda: tokens.authorization(PROJECT_EVENT_SERVICE)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jwt
 import pytest
 
 from tests.unit.dead_letter import test_dead_letter_resend as resend_tests
 from tests.unit.dead_letter.test_dead_letter_resend import BODY, ERROR, ORIGINAL, FakeProjectEvent
-from todo_cqrs.dead_letter.__main__ import main
+from todo_cqrs.dead_letter.__main__ import authorization, main
 from todo_cqrs.dead_letter.resend import resend
 from todo_cqrs.dead_letter.store import DeadLetter, DirectoryDeadLetterStore, from_settings
 from todo_cqrs.settings import settings
@@ -68,3 +69,16 @@ def test_cli_presents_the_token_of_its_token_file(
     assert main(["resend", "--url", project_event.url, "--token-file", str(token_file)]) == 0
 
     assert [r.headers["authorization"] for r in project_event.requests] == ["Bearer projected-token"]
+
+
+def test_locally_the_resend_presents_the_kafkasources_token_for_project_event() -> None:
+    """project_event takes deliveries from its source only: a dead letter is the source's delivery,
+    retried by hand, so the local resend presents the token the local KafkaSource presents."""
+    from tools import issuer
+
+    header = authorization("http://127.0.0.1:8085", None)
+    assert header is not None
+    scheme, token = header().split()
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert (scheme, claims["sub"], claims["aud"]) == ("Bearer", issuer.KAFKASOURCE_SUBJECT, ["project-event"])
+    assert issuer.SENDERS["project-event"] == (issuer.KAFKASOURCE_SUBJECT,)
