@@ -314,7 +314,7 @@ def page_params(args: Mapping[str, str], cursors: Cursors) -> tuple[Status | Non
             )
         status = Status(args["status"])
     limit = _positive_int(args["limit"], "limit", MAX_LIMIT) if "limit" in args else DEFAULT_LIMIT
-    after_id = cursors.decode(args["cursor"]) if args.get("cursor") else 0
+    after_id = cursors.decode(args["cursor"]) if "cursor" in args else 0  # `cursor=` too: 422
     return status, limit, after_id
 
 

@@ -157,6 +157,7 @@ def forged_cursors(issued: str) -> list[str]:
         f"{payload}.{tag[:-2]}",  # a cut tag
         f"{payload}.",
         f"{payload}.{tag}.{tag}",
+        "",  # empty, as `limit=` and `status=` (422 too): not a cursor this API gave out
     ]
 
 

@@ -380,9 +380,10 @@ def test_list_answers_items_in_ascending_id_and_no_cursor_when_all_fit(
 def test_list_pages_by_key_until_the_cursor_is_null(
     client: TestClient, read_model: FakeReadStore, five: list[Todo]
 ) -> None:
-    pages, cursor = [], ""
+    pages, cursor = [], None
     for _ in range(5):
-        body = body_of(client.get("/todo", params={"limit": 2, "cursor": cursor}))
+        params = {"limit": 2} if cursor is None else {"limit": 2, "cursor": cursor}
+        body = body_of(client.get("/todo", params=params))
         pages.append([item["id"] for item in body["items"]])
         cursor = body["next_cursor"]
         if cursor is None:
