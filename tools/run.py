@@ -5,11 +5,13 @@ its own process, served as functions-framework's `--asgi` serves it (todo_cqrs/s
 uvicorn worker, uvloop, httptools),
 the local KafkaSource, the outbox relay's and the reconciliation's schedules (what PingSources do
 in a cluster: RECONCILE_INTERVAL_SECONDS, 10 s, for the latter), the live page's pipeline server
-and, last, the gateway (nginx). Each process logs to its own file.
+and, last, the gateway (nginx). Each process logs to its own file (this run's; the previous run's
+is kept as <name>.log.1).
 
 Supervised, as a Kubernetes user expects: a child that dies is started again after a backoff
 (0.5 s, doubling, at most 10 s) with a log line; only a child that crashes 5 times within 30 s stops
-the run, naming its log. Ctrl-C (or SIGTERM) stops everything this command started.
+the run, naming its log. MariaDB, Redis or Kafka, if one dies, is started again (checked every
+second). Ctrl-C (or SIGTERM) stops everything this command started.
 """
 
 from __future__ import annotations
