@@ -142,7 +142,11 @@ def mimetype(request: Request) -> str:
 
 async def read_body(request: Request, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
     """The whole body, chunked or not; 413 past 64 KiB, read no further than that; 408 when it has not
-    all arrived within `timeout_s` (a client that stopped sending does not hold the request open)."""
+    all arrived within `timeout_s` (a client that stopped sending does not hold the request open); 415
+    in a content coding (gzip, br: none is supported)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise errors.UnsupportedMediaType(f"a body in content coding {encoding[:40]!r} is not supported")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise errors.PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
@@ -229,11 +233,12 @@ def _version_tags(header: str | None, *, weak_matches: bool) -> list[str] | None
 
 
 def if_match_versions(request: Request) -> frozenset[int] | None:
-    """The versions `If-Match` accepts (strong comparison); None without the header or with `*`."""
+    """The versions `If-Match` accepts (strong comparison: the tag as the ETag writes it, so "05" is
+    not "5"); None without the header or with `*`."""
     tags = _version_tags(request.headers.get("if-match"), weak_matches=False)
     if tags is None or "*" in tags:
         return None
-    return frozenset(v for v in (ascii_positive_int(tag) for tag in tags) if v is not None)
+    return frozenset(v for tag in tags if (v := ascii_positive_int(tag)) is not None and str(v) == tag)
 
 
 def none_match(request: Request, version: int) -> bool:

@@ -8,13 +8,14 @@ from todo_cqrs import bootstrap
 from todo_cqrs.command import handlers
 from todo_cqrs.command.handlers import Commands
 from todo_cqrs.command.idempotency import IdempotencyKey
-from todo_cqrs.http import HttpFunction, if_match_versions, read_json_body, todo_response
+from todo_cqrs.http import HttpFunction, if_match_versions, parse_json, read_json_body, todo_response
 from todo_cqrs.settings import settings
 
 
 def build(commands: Commands) -> HttpFunction:
     async def delete(request: Request, todo_id: int) -> Response:
-        await read_json_body(request)  # a DELETE needs none; one that is sent is refused as any other
+        if raw := await read_json_body(request):  # a DELETE needs none; one sent is judged as any other
+            parse_json(raw)
         if_match = request.headers.get("if-match")
         key = IdempotencyKey.of(
             request.headers.get("idempotency-key"), f"DELETE /todo/{todo_id}", None, if_match

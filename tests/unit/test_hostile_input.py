@@ -245,6 +245,20 @@ def test_body_larger_than_64_kib_answers_413(
 # --- media type ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip"])
+@pytest.mark.parametrize("function", BODY_FUNCTIONS)
+def test_body_in_a_content_coding_answers_415_and_writes_nothing(
+    clients: dict[str, TestClient], fakes: Fakes, function: str, encoding: str
+) -> None:
+    """No content coding is supported: a body said to be gzipped is neither unpacked nor read as JSON."""
+    response = send_body(
+        clients, function, b'{"title": "plain, but said to be packed"}', **{"Content-Encoding": encoding}
+    )
+
+    assert_error(response, 415, "unsupported_media_type")
+    assert_nothing_written(fakes)
+
+
 @pytest.mark.parametrize(
     "content_type",
     ["text/plain", "application/xml", "application/json-patch+json", "multipart/form-data", "json"],

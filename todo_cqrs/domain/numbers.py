@@ -12,8 +12,12 @@ _MAX_DIGITS = len(str(MAX_ID))
 
 
 def ascii_positive_int(text: str, maximum: int = MAX_ID) -> int | None:
-    """The value of `text` when it is 1..maximum written in ASCII digits; None otherwise."""
-    if not text or len(text) > _MAX_DIGITS or not text.isascii() or not text.isdigit():
+    """The value of `text` when it is 1..maximum written in ASCII digits (leading zeros or not, however
+    many); None otherwise."""
+    if not text.isascii() or not text.isdigit():
         return None
-    value = int(text)
-    return value if 1 <= value <= maximum else None
+    digits = text.lstrip("0")
+    if not digits or len(digits) > _MAX_DIGITS:
+        return None
+    value = int(digits)
+    return value if value <= maximum else None

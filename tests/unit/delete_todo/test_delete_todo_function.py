@@ -58,7 +58,12 @@ def test_delete_removes_only_that_todo_and_records_its_deleted_event_then_publis
 
 @pytest.mark.parametrize(
     ("content_type", "body", "status"),
-    [("text/plain", b"garbage", 415), ("", b"garbage", 415), ("application/json", b"x" * 70_000, 413)],
+    [
+        ("text/plain", b"garbage", 415),
+        ("", b"garbage", 415),
+        ("application/json", b"x" * 70_000, 413),
+        ("application/json", b"not json", 400),
+    ],
 )
 def test_body_that_no_post_or_patch_could_send_answers_4xx_and_deletes_nothing(
     client: TestClient,

@@ -142,6 +142,13 @@ def test_deleted_todo_answers_404(client: TestClient, read_model: FakeReadStore)
     assert response.headers["X-Cache"] == "miss"
 
 
+@pytest.mark.parametrize("path", ["/07", "/todo/0007", "/" + "0" * 30 + "7"])
+def test_an_id_with_leading_zeros_is_that_id_however_many(client: TestClient, todo: Todo, path: str) -> None:
+    response = client.get(path)
+
+    assert response.status_code == 200 and response.json()["id"] == 7
+
+
 def test_the_largest_id_of_the_id_column_is_an_id_no_todo_has_404(client: TestClient) -> None:
     todo_id = 2**63 - 1
     assert_error(client.get(f"/{todo_id}"), 404, "not_found")

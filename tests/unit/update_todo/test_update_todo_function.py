@@ -119,12 +119,27 @@ def test_matching_if_match_lets_the_change_through(client: TestClient, todo: Tod
 
 
 @pytest.mark.parametrize(
-    "if_match", ['"2"', '"4"', '"abc"', '""', '"1", "2"', 'W/"3"', '"٣"', '"３"', '"³"', f'"{"3" * 5000}"']
+    "if_match",
+    [
+        '"2"',
+        '"4"',
+        '"abc"',
+        '""',
+        '"1", "2"',
+        'W/"3"',
+        '"٣"',
+        '"３"',
+        '"³"',
+        f'"{"3" * 5000}"',
+        '"03"',
+        '"+3"',
+    ],
 )
 def test_if_match_mismatch_answers_412_and_changes_nothing(
     client: TestClient, store: FakeWriteStore, published: PublishRecorder, todo: Todo, if_match: str
 ) -> None:
-    """Also a weak tag (If-Match compares strongly) and versions in other digits than ASCII."""
+    """Also a weak tag and another spelling of the version ("03": If-Match compares the tags strongly,
+    as the ETag writes them), and versions in other digits than ASCII."""
     response = patch(client, "/7", {"status": "FINISHED"}, **{"If-Match": if_match.encode()})
 
     assert_error(response, 412, "version_mismatch")
