@@ -282,12 +282,13 @@ deploy: deploy-render  ## apply knative/ and kafka-source.yaml in order: config,
 oidc_enabled = [ "$$(kubectl get configmap config-features -n knative-eventing \
   -o jsonpath='{.data.authentication-oidc}' 2>/dev/null)" = enabled ]
 
-# $(1): Job name. Re-creates the Job (its pod template is immutable), waits for it, prints its log.
+# $(1): Job name; $(2): the rendered ops to take it from, $(OPS_DIR) when empty. Re-creates the Job (its
+# pod template is immutable), waits for it, prints its log.
 define run_ops_job
 $(require_cluster)
 $(call render,$(OPS_DIR),knative/ops)
 kubectl delete -n $(NAMESPACE) job/$(1) --ignore-not-found --wait=true
-kubectl apply -n $(NAMESPACE) -f $(OPS_DIR)/all.yaml -l app.kubernetes.io/name=$(1)
+kubectl apply -n $(NAMESPACE) -f $(or $(2),$(OPS_DIR))/all.yaml -l app.kubernetes.io/name=$(1)
 $(call wait_job,$(1))
 @kubectl logs -n $(NAMESPACE) job/$(1)
 endef
@@ -301,14 +302,10 @@ cluster-dead-letters:  ## in the cluster: list the dead letters in S3
 	$(call run_ops_job,todo-cqrs-dead-letters-list)
 
 # As the KafkaSource (its OIDC account); with authentication-oidc off, as the Jobs' account with no token.
+resend_ops = $(shell if $(oidc_enabled); then echo $(OPS_DIR); else echo $(OPS_WITHOUT_IDENTITY_DIR); \
+  echo "authentication-oidc is off: the KafkaSource has no identity, so the letters go without a token" >&2; fi)
+
 cluster-resend:  ## in the cluster: re-send the dead letters to project-event
 	$(require_kubectl)
-	$(require_cluster)
-	$(call render,$(OPS_DIR),knative/ops)
 	$(call render,$(OPS_WITHOUT_IDENTITY_DIR),knative/ops/without-sender-identity)
-	kubectl delete -n $(NAMESPACE) job/todo-cqrs-dead-letters-resend --ignore-not-found --wait=true
-	@if $(oidc_enabled); then ops=$(OPS_DIR); else ops=$(OPS_WITHOUT_IDENTITY_DIR); \
-	  echo "authentication-oidc is off: the KafkaSource has no identity, so the letters go without a token"; fi; \
-	  kubectl apply -n $(NAMESPACE) -f $$ops/all.yaml -l app.kubernetes.io/name=todo-cqrs-dead-letters-resend
-	$(call wait_job,todo-cqrs-dead-letters-resend)
-	@kubectl logs -n $(NAMESPACE) job/todo-cqrs-dead-letters-resend
+	$(call run_ops_job,todo-cqrs-dead-letters-resend,$(resend_ops))
