@@ -198,8 +198,14 @@ def write_spec(
 
 
 def produce(topic: str, records: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    """Produces records (kwargs of Producer.produce) in order; returns their (partition, offset)."""
-    producer = Producer({"bootstrap.servers": settings().kafka_bootstrap_servers, "linger.ms": 0})
+    """Produces records (kwargs of Producer.produce) in order; returns their (partition, offset).
+
+    Idempotent, so that a retry (a partition's leader not yet elected on a new topic) cannot put a
+    partition's records out of the order they were produced in.
+    """
+    producer = Producer(
+        {"bootstrap.servers": settings().kafka_bootstrap_servers, "linger.ms": 0, "enable.idempotence": True}
+    )
     positions: list[tuple[int, int]] = [(-1, -1)] * len(records)
 
     def delivered(index: int) -> Callable:
@@ -218,9 +224,10 @@ def produce(topic: str, records: list[dict[str, Any]]) -> list[tuple[int, int]]:
 def produce_numbered(
     topic: str, per_partition: int, partitions: range | tuple[int, ...] = range(PARTITIONS)
 ) -> None:
-    """`per_partition` records on each of the partitions, each {"p": partition, "seq": n}, in order."""
-    produce(topic, [{"partition": p, "value": json.dumps({"p": p, "seq": n}).encode()}
-                    for n in range(per_partition) for p in partitions])  # fmt: skip
+    """`per_partition` records on each of the partitions, each {"p": partition, "seq": n} at offset n."""
+    positions = produce(topic, [{"partition": p, "value": json.dumps({"p": p, "seq": n}).encode()}
+                                for n in range(per_partition) for p in partitions])  # fmt: skip
+    assert positions == [(p, n) for n in range(per_partition) for p in partitions]
 
 
 def numbered(sink: Any) -> list[dict[str, int]]:
