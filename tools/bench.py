@@ -325,6 +325,33 @@ class Bench:
                         figures["system"] <= target,
                     )
                 )
+        self.floor_paced_over_saturated()
+
+    def floor_paced_over_saturated(self) -> None:
+        """The async commit limit (its function and MariaDB) measured as the creates just were: what
+        the floor of a command costs per request saturated and paced, so the system's ratio paced /
+        saturated (issue 19 asks <= 1.2) can be read against the floor's own."""
+        p, name = self.plan, "async_db_commit"
+        shown = (name, "mariadb (shared)")
+        url, script = self.url(name), load.script(load.lua_post_json({"title": "bench"}), LUA_DIR)
+        with bs.CpuMeter(self.cpu) as meter:
+            saturated_run = load.wrk_run(url, script, p.command_connections, p.saturated_s)
+        saturated = {k: v for k, v in meter.ms_per(saturated_run.requests).items() if k in shown}
+        plan = load.MixPlan(p.efficiency_rate, 0, p.efficiency_paced_s, commands="create")
+        with bs.CpuMeter(self.cpu) as meter:
+            mix = load.run_async(load.mixed(HOST, self.ports() | {"create": self.port(name)}, plan))
+        paced = {k: v for k, v in meter.ms_per(load.mix_summary(mix)["ok_commands"]).items() if k in shown}
+        totals = [round(sum(figures.values()), 3) for figures in (saturated, paced)]
+        self.results["efficiency_floor"] = {"saturated_ms": saturated, f"paced_{p.efficiency_rate}_ms": paced}
+        bs.say(f"floor: saturated {saturated_run.rps:.0f}/s {saturated}; paced {p.efficiency_rate}/s {paced}")
+        self.rows.append(
+            Row(
+                "limit: + async commit, its function and MariaDB, saturated / paced "
+                f"{p.efficiency_rate}/s (the floor's own ratio)",
+                f"{totals[0]:.2f} / {totals[1]:.2f} ms ({cpu_said(saturated)} / {cpu_said(paced)})",
+                ratio=f"{totals[1] / totals[0]:.2f}" if totals[0] else "-",
+            )
+        )
 
     # open loop: command latency and read-your-writes ----------------------------------------------------
     def paced(self) -> None:
