@@ -49,6 +49,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -293,18 +294,9 @@ class Bench:
             "patch": ("update_todo", load.lua_patch_random(patch_ids[0], patch_ids[-1])),
         }
         for name, (function, lua) in loads.items():
-            url, script = self.url(function), load.script(lua, LUA_DIR)
-            with bs.CpuMeter(self.cpu) as meter:
-                saturated_run = load.wrk_run(url, script, p.command_connections, p.saturated_s)
-                bs.wait_until_projected()
-            saturated = self.system_ms(meter, saturated_run.requests)
-            plan = load.MixPlan(
-                p.efficiency_rate, 0, p.efficiency_paced_s, commands=name, patch_ids=patch_ids
+            saturated_run, saturated, paced = self.saturated_and_paced(
+                function, lua, name, self.system_ms, self.ports(), patch_ids
             )
-            with bs.CpuMeter(self.cpu) as meter:
-                done = load.mix_summary(load.run_async(load.mixed(HOST, self.ports(), plan)))["ok_commands"]
-                bs.wait_until_projected()
-            paced = self.system_ms(meter, done)
             self.results[f"efficiency_{name}"] = {
                 "saturated_rps": saturated_run.rps,
                 "saturated_ms": saturated,
@@ -327,20 +319,45 @@ class Bench:
                 )
         self.floor_paced_over_saturated()
 
+    def saturated_and_paced(
+        self,
+        function: str,
+        lua: str,
+        commands: str,
+        figures: Callable[[bs.CpuMeter, int], dict[str, float]],
+        ports: dict[str, int],
+        patch_ids: range = range(0),
+    ) -> tuple[load.Run, dict[str, float], dict[str, float]]:
+        """`commands` sent to `function` at saturation (wrk), then paced (open loop, sent to `ports`), each
+        until the read model holds the last; the saturated run and the CPU `figures` of each per command."""
+        p = self.plan
+        with bs.CpuMeter(self.cpu) as meter:
+            run = load.wrk_run(
+                self.url(function), load.script(lua, LUA_DIR), p.command_connections, p.saturated_s
+            )
+            bs.wait_until_projected()
+        saturated = figures(meter, run.requests)
+        plan = load.MixPlan(
+            p.efficiency_rate, 0, p.efficiency_paced_s, commands=commands, patch_ids=patch_ids
+        )
+        with bs.CpuMeter(self.cpu) as meter:
+            done = load.mix_summary(load.run_async(load.mixed(HOST, ports, plan)))["ok_commands"]
+            bs.wait_until_projected()
+        return run, saturated, figures(meter, done)
+
     def floor_paced_over_saturated(self) -> None:
         """The async commit limit (its function and MariaDB) measured as the creates just were: what
         the floor of a command costs per request saturated and paced, so the system's ratio paced /
         saturated (issue 19 asks <= 1.2) can be read against the floor's own."""
         p, name = self.plan, "async_db_commit"
-        shown = (name, "mariadb (shared)")
-        url, script = self.url(name), load.script(load.lua_post_json({"title": "bench"}), LUA_DIR)
-        with bs.CpuMeter(self.cpu) as meter:
-            saturated_run = load.wrk_run(url, script, p.command_connections, p.saturated_s)
-        saturated = {k: v for k, v in meter.ms_per(saturated_run.requests).items() if k in shown}
-        plan = load.MixPlan(p.efficiency_rate, 0, p.efficiency_paced_s, commands="create")
-        with bs.CpuMeter(self.cpu) as meter:
-            mix = load.run_async(load.mixed(HOST, self.ports() | {"create": self.port(name)}, plan))
-        paced = {k: v for k, v in meter.ms_per(load.mix_summary(mix)["ok_commands"]).items() if k in shown}
+
+        def floor_ms(meter: bs.CpuMeter, count: int) -> dict[str, float]:
+            return {k: v for k, v in meter.ms_per(count).items() if k in (name, "mariadb (shared)")}
+
+        saturated_run, saturated, paced = self.saturated_and_paced(
+            name, load.lua_post_json({"title": "bench"}), "create", floor_ms,
+            self.ports() | {"create": self.port(name)},
+        )  # fmt: skip
         totals = [round(sum(figures.values()), 3) for figures in (saturated, paced)]
         self.results["efficiency_floor"] = {"saturated_ms": saturated, f"paced_{p.efficiency_rate}_ms": paced}
         bs.say(f"floor: saturated {saturated_run.rps:.0f}/s {saturated}; paced {p.efficiency_rate}/s {paced}")
