@@ -55,6 +55,9 @@ from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import redis  # noqa: E402
+
+from todo_cqrs.settings import settings  # noqa: E402
 from tools import bench_load as load  # noqa: E402
 from tools import bench_system as bs  # noqa: E402
 from tools import kafkasource, run, services  # noqa: E402
@@ -318,6 +321,7 @@ class Bench:
                     )
                 )
         self.floor_paced_over_saturated()
+        self.servers_paced_over_saturated()
 
     def saturated_and_paced(
         self,
@@ -369,6 +373,44 @@ class Bench:
                 ratio=f"{totals[1] / totals[0]:.2f}" if totals[0] else "-",
             )
         )
+
+    def servers_paced_over_saturated(self) -> None:
+        """Redis and MariaDB alone, each sent the least it can answer (PING; SELECT 1) by one client, in a
+        closed loop and then paced: the server's own CPU per request both ways. Neither runs Python or
+        this project's code, so their ratio is what waking a process for each request costs here."""
+        p = self.plan
+        client, engine = redis.Redis.from_url(settings().redis_url), bs.write_db()
+        with client, engine.connect() as conn:
+            asks = {"redis": client.ping, "mariadb": lambda: conn.exec_driver_sql("SELECT 1").all()}
+            figures = {name: self.server_ms(name, ask) for name, ask in asks.items()}
+        self.results["efficiency_servers_alone"] = figures
+        said = "; ".join(f"{name} {loop:.3f} / {paced:.3f} ms" for name, (loop, paced) in figures.items())
+        ratios = " / ".join(f"{paced / loop:.1f}" if loop else "-" for loop, paced in figures.values())
+        self.rows.append(
+            Row(
+                "limit: Redis PING / MariaDB SELECT 1, the server alone, closed loop / paced "
+                f"{p.efficiency_rate}/s (their own ratios)",
+                said,
+                ratio=ratios,
+            )
+        )
+
+    def server_ms(self, name: str, ask: Callable[[], object]) -> tuple[float, float]:
+        """The CPU ms per request of service `name`, asked by `ask` back to back, then paced."""
+        p, key = self.plan, f"{name} (shared)"
+        with bs.CpuMeter(self.cpu) as meter:
+            deadline, count = time.monotonic() + p.saturated_s, 0
+            while time.monotonic() < deadline:
+                ask()
+                count += 1
+        loop = meter.used.get(key, 0.0) * 1000 / count
+        count = round(p.efficiency_rate * p.efficiency_paced_s)
+        with bs.CpuMeter(self.cpu) as meter:
+            start = time.monotonic()
+            for n in range(count):
+                time.sleep(max(0.0, start + n / p.efficiency_rate - time.monotonic()))
+                ask()
+        return round(loop, 4), round(meter.used.get(key, 0.0) * 1000 / count, 4)
 
     # open loop: command latency and read-your-writes ----------------------------------------------------
     def paced(self) -> None:
