@@ -381,7 +381,10 @@ class Bench:
         p = self.plan
         client, engine = redis.Redis.from_url(settings().redis_url), bs.write_db()
         with client, engine.connect() as conn:
-            asks = {"redis": client.ping, "mariadb": lambda: conn.exec_driver_sql("SELECT 1").all()}
+            asks: dict[str, Callable[[], object]] = {
+                "redis": client.ping,
+                "mariadb": lambda: conn.exec_driver_sql("SELECT 1").all(),
+            }
             figures = {name: self.server_ms(name, ask) for name, ask in asks.items()}
         self.results["efficiency_servers_alone"] = figures
         said = "; ".join(f"{name} {loop:.3f} / {paced:.3f} ms" for name, (loop, paced) in figures.items())
@@ -398,19 +401,18 @@ class Bench:
     def server_ms(self, name: str, ask: Callable[[], object]) -> tuple[float, float]:
         """The CPU ms per request of service `name`, asked by `ask` back to back, then paced."""
         p, key = self.plan, f"{name} (shared)"
-        with bs.CpuMeter(self.cpu) as meter:
-            deadline, count = time.monotonic() + p.saturated_s, 0
+        with bs.CpuMeter(self.cpu) as looped:
+            deadline, asked = time.monotonic() + p.saturated_s, 0
             while time.monotonic() < deadline:
                 ask()
-                count += 1
-        loop = meter.used.get(key, 0.0) * 1000 / count
-        count = round(p.efficiency_rate * p.efficiency_paced_s)
-        with bs.CpuMeter(self.cpu) as meter:
+                asked += 1
+        paced_count = round(p.efficiency_rate * p.efficiency_paced_s)
+        with bs.CpuMeter(self.cpu) as paced:
             start = time.monotonic()
-            for n in range(count):
-                time.sleep(max(0.0, start + n / p.efficiency_rate - time.monotonic()))
+            for n in range(paced_count):
+                time.sleep(max(0.0, start + n / p.efficiency_rate - time.monotonic()))  # the schedule
                 ask()
-        return round(loop, 4), round(meter.used.get(key, 0.0) * 1000 / count, 4)
+        return looped.ms_per(asked).get(key, 0.0), paced.ms_per(paced_count).get(key, 0.0)
 
     # open loop: command latency and read-your-writes ----------------------------------------------------
     def paced(self) -> None:
